@@ -1,0 +1,184 @@
+// The one place the math lives (SPEC.md). Per-element forward and backward of every
+// activation, templated on the compute type T (float for float/half/bfloat16 inputs,
+// double for double), used unchanged by the CPU loops and the CUDA kernels.
+//
+// Every op is a small struct holding its (already converted) parameters, with
+//   T forward(T x)                           y
+//   T backward(T g, T x)                     dx = g * dy/dx
+//   T backward(T g, T x, T (&dp)[kParams])   dx, and dp[j] = g * dy/dparam_j
+// kParams is the number of parameters that get a gradient by reduction; an op with
+// parameters is built per channel by Op::from(values).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__) || defined(__HIPCC__)
+#define FUSEDACT_HOST_DEVICE __host__ __device__ __forceinline__
+#else
+#define FUSEDACT_HOST_DEVICE inline __attribute__((always_inline))
+#endif
+
+namespace fusedact {
+namespace math {
+
+FUSEDACT_HOST_DEVICE float bits_to_float(uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f;
+  std::memcpy(&f, &b, sizeof f);
+  return f;
+#endif
+}
+
+FUSEDACT_HOST_DEVICE uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t b;
+  std::memcpy(&b, &f, sizeof b);
+  return b;
+#endif
+}
+
+// exp in float, about 1 ulp over the whole range, written with plain arithmetic so
+// that the compiler vectorizes it on the CPU (libm's expf is a scalar call) and the
+// GPU computes the same function. Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2,
+// the Cephes expf polynomial for e^r, and 2^k applied as two normal factors so
+// that results in the subnormal range round once and overflow gives +inf.
+FUSEDACT_HOST_DEVICE float exp_(float x) {
+  // Comparisons are false for NaN, so NaN reaches the polynomial and comes out NaN.
+  x = x > 88.8f ? 88.8f : x;      // e^88.8 > FLT_MAX: the result is +inf
+  x = x < -104.0f ? -104.0f : x;  // e^-104 < half the smallest subnormal: 0
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float v = x * 1.44269504088896341f + shifter;
+  const float kf = v - shifter;
+  const int32_t k = static_cast<int32_t>(float_to_bits(v) - float_to_bits(shifter));
+  float r = x - kf * 0.693145751953125f;  // ln2 high part, exact in kf * hi
+  r = r - kf * 1.428606765330187045e-06f;  // ln2 low part
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float er = (p * r) * r + r + 1.0f;
+  const int32_t k1 = k / 2;  // k in [-150, 128]: both halves give normal scales
+  const int32_t k2 = k - k1;
+  const float s1 = bits_to_float(static_cast<uint32_t>(k1 + 127) << 23);
+  const float s2 = bits_to_float(static_cast<uint32_t>(k2 + 127) << 23);
+  return er * s1 * s2;
+}
+
+FUSEDACT_HOST_DEVICE double exp_(double x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+template <typename T>
+FUSEDACT_HOST_DEVICE T sigmoid(T z) {
+  return T(1) / (T(1) + exp_(-z));
+}
+
+// Above this x, tanh(softplus(x)) rounds to 1 in T and e^2x would be needlessly
+// large (it overflows float from x = 44.4).
+template <typename T> struct MishThreshold;
+template <> struct MishThreshold<float> { static constexpr float value = 20.0f; };
+template <> struct MishThreshold<double> { static constexpr double value = 40.0; };
+
+// swish (Swish-beta, SiLU at beta = 1)
+//   y = x s(beta x),  dy/dx = s + beta x s (1 - s),  dy/dbeta = x^2 s (1 - s)
+template <typename T>
+struct Swish {
+  static constexpr int kParams = 1;
+  T beta;
+
+  static FUSEDACT_HOST_DEVICE Swish from(const T* v) { return {v[0]}; }
+  FUSEDACT_HOST_DEVICE T forward(T x) const { return x * sigmoid(beta * x); }
+  FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
+    const T s = sigmoid(beta * x);
+    return g * (s + beta * x * s * (T(1) - s));
+  }
+  FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
+    const T s = sigmoid(beta * x);
+    const T ds = s * (T(1) - s);
+    dp[0] = g * x * x * ds;
+    return g * (s + beta * x * ds);
+  }
+};
+
+// mish: y = x t, t = tanh(softplus(x)) = n / (n + 2) with e = e^x, n = e (e + 2);
+//   dy/dx = t + x (1 - t^2) s(x), and 1 - t^2 = 2 (q + n) / q^2 with q = n + 2
+//   (no cancellation as t -> 1); s(x) = e / (1 + e).
+template <typename T>
+struct Mish {
+  static constexpr int kParams = 0;
+
+  FUSEDACT_HOST_DEVICE T forward(T x) const {
+    const bool big = x >= MishThreshold<T>::value;
+    const T e = exp_(big ? T(0) : x);
+    const T n = e * (e + T(2));
+    const T t = big ? T(1) : n / (n + T(2));
+    return x * t;
+  }
+  FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
+    const bool big = x >= MishThreshold<T>::value;
+    const T e = exp_(big ? T(0) : x);
+    const T n = e * (e + T(2));
+    const T q = n + T(2);
+    const T t = big ? T(1) : n / q;
+    const T one_minus_t2 = big ? T(0) : T(2) * (q + n) / (q * q);
+    const T s = e / (T(1) + e);
+    return g * (t + x * one_minus_t2 * s);
+  }
+};
+
+// hard_swish: y = 0 (x <= -3), x (x + 3) / 6 (-3 < x < 3), x (x >= 3: x itself, so
+// no overflow of x * 6); dy/dx = 0, x / 3 + 1/2, 1: PyTorch's convention at the kinks.
+// The zero is -0.0, the sign eager's x * 0 / 6 gives for every finite x <= -3.
+template <typename T>
+struct HardSwish {
+  static constexpr int kParams = 0;
+
+  FUSEDACT_HOST_DEVICE T forward(T x) const {
+    return x <= T(-3) ? T(-0.0) : (x >= T(3) ? x : x * (x + T(3)) / T(6));
+  }
+  FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
+    return x <= T(-3) ? T(0) : (x >= T(3) ? g : g * (x / T(3) + T(0.5)));
+  }
+};
+
+// acon_c: d = p1 - p2, u = d x, s = s(beta u), y = u s + p2 x;
+//   h = s (1 + beta u (1 - s)),  dy/dx = d h + p2,  dy/dp1 = x h,
+//   dy/dp2 = x (1 - h),  dy/dbeta = u^2 s (1 - s).
+template <typename T>
+struct AconC {
+  static constexpr int kParams = 3;  // p1, p2, beta
+  T p1, p2, beta;
+
+  static FUSEDACT_HOST_DEVICE AconC from(const T* v) { return {v[0], v[1], v[2]}; }
+  FUSEDACT_HOST_DEVICE T forward(T x) const {
+    const T u = (p1 - p2) * x;
+    return u * sigmoid(beta * u) + p2 * x;
+  }
+  FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
+    const T d = p1 - p2;
+    const T u = d * x;
+    const T s = sigmoid(beta * u);
+    const T ds = s * (T(1) - s);
+    const T h = s + beta * u * ds;
+    const T gx = g * x;
+    dp[0] = gx * h;
+    dp[1] = gx - gx * h;
+    dp[2] = g * u * u * ds;
+    return g * (d * h + p2);
+  }
+};
+
+}  // namespace math
+}  // namespace fusedact

@@ -1,0 +1,310 @@
+// CPU backend: loops over activation_math.h, parallel with at::parallel_for. Each
+// chunk loop is compiled twice, for AVX2+FMA and for baseline x86-64, and the one the
+// CPU can run is picked at run time; the compiler vectorizes both (the math header
+// has no libm calls for float), `#pragma omp simd` telling it that it may.
+//
+// Parameter gradients are deterministic: every task writes its opmath partial sums to
+// its own slot of a [N][K][C][NP] buffer, and a fixed-order pass adds them up, so the
+// result does not depend on the thread count or scheduling.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <vector>
+
+#include "../ops_impl.h"
+#include "cpu_isa.h"
+
+namespace fusedact {
+
+// ---- instruction set
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define FUSEDACT_AVX2_PATH 1
+#define FUSEDACT_TARGET_AVX2 __attribute__((target("avx2,fma")))
+#endif
+
+bool cpu_supports_avx2() {
+#ifdef FUSEDACT_AVX2_PATH
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+namespace {
+std::atomic<int>& isa_slot() {
+  static std::atomic<int> slot{static_cast<int>(cpu_supports_avx2() ? CpuIsa::Avx2 : CpuIsa::Baseline)};
+  return slot;
+}
+}  // namespace
+
+CpuIsa cpu_isa() { return static_cast<CpuIsa>(isa_slot().load(std::memory_order_relaxed)); }
+
+bool set_cpu_isa(CpuIsa isa) {
+  if (isa == CpuIsa::Avx2 && !cpu_supports_avx2()) return false;
+  isa_slot().store(static_cast<int>(isa));
+  return true;
+}
+
+std::string cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::Avx2 ? "avx2" : "baseline"; }
+
+namespace {
+
+#define FUSEDACT_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// Kernel::run is always inlined into these two, so its loops are compiled for each
+// target; nothing from ATen is inlined there.
+#ifdef FUSEDACT_AVX2_PATH
+template <typename Kernel, typename... Args>
+FUSEDACT_TARGET_AVX2 void run_avx2(Args... args) {
+  Kernel::run(args...);
+}
+#endif
+template <typename Kernel, typename... Args>
+void run_baseline(Args... args) {
+  Kernel::run(args...);
+}
+template <typename Kernel, typename... Args>
+void run_chunk(Args... args) {
+#ifdef FUSEDACT_AVX2_PATH
+  if (cpu_isa() == CpuIsa::Avx2) return run_avx2<Kernel>(args...);
+#endif
+  run_baseline<Kernel>(args...);
+}
+
+template <typename scalar_t>
+using opmath_t = at::opmath_type<scalar_t>;
+
+// ---- chunk loops
+
+template <class Op, typename scalar_t>
+struct ForwardLoop {
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t n, Op op) {
+    using T = opmath_t<scalar_t>;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) y[i] = static_cast<scalar_t>(op.forward(static_cast<T>(x[i])));
+  }
+};
+
+template <class Op, typename scalar_t>
+struct BackwardLoop {
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
+                                         int64_t n, Op op) {
+    using T = opmath_t<scalar_t>;
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i)
+      dx[i] = static_cast<scalar_t>(op.backward(static_cast<T>(g[i]), static_cast<T>(x[i])));
+  }
+};
+
+// dx over a run with one set of parameters, and the run's sums of g * dy/dparam:
+// kLanes independent accumulators (vector lanes), added in a fixed order at the end.
+template <class Op, typename scalar_t>
+struct ReduceBackwardLoop {
+  static constexpr int NP = Op::kParams;
+  static constexpr int kLanes = 16;
+  using T = opmath_t<scalar_t>;
+
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
+                                         int64_t n, Op op, T* sums) {
+    T acc[NP][kLanes] = {};
+    const int64_t nv = n - n % kLanes;
+    for (int64_t i = 0; i < nv; i += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        T dp[NP];
+        dx[i + l] = static_cast<scalar_t>(
+            op.backward(static_cast<T>(g[i + l]), static_cast<T>(x[i + l]), dp));
+        for (int j = 0; j < NP; ++j) acc[j][l] += dp[j];
+      }
+    }
+    for (int64_t i = nv; i < n; ++i) {
+      T dp[NP];
+      dx[i] = static_cast<scalar_t>(op.backward(static_cast<T>(g[i]), static_cast<T>(x[i]), dp));
+      for (int j = 0; j < NP; ++j) acc[j][i - nv] += dp[j];
+    }
+    for (int j = 0; j < NP; ++j) {
+      T s = 0;
+      for (int l = 0; l < kLanes; ++l) s += acc[j][l];
+      sums[j] = s;
+    }
+  }
+};
+
+// One row of C consecutive channels (channels_last, (N, L, C)): the parameters change
+// with every element.
+template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+struct ChannelsForwardLoop {
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t C,
+                                         ParamView<P, NP> pv, int64_t n) {
+    using T = opmath_t<scalar_t>;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      T v[NP];
+      pv.load(n, c, v);
+      y[c] = static_cast<scalar_t>(OpT<T>::from(v).forward(static_cast<T>(x[c])));
+    }
+  }
+};
+
+// acc[j * C + c] += g * dy/dparam_j for the row's channel c.
+template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+struct ChannelsBackwardLoop {
+  using T = opmath_t<scalar_t>;
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
+                                         int64_t C, ParamView<P, NP> pv, int64_t n, T* acc) {
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      T v[NP], dp[NP];
+      pv.load(n, c, v);
+      dx[c] = static_cast<scalar_t>(
+          OpT<T>::from(v).backward(static_cast<T>(g[c]), static_cast<T>(x[c]), dp));
+      for (int j = 0; j < NP; ++j) acc[j * C + c] += dp[j];
+    }
+  }
+};
+
+// ---- the backend
+
+constexpr int64_t kGrain = 32768;    // elements per parallel task, at least
+constexpr int64_t kSegment = 16384;  // elements per partial sum along a channel run
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+struct CpuBackend {
+  template <class Op, typename scalar_t>
+  static void forward(const scalar_t* x, scalar_t* y, int64_t n, Op op) {
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      run_chunk<ForwardLoop<Op, scalar_t>>(x + b, y + b, e - b, op);
+    });
+  }
+
+  template <class Op, typename scalar_t>
+  static void backward(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op) {
+    at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
+      run_chunk<BackwardLoop<Op, scalar_t>>(g + b, x + b, dx + b, e - b, op);
+    });
+  }
+
+  // Runs of `inner` elements share a channel (inner > 1): tasks are (row, segment)
+  // pieces of at most kSegment elements with the parameters fixed.
+  template <typename F>
+  static void for_each_segment(const ChannelGeometry& geo, F f) {
+    const int64_t segs = ceil_div(geo.inner, kSegment);
+    const int64_t tasks = geo.N * geo.R * geo.C * segs;
+    const int64_t grain = std::max<int64_t>(1, kGrain / std::min(geo.inner, kSegment));
+    at::parallel_for(0, tasks, grain, [&](int64_t b, int64_t e) {
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t s = t % segs, row = t / segs;
+        const int64_t c = row % geo.C, nr = row / geo.C;
+        const int64_t begin = s * kSegment;
+        f(nr / geo.R, nr % geo.R, c, s, segs, row * geo.inner + begin,
+          std::min(kSegment, geo.inner - begin));
+      }
+    });
+  }
+
+  template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+  static void channel_forward(const scalar_t* x, scalar_t* y, const ChannelGeometry& geo,
+                              ParamView<P, NP> pv) {
+    using T = opmath_t<scalar_t>;
+    if (geo.inner > 1) {
+      for_each_segment(geo, [&](int64_t n, int64_t, int64_t c, int64_t, int64_t, int64_t off,
+                                int64_t len) {
+        T v[NP];
+        pv.load(n, c, v);
+        run_chunk<ForwardLoop<OpT<T>, scalar_t>>(x + off, y + off, len, OpT<T>::from(v));
+      });
+      return;
+    }
+    const int64_t rows = geo.N * geo.R, C = geo.C;
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
+      for (int64_t row = b; row < e; ++row)
+        run_chunk<ChannelsForwardLoop<OpT, scalar_t, P, NP>>(x + row * C, y + row * C, C, pv,
+                                                             row / geo.R);
+    });
+  }
+
+  template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+  static std::array<at::Tensor, NP> channel_backward(const scalar_t* g, const scalar_t* x,
+                                                     scalar_t* dx, const ChannelGeometry& geo,
+                                                     ParamView<P, NP> pv,
+                                                     const at::TensorOptions& options) {
+    using T = opmath_t<scalar_t>;
+    const int64_t N = geo.N, C = geo.C;
+    const bool empty = geo.R * geo.inner == 0;
+    // partial[((n * K + k) * C + c) * NP + j]: slot k of (sample n, channel c).
+    int64_t K = 0;
+    std::vector<T> partial;
+    if (empty) {
+      K = 0;
+    } else if (geo.inner > 1) {
+      const int64_t segs = ceil_div(geo.inner, kSegment);
+      K = geo.R * segs;
+      partial.resize(N * K * C * NP);
+      for_each_segment(geo, [&](int64_t n, int64_t r, int64_t c, int64_t s, int64_t segs_,
+                                int64_t off, int64_t len) {
+        T v[NP], sums[NP];
+        pv.load(n, c, v);
+        run_chunk<ReduceBackwardLoop<OpT<T>, scalar_t>>(g + off, x + off, dx + off, len,
+                                                        OpT<T>::from(v), sums);
+        T* slot = &partial[((n * K + r * segs_ + s) * C + c) * NP];
+        for (int j = 0; j < NP; ++j) slot[j] = sums[j];
+      });
+    } else {
+      // Rows of C channels; a task sums a block of rows of one sample per channel.
+      const int64_t rows_per_block = std::max<int64_t>(1, kSegment / C);
+      K = ceil_div(geo.R, rows_per_block);
+      partial.resize(N * K * C * NP);
+      at::parallel_for(0, N * K, 1, [&](int64_t b, int64_t e) {
+        std::vector<T> acc(NP * C);
+        for (int64_t t = b; t < e; ++t) {
+          const int64_t n = t / K, k = t % K;
+          std::fill(acc.begin(), acc.end(), T(0));
+          const int64_t r_end = std::min(geo.R, (k + 1) * rows_per_block);
+          for (int64_t r = k * rows_per_block; r < r_end; ++r) {
+            const int64_t off = (n * geo.R + r) * C;
+            run_chunk<ChannelsBackwardLoop<OpT, scalar_t, P, NP>>(g + off, x + off, dx + off, C,
+                                                                  pv, n, acc.data());
+          }
+          for (int64_t c = 0; c < C; ++c)
+            for (int j = 0; j < NP; ++j) partial[(t * C + c) * NP + j] = acc[j * C + c];
+        }
+      });
+    }
+    // Fixed-order finish: per channel, samples then slots.
+    std::array<at::Tensor, NP> out;
+    T* outp[NP];
+    const auto acc_options = options.dtype(c10::CppTypeToScalarType<T>::value).device(at::kCPU);
+    for (int j = 0; j < NP; ++j) {
+      out[j] = at::empty({pv.n_stride[j] ? N * C : C}, acc_options);
+      outp[j] = out[j].template data_ptr<T>();
+    }
+    at::parallel_for(0, C, 16, [&](int64_t b, int64_t e) {
+      for (int64_t c = b; c < e; ++c)
+        for (int j = 0; j < NP; ++j) {
+          T total = 0;
+          for (int64_t n = 0; n < N; ++n) {
+            T s = 0;
+            for (int64_t k = 0; k < K; ++k) s += partial[((n * K + k) * C + c) * NP + j];
+            if (pv.n_stride[j]) outp[j][n * C + c] = s;
+            total += s;
+          }
+          if (!pv.n_stride[j]) outp[j][c] = total;
+        }
+    });
+    return out;
+  }
+};
+
+}  // namespace
+}  // namespace fusedact
+
+FUSEDACT_REGISTER_BACKEND(CPU, fusedact::CpuBackend)

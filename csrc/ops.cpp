@@ -1,0 +1,19 @@
+// The schemas of every op, and nothing else: implementations sit beside their backend
+// (cpu/, cuda/) and the fakes for torch.compile in fusedact/_ops.py.
+#include <torch/library.h>
+
+TORCH_LIBRARY(fusedact, m) {
+  // swish: beta is the float `beta`, or the one-element tensor `beta_tensor` when
+  // given (learnable); swish_backward's second output is dL/dbeta in beta_tensor's
+  // shape and dtype, or empty when beta_tensor is None.
+  m.def("swish_forward(Tensor x, float beta, Tensor? beta_tensor) -> Tensor");
+  m.def("swish_backward(Tensor grad, Tensor x, float beta, Tensor? beta_tensor) -> (Tensor, Tensor)");
+  m.def("mish_forward(Tensor x) -> Tensor");
+  m.def("mish_backward(Tensor grad, Tensor x) -> Tensor");
+  m.def("hard_swish_forward(Tensor x) -> Tensor");
+  m.def("hard_swish_backward(Tensor grad, Tensor x) -> Tensor");
+  // acon_c: p1, p2 per channel; beta per channel or per (sample, channel).
+  // Returns (dx, dp1, dp2, dbeta), each parameter's in its own shape and dtype.
+  m.def("acon_c_forward(Tensor x, Tensor p1, Tensor p2, Tensor beta, int channel_dim) -> Tensor");
+  m.def("acon_c_backward(Tensor grad, Tensor x, Tensor p1, Tensor p2, Tensor beta, int channel_dim) -> (Tensor, Tensor, Tensor, Tensor)");
+}

@@ -1,0 +1,34 @@
+"""fusedact: fused, memory-lean swish, mish, hard_swish and ACON-C for PyTorch.
+
+    import fusedact
+    y = fusedact.mish(x)                                  # functional
+    act = fusedact.nn.AconC(64)                           # modules
+    y = fusedact.acon_c(x, p1, p2, beta, channel_dim=1)   # ACON-C / Meta-ACON
+"""
+import torch
+
+from . import _C  # noqa: F401  (registers torch.ops.fusedact.*)
+from . import _ops  # noqa: F401  (fakes for torch.compile)
+from . import nn, reference
+from ._build_config import CUDA_ARCH_LIST as _CUDA_ARCH_LIST
+from ._build_config import VERSION as __version__
+from .functional import BACKENDS, acon_c, hard_swish, mish, swish
+
+__all__ = ["swish", "mish", "hard_swish", "acon_c", "nn", "reference", "build_info", "BACKENDS"]
+
+
+def build_info() -> dict:
+    """How this fusedact was built: its version, the torch it was compiled against,
+    whether the CUDA kernels are in the binary (and for which archs), and the CPU
+    instruction set the CPU kernels run with."""
+    info = dict(_C.build_info())
+    cuda = torch._C._dispatch_has_kernel_for_dispatch_key("fusedact::mish_forward", "CUDA")
+    return {
+        "version": __version__,
+        "torch_version": info["torch_version"],
+        "torch_version_runtime": torch.__version__,
+        "cuda": bool(info["cuda"] and cuda),
+        "cuda_arch_list": _CUDA_ARCH_LIST if info["cuda"] else "",
+        "cpu_isa": info["cpu_isa"],
+        "cpu_isa_available": list(info["cpu_isa_available"]),
+    }

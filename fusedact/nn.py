@@ -1,0 +1,104 @@
+"""Modules: Swish, Mish, HardSwish, AconC, MetaAconC.
+
+AconC and MetaAconC keep the parameter layout of the ACON paper's code and YOLOv5
+(p1, p2 ~ randn and beta = 1, shape (1, C, 1, 1)), so their state dicts load as they are.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as F
+
+__all__ = ["Swish", "Mish", "HardSwish", "AconC", "MetaAconC"]
+
+
+class Swish(nn.Module):
+    """Swish-beta; ``learnable=True`` makes beta a parameter (a 0-dim tensor)."""
+
+    def __init__(self, beta: float = 1.0, learnable: bool = False, *, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+        if learnable:
+            self.beta = nn.Parameter(torch.tensor(float(beta)))
+        else:
+            self.beta = float(beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.swish(x, self.beta, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        learnable = isinstance(self.beta, torch.Tensor)
+        return f"beta={float(self.beta):g}, learnable={learnable}"
+
+
+class Mish(nn.Module):
+    def __init__(self, *, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.mish(x, backend=self.backend)
+
+
+class HardSwish(nn.Module):
+    def __init__(self, *, backend: str | None = None):
+        super().__init__()
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.hard_swish(x, backend=self.backend)
+
+
+def _fit(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (1, C, 1, 1) parameter as the kernels take it for x: itself for 4-D x, (C,)
+    otherwise (a view: its gradient reaches the parameter)."""
+    return p if x.dim() == p.dim() else p.reshape(-1)
+
+
+class AconC(nn.Module):
+    """ACON-C: ``(p1 - p2) x sigmoid(beta (p1 - p2) x) + p2 x`` with learnable p1, p2, beta
+    per channel (Ma et al., CVPR 2021). Channels at ``channel_dim`` (1: NCHW)."""
+
+    def __init__(self, channels: int, *, channel_dim: int = 1, backend: str | None = None):
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.backend = backend
+        self.p1 = nn.Parameter(torch.randn(1, channels, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, channels, 1, 1))
+        self.beta = nn.Parameter(torch.ones(1, channels, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.acon_c(
+            x, _fit(self.p1, x), _fit(self.p2, x), _fit(self.beta, x),
+            channel_dim=self.channel_dim, backend=self.backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"channels={self.p1.numel()}, channel_dim={self.channel_dim}"
+
+
+class MetaAconC(nn.Module):
+    """Meta-ACON: beta = sigmoid(fc2(fc1(mean of x over the spatial dims))) per sample
+    and channel, fc1 and fc2 1x1 convolutions of width max(r, C // r). No BatchNorm
+    between them (it fails at batch size 1). x is (N, C, *spatial)."""
+
+    def __init__(self, channels: int, r: int = 16, *, backend: str | None = None):
+        super().__init__()
+        hidden = max(r, channels // r)
+        self.backend = backend
+        self.p1 = nn.Parameter(torch.randn(1, channels, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, channels, 1, 1))
+        self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=True)
+        self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spatial = tuple(range(2, x.dim()))
+        pooled = x.mean(dim=spatial, keepdim=True) if spatial else x
+        pooled = pooled.reshape(x.shape[0], x.shape[1], 1, 1)
+        beta = torch.sigmoid(self.fc2(self.fc1(pooled.to(self.fc1.weight.dtype))))
+        if x.dim() != 4:
+            beta = beta.reshape(x.shape[0], x.shape[1])
+        return F.acon_c(
+            x, _fit(self.p1, x), _fit(self.p2, x), beta, channel_dim=1, backend=self.backend
+        )

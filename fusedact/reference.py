@@ -1,0 +1,67 @@
+"""Plain eager implementations, written from SPEC.md; autograd by PyTorch.
+
+These are the yardstick the kernels are tested against (evaluated in float64) and the
+``backend="eager"`` of the functional API. They keep the eager memory cost: autograd
+saves the intermediates.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["swish", "mish", "hard_swish", "acon_c"]
+
+
+def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """y = x * sigmoid(beta * x)."""
+    if isinstance(beta, torch.Tensor):
+        beta = beta.reshape(())
+    return (x * torch.sigmoid(beta * x)).to(x.dtype)
+
+
+def mish(x: torch.Tensor) -> torch.Tensor:
+    """y = x * tanh(softplus(x))."""
+    return x * torch.tanh(F.softplus(x))
+
+
+def hard_swish(x: torch.Tensor) -> torch.Tensor:
+    """y = 0 (x <= -3), x (x + 3) / 6 (-3 < x < 3), x (x >= 3).
+
+    The zero is -0.0, as eager ``x * relu6(x + 3) / 6`` gives for finite x <= -3; for
+    x >= 3 the result is x itself (no overflow of x * 6). The middle branch is fed 0
+    where it is not taken, so that neither it nor its gradient can make inf or NaN
+    there; the gradient at the kinks is PyTorch's: 0 at x = -3, 1 at x = 3.
+    """
+    outside = (x <= -3) | (x >= 3)
+    xm = torch.where(outside, 0.0, x)
+    return torch.where(x <= -3, -0.0, torch.where(x >= 3, x, xm * (xm + 3) / 6))
+
+
+def channel_view(p: torch.Tensor, x: torch.Tensor, channel_dim: int, per_sample: bool) -> torch.Tensor:
+    """p as a tensor that broadcasts against x: C at channel_dim (and N at 0)."""
+    shape = [1] * x.dim()
+    shape[channel_dim] = x.shape[channel_dim]
+    if per_sample:
+        shape[0] = x.shape[0]
+    return p.reshape(shape)
+
+
+def acon_c(
+    x: torch.Tensor,
+    p1: torch.Tensor,
+    p2: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    channel_dim: int = 1,
+) -> torch.Tensor:
+    """ACON-C: d = p1 - p2, y = d x sigmoid(beta d x) + p2 x, per channel.
+
+    beta has C elements (ACON-C) or N * C (Meta-ACON, one per sample and channel).
+    """
+    cd = channel_dim % x.dim()
+    per_sample = beta.numel() != x.shape[cd]  # N * C values: one per (sample, channel)
+    p1 = channel_view(p1, x, cd, False)
+    p2 = channel_view(p2, x, cd, False)
+    beta = channel_view(beta, x, cd, per_sample)
+    dpx = (p1 - p2) * x
+    return (dpx * torch.sigmoid(beta * dpx) + p2 * x).to(x.dtype)
