@@ -85,6 +85,15 @@ FUSEDACT_HOST_DEVICE T sigmoid(T z) {
   return T(1) / (T(1) + exp_(-z));
 }
 
+// s(z) and its complement sc = 1 - s(z). Where s is near 1, 1 - s cancels (eager's
+// s * (1 - s) loses all digits as z grows); sc = e s with e = e^-z does not.
+template <typename T>
+FUSEDACT_HOST_DEVICE void sigmoid_pair(T z, T& s, T& sc) {
+  const T e = exp_(-z);
+  s = T(1) / (T(1) + e);
+  sc = s < T(0.5) ? T(1) - s : e * s;
+}
+
 // Above this x, tanh(softplus(x)) rounds to 1 in T and e^2x would be needlessly
 // large (it overflows float from x = 44.4).
 template <typename T> struct MishThreshold;
@@ -101,12 +110,14 @@ struct Swish {
   static FUSEDACT_HOST_DEVICE Swish from(const T* v) { return {v[0]}; }
   FUSEDACT_HOST_DEVICE T forward(T x) const { return x * sigmoid(beta * x); }
   FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
-    const T s = sigmoid(beta * x);
-    return g * (s + beta * x * s * (T(1) - s));
+    T s, sc;
+    sigmoid_pair(beta * x, s, sc);
+    return g * (s + beta * x * (s * sc));
   }
   FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
-    const T s = sigmoid(beta * x);
-    const T ds = s * (T(1) - s);
+    T s, sc;
+    sigmoid_pair(beta * x, s, sc);
+    const T ds = s * sc;
     dp[0] = g * x * x * ds;
     return g * (s + beta * x * ds);
   }
@@ -156,6 +167,7 @@ struct HardSwish {
 // acon_c: d = p1 - p2, u = d x, s = s(beta u), y = u s + p2 x;
 //   h = s (1 + beta u (1 - s)),  dy/dx = d h + p2,  dy/dp1 = x h,
 //   dy/dp2 = x (1 - h),  dy/dbeta = u^2 s (1 - s).
+// 1 - h is computed as (1 - s)(1 - beta u s), which does not cancel as h -> 1.
 template <typename T>
 struct AconC {
   static constexpr int kParams = 3;  // p1, p2, beta
@@ -169,13 +181,14 @@ struct AconC {
   FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
     const T d = p1 - p2;
     const T u = d * x;
-    const T s = sigmoid(beta * u);
-    const T ds = s * (T(1) - s);
-    const T h = s + beta * u * ds;
+    const T bu = beta * u;
+    T s, sc;
+    sigmoid_pair(bu, s, sc);
+    const T h = s * (T(1) + bu * sc);
     const T gx = g * x;
     dp[0] = gx * h;
-    dp[1] = gx - gx * h;
-    dp[2] = g * u * u * ds;
+    dp[1] = gx * (sc * (T(1) - bu * s));
+    dp[2] = g * u * u * (s * sc);
     return g * (d * h + p2);
   }
 };

@@ -43,7 +43,7 @@ struct alignas(sizeof(scalar_t) * VEC) Pack {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
+__host__ __device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
 int max_blocks() {
   const int dev = c10::cuda::current_device();

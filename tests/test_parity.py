@@ -1,0 +1,140 @@
+"""Forward and backward parity with the float64 reference: op x dtype x device x shape
+x layout, plus acon_c's parameter layouts, channel_dim and mixed precision."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedact
+from conftest import DEVICES, DTYPES, LAYOUTS, OPS
+from helpers import check_close, check_forward_backward, make_params, rand_x
+
+# empty, one element, odd sizes, 1-D to 5-D, and sizes above the CPU parallel grain
+# (32768 elements) and the reduction segment (16384 elements per channel run).
+SHAPES = [(0,), (1,), (7,), (33, 17), (3, 5, 7), (2, 3, 129, 131), (2, 3, 4, 5, 6), (3 * 32768 + 5,)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_parity(op, dtype, device, shape, layout):
+    x = rand_x(shape, dtype, device)
+    x = _layout(x, layout)
+    channel_dim = 1 if len(shape) >= 2 else 0
+    params = make_params(op, x, channel_dim=channel_dim)
+    check_forward_backward(op, x, params, channel_dim=channel_dim)
+
+
+def _layout(x, layout):
+    from conftest import make_layout
+
+    return make_layout(x, layout)
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_both_cpu_isas(op, dtype, cpu_isa):
+    """The AVX2 and the baseline build of the CPU loops both meet the contract."""
+    for layout in ("contiguous", "channels_last"):
+        x = _layout(rand_x((2, 5, 37, 41), dtype, "cpu"), layout)
+        check_forward_backward(op, x, make_params(op, x))
+        check_forward_backward(op, x, make_params(op, x, per_sample=True) if op == "acon_c" else make_params(op, x))
+
+
+@pytest.mark.parametrize("module_layout", [False, True], ids=["(C,)", "(1,C,1,1)"])
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per-channel", "per-sample"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_acon_c_params(device, dtype, layout, per_sample, module_layout):
+    """ACON-C and Meta-ACON beta, in both parameter layouts, over NCHW-like layouts;
+    a channel run longer than a reduction segment (130 * 131 > 16384)."""
+    for shape in [(3, 6, 9, 11), (2, 4, 130, 131), (5, 1, 3, 3), (1, 3, 2, 2)]:
+        x = _layout(rand_x(shape, dtype, device), layout)
+        params = make_params("acon_c", x, per_sample=per_sample, module_layout=module_layout)
+        check_forward_backward("acon_c", x, params)
+
+
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per-channel", "per-sample"])
+@pytest.mark.parametrize("shape", [(4, 9, 16), (2, 7, 3000), (3, 1, 5), (600, 70)], ids=str)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_acon_c_channel_last_dim(device, dtype, shape, per_sample):
+    """(N, L, C) inputs with channel_dim=-1: rows of C channels."""
+    x = rand_x(shape, dtype, device)
+    params = make_params("acon_c", x, channel_dim=-1, per_sample=per_sample)
+    check_forward_backward("acon_c", x, params, channel_dim=-1)
+
+
+@pytest.mark.parametrize("op", ["swish", "acon_c"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_mixed_precision(device, dtype, op):
+    """float16/bfloat16 x with float32 parameters, as autocast leaves them: output and
+    dx in x's dtype, parameter gradients in float32, math in float32."""
+    for layout in ("contiguous", "channels_last"):
+        x = _layout(rand_x((3, 8, 17, 19), dtype, device), layout)
+        params = make_params(op, x, param_dtype=torch.float32, per_sample=(layout == "channels_last"))
+        y, grads = check_forward_backward(op, x, params)
+        assert y.dtype == dtype and grads[0].dtype == dtype
+        assert all(g.dtype == torch.float32 for g in grads[1:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_torch_functional(device, dtype):
+    """swish at beta = 1 is F.silu, mish is F.mish, hard_swish is F.hardswish, forward and
+    backward, for finite inputs. hard_swish in float64 is bit-for-bit torch's below 3 and
+    in its gradient; from 3 on it is x itself (SPEC.md), where torch's x * 6 / 6 can be
+    an ulp off."""
+    x = rand_x((4, 3, 33, 35), dtype, device, scale=4.0)
+    # include the kinks of hard_swish and values around them
+    x.view(-1)[:6] = torch.tensor([-3.0, 3.0, -2.5, 2.5, -4.0, 4.0], dtype=dtype)
+    g = rand_x(x.shape, dtype, device, seed=5, scale=1.0)
+    for ours, theirs in [
+        (lambda t: fusedact.swish(t, 1.0), F.silu),
+        (fusedact.mish, F.mish),
+        (fusedact.hard_swish, F.hardswish),
+    ]:
+        a = x.detach().requires_grad_()
+        b = x.detach().requires_grad_()
+        ya, yb = ours(a), theirs(b)
+        (ga,), (gb,) = torch.autograd.grad(ya, a, g), torch.autograd.grad(yb, b, g)
+        if ours is fusedact.hard_swish and dtype == torch.float64:
+            below = x < 3
+            assert torch.equal(ya[below], yb[below]) and torch.equal(ga, gb)
+            assert torch.equal(ya[~below], x[~below])
+        # both are within the tolerance of the float64 truth, so of each other twice over
+        torch.testing.assert_close(ya.double(), yb.double(), rtol=2 * _tol(dtype)["rtol"], atol=2 * _tol(dtype)["atol"])
+        torch.testing.assert_close(ga.double(), gb.double(), rtol=2 * _tol(dtype)["rtol"], atol=2 * _tol(dtype)["atol"])
+
+
+def _tol(dtype):
+    from conftest import TOL
+
+    return TOL[dtype]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_hard_swish_kink_convention_is_torch(device):
+    """SPEC.md says PyTorch's gradient is 0 at x = -3 and 1 at x = 3; check that against
+    the installed torch, and that we do the same."""
+    x = torch.tensor([-3.0, 3.0, -3.0001, 2.9999], dtype=torch.float64, device=device)
+    a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (ga,) = torch.autograd.grad(F.hardswish(a).sum(), a)
+    (gb,) = torch.autograd.grad(fusedact.hard_swish(b).sum(), b)
+    assert ga[0].item() == 0.0 and ga[1].item() == 1.0, f"torch changed its convention: {ga}"
+    assert torch.equal(ga, gb)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_eager_backend(op):
+    """backend='eager' is the reference, with the same signature."""
+    x = rand_x((2, 3, 4, 5), torch.float32, "cpu")
+    params = make_params(op, x)
+    from helpers import op_fn, ref_fn
+
+    check_close(op_fn(op, "eager")(x, *params).double(), ref_fn(op)(x, *params).double())
