@@ -94,6 +94,27 @@ FUSEDACT_HOST_DEVICE void sigmoid_pair(T z, T& s, T& sc) {
   sc = s < T(0.5) ? T(1) - s : e * s;
 }
 
+// Beyond |z| = value, s(z) and 1 - s(z) are exactly 0 or 1 in T. Products such as
+// z (1 - s) take z clamped there, so that they keep their true value 0 when z itself
+// is huge or overflowed to inf (x near the float maximum): inf * 0 would be NaN.
+template <typename T> struct SigmoidSaturation;
+template <> struct SigmoidSaturation<float> { static constexpr float value = 128.0f; };
+template <> struct SigmoidSaturation<double> { static constexpr double value = 1024.0; };
+
+template <typename T>
+FUSEDACT_HOST_DEVICE T clamp_saturated(T z) {
+  const T k = SigmoidSaturation<T>::value;
+  return z > k ? k : (z < -k ? -k : z);
+}
+
+// v^2 s (1 - s) as (v s)(v (1 - s)): 0 where the sigmoid saturates, even where v^2
+// overflows (v = 1e20 in float); NaN stays NaN.
+template <typename T>
+FUSEDACT_HOST_DEVICE T square_times_ds(T v, T z, T s, T sc) {
+  const T k = SigmoidSaturation<T>::value;
+  return (z >= k || z <= -k) ? T(0) : (v * s) * (v * sc);
+}
+
 // Above this x, tanh(softplus(x)) rounds to 1 in T and e^2x would be needlessly
 // large (it overflows float from x = 44.4).
 template <typename T> struct MishThreshold;
@@ -110,16 +131,17 @@ struct Swish {
   static FUSEDACT_HOST_DEVICE Swish from(const T* v) { return {v[0]}; }
   FUSEDACT_HOST_DEVICE T forward(T x) const { return x * sigmoid(beta * x); }
   FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
+    const T z = beta * x;
     T s, sc;
-    sigmoid_pair(beta * x, s, sc);
-    return g * (s + beta * x * (s * sc));
+    sigmoid_pair(z, s, sc);
+    return g * (s + clamp_saturated(z) * (s * sc));
   }
   FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
+    const T z = beta * x;
     T s, sc;
-    sigmoid_pair(beta * x, s, sc);
-    const T ds = s * sc;
-    dp[0] = g * x * x * ds;
-    return g * (s + beta * x * ds);
+    sigmoid_pair(z, s, sc);
+    dp[0] = g * square_times_ds(x, z, s, sc);
+    return g * (s + clamp_saturated(z) * (s * sc));
   }
 };
 
@@ -167,7 +189,8 @@ struct HardSwish {
 // acon_c: d = p1 - p2, u = d x, s = s(beta u), y = u s + p2 x;
 //   h = s (1 + beta u (1 - s)),  dy/dx = d h + p2,  dy/dp1 = x h,
 //   dy/dp2 = x (1 - h),  dy/dbeta = u^2 s (1 - s).
-// 1 - h is computed as (1 - s)(1 - beta u s), which does not cancel as h -> 1.
+// 1 - h is computed as (1 - s)(1 - beta u s), which does not cancel as h -> 1, and y as
+// x (d s + p2), finite wherever the result is, though u = d x may overflow.
 template <typename T>
 struct AconC {
   static constexpr int kParams = 3;  // p1, p2, beta
@@ -175,20 +198,21 @@ struct AconC {
 
   static FUSEDACT_HOST_DEVICE AconC from(const T* v) { return {v[0], v[1], v[2]}; }
   FUSEDACT_HOST_DEVICE T forward(T x) const {
-    const T u = (p1 - p2) * x;
-    return u * sigmoid(beta * u) + p2 * x;
+    const T d = p1 - p2;
+    return x * (d * sigmoid(beta * (d * x)) + p2);
   }
   FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
     const T d = p1 - p2;
     const T u = d * x;
-    const T bu = beta * u;
+    const T z = beta * u;
     T s, sc;
-    sigmoid_pair(bu, s, sc);
-    const T h = s * (T(1) + bu * sc);
+    sigmoid_pair(z, s, sc);
+    const T zc = clamp_saturated(z);
+    const T h = s * (T(1) + zc * sc);
     const T gx = g * x;
     dp[0] = gx * h;
-    dp[1] = gx * (sc * (T(1) - bu * s));
-    dp[2] = g * u * u * (s * sc);
+    dp[1] = gx * (sc * (T(1) - zc * s));
+    dp[2] = g * square_times_ds(u, z, s, sc);
     return g * (d * h + p2);
   }
 };

@@ -57,11 +57,13 @@ def acon_c(
     """ACON-C: d = p1 - p2, y = d x sigmoid(beta d x) + p2 x, per channel.
 
     beta has C elements (ACON-C) or N * C (Meta-ACON, one per sample and channel).
+    Evaluated as x (d sigmoid(beta d x) + p2), the same value, which stays finite (and
+    is +-inf at x = +-inf) where d x overflows and (d x) s + p2 x would give inf - inf.
     """
     cd = channel_dim % x.dim()
     per_sample = beta.numel() != x.shape[cd]  # N * C values: one per (sample, channel)
     p1 = channel_view(p1, x, cd, False)
     p2 = channel_view(p2, x, cd, False)
     beta = channel_view(beta, x, cd, per_sample)
-    dpx = (p1 - p2) * x
-    return (dpx * torch.sigmoid(beta * dpx) + p2 * x).to(x.dtype)
+    d = p1 - p2
+    return (x * (d * torch.sigmoid(beta * (d * x)) + p2)).to(x.dtype)

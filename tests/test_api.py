@@ -1,0 +1,175 @@
+"""The public API: bad input, the backend switch, the modules, build_info."""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import fusedact
+from conftest import DEVICES, HAS_CUDA
+from helpers import check_close, make_params, rand_x
+
+BACKENDS = [None, "eager"]
+
+
+# ---- bad input fails fast, naming the argument
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.bool, torch.uint8])
+@pytest.mark.parametrize("op", ["swish", "mish", "hard_swish", "acon_c"])
+def test_rejects_integer_and_bool(op, dtype, backend):
+    x = torch.ones(2, 3, 4, dtype=dtype)
+    args = [torch.ones(3), torch.ones(3), torch.ones(3)] if op == "acon_c" else []
+    with pytest.raises(RuntimeError, match="x must be a floating-point tensor"):
+        getattr(fusedact, op)(x, *args, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_acon_c_rejects_wrong_parameter_sizes(backend):
+    x = torch.randn(2, 4, 3, 3)
+    good = torch.randn(4)
+    with pytest.raises(RuntimeError, match="p1 must have C = 4 elements"):
+        fusedact.acon_c(x, torch.randn(5), good, good, backend=backend)
+    with pytest.raises(RuntimeError, match="p2 must have C = 4 elements"):
+        fusedact.acon_c(x, good, torch.randn(1, 4, 2, 1), good, backend=backend)
+    with pytest.raises(RuntimeError, match="beta must have C = 4 elements"):
+        fusedact.acon_c(x, good, good, torch.randn(3, 4), backend=backend)  # N is 2
+    with pytest.raises(RuntimeError, match="p1 must have C = 4 elements"):
+        fusedact.acon_c(x, torch.randn(4, 1), good, good, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rejects_channel_dim_out_of_range(backend):
+    x = torch.randn(2, 4, 3)
+    p = torch.randn(4)
+    for cd in (3, -4):
+        with pytest.raises(RuntimeError, match=f"channel_dim {cd} is out of range"):
+            fusedact.acon_c(x, p, p, p, channel_dim=cd, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rejects_parameter_dtypes(backend):
+    x = torch.randn(2, 4, 3)
+    p = torch.randn(4)
+    with pytest.raises(RuntimeError, match="p2 has dtype (torch.float64|Double) but x has dtype"):
+        fusedact.acon_c(x, p, p.double(), p, backend=backend)
+    with pytest.raises(RuntimeError, match="beta has dtype"):
+        fusedact.swish(x, torch.tensor(1.0, dtype=torch.float64), backend=backend)
+    with pytest.raises(RuntimeError, match="beta must be a float or a tensor with one element"):
+        fusedact.swish(x, torch.ones(2), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rejects_tensors_on_different_devices(backend):
+    """A parameter on another device (meta stands in for a GPU on a CPU-only machine;
+    with a GPU, CUDA parameters beside a CPU x are checked too)."""
+    x = torch.randn(2, 4, 3)
+    p = torch.randn(4)
+    others = [torch.device("meta")] + ([torch.device("cuda")] if HAS_CUDA else [])
+    for dev in others:
+        with pytest.raises(RuntimeError, match=r"p1 is on .* but x is on cpu"):
+            fusedact.acon_c(x, p.to(dev), p, p, backend=backend)
+        with pytest.raises(RuntimeError, match=r"beta is on .* but x is on cpu"):
+            fusedact.swish(x, torch.tensor(1.0, device=dev), backend=backend)
+
+
+def test_backward_op_checks_grad():
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match="grad has shape"):
+        torch.ops.fusedact.mish_backward(torch.randn(3, 2), x)
+    with pytest.raises(RuntimeError, match="grad has dtype"):
+        torch.ops.fusedact.mish_backward(torch.randn(2, 3, dtype=torch.float64), x)
+
+
+def test_backend_switch():
+    x = torch.randn(5)
+    with pytest.raises(ValueError, match="unknown backend 'cuda'"):
+        fusedact.mish(x, backend="cuda")
+    with pytest.raises(NotImplementedError, match="backend='triton' is not available"):
+        fusedact.mish(x, backend="triton")
+    assert fusedact.BACKENDS == ("native", "eager")
+    torch.testing.assert_close(fusedact.mish(x, backend="native"), fusedact.mish(x))
+
+
+# ---- modules
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_modules_match_functional(device):
+    x = rand_x((2, 32, 5, 5), torch.float32, device)
+    torch.manual_seed(0)
+    for module, fn in [
+        (fusedact.nn.Swish(1.5), lambda t: fusedact.swish(t, 1.5)),
+        (fusedact.nn.Mish(), fusedact.mish),
+        (fusedact.nn.HardSwish(), fusedact.hard_swish),
+    ]:
+        torch.testing.assert_close(module.to(device)(x), fn(x))
+    sw = fusedact.nn.Swish(0.7, learnable=True).to(device)
+    assert isinstance(sw.beta, torch.nn.Parameter) and sw.beta.shape == ()
+    sw(x).sum().backward()
+    assert sw.beta.grad is not None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_acon_c_module_layout_and_grads(device):
+    torch.manual_seed(0)
+    m = fusedact.nn.AconC(16).to(device)
+    ref = fusedact.nn.AconC(16, backend="eager").to(device)
+    ref.load_state_dict(m.state_dict())
+    assert m.p1.shape == (1, 16, 1, 1) and torch.equal(m.beta, torch.ones_like(m.beta))
+    for shape in [(4, 16, 7, 7), (4, 16, 9)]:  # 4-D and 3-D inputs
+        x = rand_x(shape, torch.float32, device)
+        y, yr = m(x), ref(x)
+        check_close(y, yr.double())
+        y.square().sum().backward()
+        yr.square().sum().backward()
+        for a, b in zip(m.parameters(), ref.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4)
+            a.grad = b.grad = None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_meta_acon_c_module(device):
+    torch.manual_seed(0)
+    m = fusedact.nn.MetaAconC(32, r=16).to(device)
+    assert m.fc1.out_channels == 16 and not any(isinstance(s, torch.nn.BatchNorm2d) for s in m.modules())
+    ref = fusedact.nn.MetaAconC(32, r=16, backend="eager").to(device)
+    ref.load_state_dict(m.state_dict())
+    x = rand_x((3, 32, 6, 6), torch.float32, device)
+    y, yr = m(x), ref(x)
+    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    yr.sum().backward()
+    for (name, a), b in zip(m.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-4, msg=name)
+    m(x[:1]).sum().backward()  # batch size 1 works (no BatchNorm)
+
+
+def test_meta_acon_c_matches_yolov5_formula():
+    """Against YOLOv5's MetaAconC forward (without its BatchNorm), written out."""
+    torch.manual_seed(1)
+    m = fusedact.nn.MetaAconC(48, r=16)
+    x = torch.randn(2, 48, 5, 5)
+    y = x.mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)
+    beta = torch.sigmoid(m.fc2(m.fc1(y)))
+    dpx = (m.p1 - m.p2) * x
+    expected = dpx * torch.sigmoid(beta * dpx) + m.p2 * x
+    torch.testing.assert_close(m(x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- build information
+
+
+def test_build_info():
+    info = fusedact.build_info()
+    assert info["version"] == fusedact.__version__
+    assert info["torch_version"].split("+")[0] == torch.__version__.split("+")[0]
+    assert info["cpu_isa"] in info["cpu_isa_available"]
+    assert isinstance(info["cuda"], bool)
+    if info["cuda"]:
+        assert info["cuda_arch_list"]
+    # CI builds with the CUDA kernels and says so; a plain checkout need not.
+    if os.environ.get("FUSEDACT_EXPECT_CUDA") == "1":
+        assert info["cuda"], "the CUDA kernels were expected to be compiled in"

@@ -1,0 +1,186 @@
+"""gradcheck in float64, opcheck of every op, torch.compile, determinism, saved tensors."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fusedact
+from conftest import DEVICES, make_layout
+from helpers import make_params, rand_x
+
+ops = torch.ops.fusedact
+
+
+def away_from_kinks(x: torch.Tensor) -> torch.Tensor:
+    """hard_swish has kinks at +-3: keep finite differences off them."""
+    near = (x.abs() - 3).abs() < 1e-2
+    return torch.where(near, x + 0.05, x)
+
+
+GRADCHECK_CASES = [
+    # (name, op, layout, channel_dim, per_sample, module_layout)
+    ("swish-float-beta", "swish", "contiguous", 1, False, False),
+    ("swish-learnable-beta", "swish", "channels_last", 1, False, False),
+    ("mish", "mish", "strided", 1, False, False),
+    ("hard_swish", "hard_swish", "transposed", 1, False, False),
+    ("acon_c-nchw", "acon_c", "contiguous", 1, False, False),
+    ("acon_c-channels_last", "acon_c", "channels_last", 1, False, True),
+    ("acon_c-per-sample", "acon_c", "contiguous", 1, True, False),
+    ("acon_c-per-sample-cl", "acon_c", "channels_last", 1, True, True),
+    ("acon_c-nlc", "acon_c", "contiguous", -1, False, False),
+    ("acon_c-nlc-per-sample", "acon_c", "contiguous", -1, True, False),
+    ("acon_c-strided", "acon_c", "strided", 1, True, False),
+]
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device, case):
+    name, op, layout, channel_dim, per_sample, module_layout = case
+    shape = (2, 3, 4, 5) if channel_dim == 1 else (3, 4, 5)
+    x = make_layout(away_from_kinks(rand_x(shape, torch.float64, device, scale=2.0)), layout)
+    params = make_params(op, x, channel_dim=channel_dim, per_sample=per_sample,
+                         module_layout=module_layout, learnable_beta=(name != "swish-float-beta"))
+    inputs = [x.detach().requires_grad_()] + [p.detach().requires_grad_() for p in params if isinstance(p, torch.Tensor)]
+    fixed = [p for p in params if not isinstance(p, torch.Tensor)]
+    if op == "swish":
+        fn = lambda x, *b: fusedact.swish(x, *(b or fixed))  # noqa: E731
+    elif op == "acon_c":
+        fn = lambda *a: fusedact.acon_c(*a, channel_dim=channel_dim)  # noqa: E731
+    else:
+        fn = getattr(fusedact, op)
+    assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+def _op_samples(device):
+    """(op overload, args) for every op, in several layouts and dtypes."""
+    samples = []
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for layout in ("contiguous", "channels_last", "strided"):
+            x = make_layout(rand_x((2, 3, 5, 4), dtype, device), layout)
+            g = rand_x(x.shape, dtype, device, seed=3)
+            beta = torch.tensor(1.3, dtype=dtype, device=device)
+            samples += [
+                (ops.swish_forward.default, (x, 1.5, None)),
+                (ops.swish_forward.default, (x, 1.0, beta)),
+                (ops.swish_backward.default, (g, x, 1.5, None)),
+                (ops.swish_backward.default, (g, x, 1.0, beta)),
+                (ops.mish_forward.default, (x,)),
+                (ops.mish_backward.default, (g, x)),
+                (ops.hard_swish_forward.default, (x,)),
+                (ops.hard_swish_backward.default, (g, x)),
+            ]
+            for per_sample in (False, True):
+                p1, p2, b = make_params("acon_c", x, per_sample=per_sample, module_layout=per_sample)
+                samples += [
+                    (ops.acon_c_forward.default, (x, p1, p2, b, 1)),
+                    (ops.acon_c_backward.default, (g, x, p1, p2, b, 1)),
+                ]
+    return samples
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_op(device):
+    """torch.library.opcheck: schema, fake (meta) implementation against the real one,
+    and AOT dispatch with dynamic shapes, for every op."""
+    seen = set()
+    for op, args in _op_samples(device):
+        torch.library.opcheck(op, args)
+        seen.add(op.name())
+    assert len(seen) == 8
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    """All four ops in one compiled function, forward and backward, no graph break."""
+    torch._dynamo.reset()
+    x = rand_x((2, 8, 6, 6), torch.float32, device)
+    p1, p2, b = make_params("acon_c", x, per_sample=True)
+    beta = torch.tensor(1.2, device=device)
+
+    def f(x, p1, p2, b, beta):
+        h = fusedact.swish(x, beta) + fusedact.mish(x) * fusedact.hard_swish(x)
+        return fusedact.acon_c(h, p1, p2, b)
+
+    leaves = [t.detach().requires_grad_() for t in (x, p1, p2, b, beta)]
+    leaves_c = [t.detach().clone().requires_grad_() for t in leaves]
+    compiled = torch.compile(f, fullgraph=True)
+    y, yc = f(*leaves), compiled(*leaves_c)
+    torch.testing.assert_close(yc, y)
+    g = torch.randn_like(y)
+    for a, c in zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(yc, leaves_c, g)):
+        torch.testing.assert_close(c, a)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_acon_c_parameter_grads_bitwise_deterministic(device, layout):
+    """Same inputs, same parameter gradients, bit for bit: every run and (on the CPU)
+    every thread count."""
+    x = make_layout(rand_x((8, 32, 40, 40), torch.float32, device), layout)
+    params = make_params("acon_c", x, per_sample=True)
+    g = rand_x(x.shape, torch.float32, device, seed=4)
+    runs = []
+    threads = [1, 2, torch.get_num_threads()] if device == "cpu" else [None] * 3
+    before = torch.get_num_threads()
+    try:
+        for n in threads:
+            if n:
+                torch.set_num_threads(n)
+            runs.append(ops.acon_c_backward(g, x, *params, 1))
+    finally:
+        torch.set_num_threads(before)
+    for other in runs[1:]:
+        for a, b in zip(runs[0], other):
+            assert torch.equal(a, b)
+
+
+class _Recorder:
+    def __init__(self):
+        self.saved = []
+
+    def pack(self, t):
+        self.saved.append(t)
+        return t
+
+    @staticmethod
+    def unpack(t):
+        return t
+
+
+@pytest.mark.parametrize("op", ["swish", "mish", "hard_swish", "acon_c"])
+def test_saves_only_inputs(op):
+    """The autograd graph keeps x and the parameters, nothing computed."""
+    x = rand_x((2, 4, 6, 6), torch.float32, "cpu").requires_grad_()
+    params = [p.requires_grad_() for p in make_params(op, x)]
+    rec = _Recorder()
+    with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+        y = getattr(fusedact, op)(x, *params)
+    inputs = [x] + params
+    assert len(rec.saved) == len(inputs)
+    for saved in rec.saved:
+        assert any(saved is t or (saved.data_ptr() == t.data_ptr() and saved.shape == t.shape) for t in inputs)
+    y.sum().backward()  # and the backward works from them
+
+
+def test_eager_module_saves_more():
+    """The eager ACON-C keeps intermediates alive; the saving is real."""
+    x = rand_x((2, 4, 6, 6), torch.float32, "cpu").requires_grad_()
+    params = [p.requires_grad_() for p in make_params("acon_c", x)]
+    rec = _Recorder()
+    with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
+        fusedact.acon_c(x, *params, backend="eager")
+    assert sum(t.numel() for t in rec.saved) > 2 * x.numel()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_second_backward_does_not_corrupt(device):
+    """The backward never writes into a saved input (Liger's SwiGLU did)."""
+    x = rand_x((3, 5, 7, 7), torch.float32, device).requires_grad_()
+    params = [p.requires_grad_() for p in make_params("acon_c", x)]
+    y = fusedact.acon_c(x, *params)
+    g = torch.randn_like(y)
+    first = torch.autograd.grad(y, [x] + params, g, retain_graph=True)
+    second = torch.autograd.grad(y, [x] + params, g)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
