@@ -46,9 +46,12 @@ def use_cuda() -> bool:
 
 with_cuda = use_cuda()
 sources = ["csrc/ops.cpp", "csrc/module.cpp", "csrc/cpu/activations_cpu.cpp"]
-# -fopenmp-simd honours `#pragma omp simd` without linking an OpenMP runtime.
-# No fast-math anywhere: it would break parity with the reference.
-cxx_flags = ["-O3", "-fopenmp-simd"]
+# -fopenmp: at::parallel_for is inline OpenMP in the ATen headers, serial without it
+#   (the libgomp.so.1 it links is the one torch has already loaded).
+# -fno-trapping-math: lets the compiler if-convert the selects (x <= -3 ? ...) and so
+#   vectorize the loops; it changes no computed value (no reassociation, no
+#   approximation). No fast-math anywhere: it would break parity with the reference.
+cxx_flags = ["-O3", "-fopenmp", "-fno-trapping-math"]
 if with_cuda:
     sources.append("csrc/cuda/activations_cuda.cu")
     extension = CUDAExtension
@@ -75,6 +78,7 @@ setup(
             "fusedact._C",
             sources,
             extra_compile_args=extra,
+            extra_link_args=["-fopenmp"],
             include_dirs=[str(ROOT / "csrc")],
         )
     ],
