@@ -1,0 +1,35 @@
+# The README's commands. `make test` and `make bench` set up everything they need on a
+# fresh machine: a venv with torch, the build (with the CUDA kernels when nvcc and a
+# CUDA build of torch are there), then the tests or the benchmark.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH ?= torch==2.14.1
+
+# torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper outside the toolkit.
+export CUDA_HOME ?= /usr/local/cuda
+export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+export MAX_JOBS ?= $(shell nproc)
+
+.PHONY: venv build test bench clean
+
+venv: $(VENV)/.ready
+
+$(VENV)/.ready:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q "$(TORCH)" ninja pybind11 pytest numpy expecttest setuptools wheel
+	touch $@
+
+# --no-build-isolation: build against the torch in the venv (torch is not a build
+# requirement; see pyproject.toml).
+build: venv
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(PY) -m pytest -q tests
+
+bench: build
+	$(PY) benchmarks/bench_cpu.py
+
+clean:
+	rm -rf build fusedact/_C*.so fusedact/_build_config.py *.egg-info
