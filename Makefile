@@ -21,9 +21,14 @@ $(VENV)/.ready:
 	touch $@
 
 # --no-build-isolation: build against the torch in the venv (torch is not a build
-# requirement; see pyproject.toml).
-build: venv
+# requirement; see pyproject.toml). Rebuilt only when a source changes.
+SOURCES := $(shell find csrc -type f) setup.py pyproject.toml
+
+build: $(VENV)/.built
+
+$(VENV)/.built: $(VENV)/.ready $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	touch $@
 
 test: build
 	$(PY) -m pytest -q tests
@@ -32,4 +37,4 @@ bench: build
 	$(PY) benchmarks/bench_cpu.py
 
 clean:
-	rm -rf build fusedact/_C*.so fusedact/_build_config.py *.egg-info
+	rm -rf build fusedact/_C*.so fusedact/_build_config.py *.egg-info $(VENV)/.built

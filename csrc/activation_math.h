@@ -43,33 +43,37 @@ FUSEDACT_HOST_DEVICE uint32_t float_to_bits(float f) {
 #endif
 }
 
-// exp in float, about 1 ulp over the whole range, written with plain arithmetic so
-// that the compiler vectorizes it on the CPU (libm's expf is a scalar call) and the
-// GPU computes the same function. Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2,
-// the Cephes expf polynomial for e^r, and 2^k applied as two normal factors so
-// that results in the subnormal range round once and overflow gives +inf.
+// exp in float, about 1 ulp, written with plain arithmetic so that the compiler
+// vectorizes it on the CPU (libm's expf is a scalar call) and the GPU computes the
+// same function. Cody-Waite reduction x = k ln2 + r, |r| <= ln2/2, the Cephes expf
+// polynomial for e^r, and the scale 2^k applied as 2 * 2^(k-1), whose factor 2 is
+// folded into the polynomial (exact): 2^(k-1) is then a normal float for every k
+// used, built with one shift. Results below e^-86.9 (1.9e-38, under float's normal
+// range) flush to 0, as SPEC.md allows below ~1e-33; above FLT_MAX the last product
+// overflows to +inf.
 FUSEDACT_HOST_DEVICE float exp_(float x) {
+  constexpr float kLow = -86.9f;  // k >= -125, so k - 1 >= -126
   // Comparisons are false for NaN, so NaN reaches the polynomial and comes out NaN.
-  x = x > 88.8f ? 88.8f : x;      // e^88.8 > FLT_MAX: the result is +inf
-  x = x < -104.0f ? -104.0f : x;  // e^-104 < half the smallest subnormal: 0
+  const float xc_hi = x > 88.8f ? 88.8f : x;  // e^88.8 > FLT_MAX, k <= 128
+  const float xc = xc_hi < kLow ? kLow : xc_hi;
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float v = x * 1.44269504088896341f + shifter;
+  const float v = xc * 1.44269504088896341f + shifter;
   const float kf = v - shifter;
-  const int32_t k = static_cast<int32_t>(float_to_bits(v) - float_to_bits(shifter));
-  float r = x - kf * 0.693145751953125f;  // ln2 high part, exact in kf * hi
+  float r = xc - kf * 0.693145751953125f;  // ln2 high part, exact in kf * hi
   r = r - kf * 1.428606765330187045e-06f;  // ln2 low part
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float er = (p * r) * r + r + 1.0f;
-  const int32_t k1 = k >> 1;  // k in [-150, 128]: both halves give normal scales
-  const int32_t k2 = k - k1;
-  const float s1 = bits_to_float(static_cast<uint32_t>(k1 + 127) << 23);
-  const float s2 = bits_to_float(static_cast<uint32_t>(k2 + 127) << 23);
-  return er * s1 * s2;
+  // 2 e^r = 2 + 2r + r^2 (2 p(r)), p the Cephes polynomial
+  float p = 3.9751383000e-4f;
+  p = p * r + 2.7963999014e-3f;
+  p = p * r + 1.6666903815e-2f;
+  p = p * r + 8.3331591788e-2f;
+  p = p * r + 3.3333330918e-1f;
+  p = p * r + 1.0000000240e+0f;
+  const float two_er = (p * r) * r + (r + r) + 2.0f;
+  // 2^(k-1): the low bits of v hold k + 0x400000 (v = 1.5 * 2^23 + k)
+  const uint32_t k_minus_1 = float_to_bits(v) - float_to_bits(shifter) - 1u;
+  const float scale = bits_to_float((k_minus_1 + 127u) << 23);
+  const float e = two_er * scale;
+  return x < kLow ? 0.0f : e;
 }
 
 FUSEDACT_HOST_DEVICE double exp_(double x) {
@@ -123,6 +127,9 @@ template <> struct MishThreshold<double> { static constexpr double value = 40.0;
 
 // swish (Swish-beta, SiLU at beta = 1)
 //   y = x s(beta x),  dy/dx = s + beta x s (1 - s),  dy/dbeta = x^2 s (1 - s)
+// The products are grouped as (x s)(beta (1 - s)) and (x s)(x (1 - s)): each factor is
+// bounded by |x| or |beta|, so they are 0, not inf * 0, where the sigmoid saturates,
+// with no clamp (NaN at x = +-inf, as torch's silu backward).
 template <typename T>
 struct Swish {
   static constexpr int kParams = 1;
@@ -132,17 +139,16 @@ struct Swish {
   // x / (1 + e^-beta x): one rounding and one operation fewer than x * s.
   FUSEDACT_HOST_DEVICE T forward(T x) const { return x / (T(1) + exp_(-(beta * x))); }
   FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
-    const T z = beta * x;
     T s, sc;
-    sigmoid_pair(z, s, sc);
-    return g * (s + clamp_saturated(z) * (s * sc));
+    sigmoid_pair(beta * x, s, sc);
+    return g * (s + (x * s) * (beta * sc));
   }
   FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
-    const T z = beta * x;
     T s, sc;
-    sigmoid_pair(z, s, sc);
-    dp[0] = g * square_times_ds(x, z, s, sc);
-    return g * (s + clamp_saturated(z) * (s * sc));
+    sigmoid_pair(beta * x, s, sc);
+    const T xs = x * s;
+    dp[0] = g * (xs * (x * sc));
+    return g * (s + xs * (beta * sc));
   }
 };
 

@@ -138,3 +138,15 @@ def test_eager_backend(op):
     from helpers import op_fn, ref_fn
 
     check_close(op_fn(op, "eager")(x, *params).double(), ref_fn(op)(x, *params).double())
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_large_tensors_streaming_stores(op):
+    """Outputs of 16 MiB and more (forward), and backward operands of 64 MiB and more,
+    take the CPU's non-temporal store path; odd sizes exercise its tails."""
+    shape = (6_000_001,) if op != "acon_c" else (2, 3, 1000, 1001)
+    x = rand_x(shape, torch.float32, "cpu")
+    channel_dim = 0 if len(shape) == 1 else 1
+    check_forward_backward(op, x, make_params(op, x, channel_dim=channel_dim), channel_dim=channel_dim)
+    if op == "swish":  # a float beta takes the flat loops, a tensor beta the channel loops
+        check_forward_backward(op, x, make_params(op, x, learnable_beta=False))
