@@ -65,7 +65,7 @@ def main(argv=None):
     ap.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
     ap.add_argument("--min-run-time", type=float, default=2.0, help="seconds per measurement")
     ap.add_argument("--rounds", type=int, default=5, help="turns each provider takes")
-    ap.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/cpu-<host>.csv)")
+    ap.add_argument("--csv", default=None, help="CSV path (default benchmarks/results/cpu-<model>-<cores>c.csv)")
     args = ap.parse_args(argv)
 
     dtype = getattr(torch, args.dtype)
@@ -110,7 +110,8 @@ def main(argv=None):
                 rows.append(dict(meta, op=op, mode=mode, provider=name, dtype=args.dtype,
                                  shape="x".join(map(str, args.shape)), numel=n, median_ms=f"{t * 1e3:.4f}",
                                  speedup_vs_eager=f"{times['eager'] / t:.3f}"))
-    out = Path(args.csv) if args.csv else Path(__file__).parent / "results" / f"cpu-{platform.node() or 'host'}.csv"
+    slug = "-".join("".join(ch if ch.isalnum() else " " for ch in cpu.lower()).split())
+    out = Path(args.csv) if args.csv else Path(__file__).parent / "results" / f"cpu-{slug}-{os.cpu_count()}c.csv"
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
