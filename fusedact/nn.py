@@ -50,10 +50,10 @@ class HardSwish(nn.Module):
         return F.hard_swish(x, backend=self.backend)
 
 
-def _fit(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A (1, C, 1, 1) parameter as the kernels take it for x: itself for 4-D x, (C,)
-    otherwise (a view: its gradient reaches the parameter)."""
-    return p if x.dim() == p.dim() else p.reshape(-1)
+def _per_channel(p: torch.Tensor) -> torch.Tensor:
+    """A (1, C, 1, 1) parameter as (C,), valid for any x and channel_dim (a view: its
+    gradient reaches the parameter in its own shape)."""
+    return p.reshape(-1)
 
 
 class AconC(nn.Module):
@@ -70,7 +70,7 @@ class AconC(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.acon_c(
-            x, _fit(self.p1, x), _fit(self.p2, x), _fit(self.beta, x),
+            x, _per_channel(self.p1), _per_channel(self.p2), _per_channel(self.beta),
             channel_dim=self.channel_dim, backend=self.backend,
         )
 
@@ -97,8 +97,7 @@ class MetaAconC(nn.Module):
         pooled = x.mean(dim=spatial, keepdim=True) if spatial else x
         pooled = pooled.reshape(x.shape[0], x.shape[1], 1, 1)
         beta = torch.sigmoid(self.fc2(self.fc1(pooled.to(self.fc1.weight.dtype))))
-        if x.dim() != 4:
-            beta = beta.reshape(x.shape[0], x.shape[1])
         return F.acon_c(
-            x, _fit(self.p1, x), _fit(self.p2, x), beta, channel_dim=1, backend=self.backend
+            x, _per_channel(self.p1), _per_channel(self.p2), beta.reshape(x.shape[0], x.shape[1]),
+            channel_dim=1, backend=self.backend,
         )

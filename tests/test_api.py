@@ -131,6 +131,22 @@ def test_acon_c_module_layout_and_grads(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_acon_c_module_channel_dim_last(device):
+    """AconC(channel_dim=-1) on (N, H, W, C) and (N, L, C) inputs: the (1, C, 1, 1)
+    parameters index the last axis, and get gradients in their own shape."""
+    torch.manual_seed(0)
+    m = fusedact.nn.AconC(6, channel_dim=-1).to(device)
+    for shape in [(2, 3, 4, 6), (2, 5, 6)]:
+        x = rand_x(shape, torch.float32, device)
+        expected = fusedact.reference.acon_c(x, m.p1.reshape(-1), m.p2.reshape(-1), m.beta.reshape(-1), channel_dim=-1)
+        y = m(x)
+        check_close(y, expected.detach().double())
+        y.sum().backward()
+        assert m.p1.grad.shape == (1, 6, 1, 1)
+        m.zero_grad()
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_meta_acon_c_module(device):
     torch.manual_seed(0)
     m = fusedact.nn.MetaAconC(32, r=16).to(device)
