@@ -9,12 +9,14 @@
 // buffer, and one block per output sums the slots in a fixed order. No atomics.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAFunctions.h>
+#include <c10/cuda/CUDAMacros.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <limits>
 #include <type_traits>
@@ -45,10 +47,16 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 __host__ __device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
 
+// A grid-stride launch needs no more than this many blocks: 32 per SM. The SM count
+// is asked once per device (a benign race: every writer stores the same value).
 int max_blocks() {
+  static std::atomic<int> sm_count[C10_COMPILE_TIME_MAX_GPUS] = {};
   const int dev = c10::cuda::current_device();
-  int sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  int sms = sm_count[dev].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    sm_count[dev].store(sms, std::memory_order_relaxed);
+  }
   return sms * 32;
 }
 
