@@ -144,7 +144,6 @@ struct ForwardLoop {
   template <bool kAvx2>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t n, Op op, bool stream) {
     using T = opmath_t<scalar_t>;
-    // captures by value: a copy the stores cannot alias, so nothing is reloaded
     store_all<kAvx2>(y, n, stream, [=](int64_t i) {
       return static_cast<scalar_t>(op.forward(static_cast<T>(x[i])));
     });
