@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedact
-from conftest import DEVICES, DTYPES, LAYOUTS, OPS
-from helpers import check_close, check_forward_backward, make_params, rand_x
+from conftest import DEVICES, DTYPES, LAYOUTS, OPS, TOL, make_layout
+from helpers import check_close, check_forward_backward, make_params, op_fn, rand_x, ref_fn
 
 # empty, one element, odd sizes, 1-D to 5-D, and sizes above the CPU parallel grain
 # (32768 elements) and the reduction segment (16384 elements per channel run).
@@ -22,16 +22,10 @@ SHAPES = [(0,), (1,), (7,), (33, 17), (3, 5, 7), (2, 3, 129, 131), (2, 3, 4, 5, 
 @pytest.mark.parametrize("device", DEVICES)
 def test_parity(op, dtype, device, shape, layout):
     x = rand_x(shape, dtype, device)
-    x = _layout(x, layout)
+    x = make_layout(x, layout)
     channel_dim = 1 if len(shape) >= 2 else 0
     params = make_params(op, x, channel_dim=channel_dim)
     check_forward_backward(op, x, params, channel_dim=channel_dim)
-
-
-def _layout(x, layout):
-    from conftest import make_layout
-
-    return make_layout(x, layout)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -39,7 +33,7 @@ def _layout(x, layout):
 def test_both_cpu_isas(op, dtype, cpu_isa):
     """The AVX2 and the baseline build of the CPU loops both meet the contract."""
     for layout in ("contiguous", "channels_last"):
-        x = _layout(rand_x((2, 5, 37, 41), dtype, "cpu"), layout)
+        x = make_layout(rand_x((2, 5, 37, 41), dtype, "cpu"), layout)
         check_forward_backward(op, x, make_params(op, x))
         check_forward_backward(op, x, make_params(op, x, per_sample=True) if op == "acon_c" else make_params(op, x))
 
@@ -53,7 +47,7 @@ def test_acon_c_params(device, dtype, layout, per_sample, module_layout):
     """ACON-C and Meta-ACON beta, in both parameter layouts, over NCHW-like layouts;
     a channel run longer than a reduction segment (130 * 131 > 16384)."""
     for shape in [(3, 6, 9, 11), (2, 4, 130, 131), (5, 1, 3, 3), (1, 3, 2, 2)]:
-        x = _layout(rand_x(shape, dtype, device), layout)
+        x = make_layout(rand_x(shape, dtype, device), layout)
         params = make_params("acon_c", x, per_sample=per_sample, module_layout=module_layout)
         check_forward_backward("acon_c", x, params)
 
@@ -76,7 +70,7 @@ def test_mixed_precision(device, dtype, op):
     """float16/bfloat16 x with float32 parameters, as autocast leaves them: output and
     dx in x's dtype, parameter gradients in float32, math in float32."""
     for layout in ("contiguous", "channels_last"):
-        x = _layout(rand_x((3, 8, 17, 19), dtype, device), layout)
+        x = make_layout(rand_x((3, 8, 17, 19), dtype, device), layout)
         params = make_params(op, x, param_dtype=torch.float32, per_sample=(layout == "channels_last"))
         y, grads = check_forward_backward(op, x, params)
         assert y.dtype == dtype and grads[0].dtype == dtype
@@ -108,14 +102,8 @@ def test_matches_torch_functional(device, dtype):
             assert torch.equal(ya[below], yb[below]) and torch.equal(ga, gb)
             assert torch.equal(ya[~below], x[~below])
         # both are within the tolerance of the float64 truth, so of each other twice over
-        torch.testing.assert_close(ya.double(), yb.double(), rtol=2 * _tol(dtype)["rtol"], atol=2 * _tol(dtype)["atol"])
-        torch.testing.assert_close(ga.double(), gb.double(), rtol=2 * _tol(dtype)["rtol"], atol=2 * _tol(dtype)["atol"])
-
-
-def _tol(dtype):
-    from conftest import TOL
-
-    return TOL[dtype]
+        torch.testing.assert_close(ya.double(), yb.double(), rtol=2 * TOL[dtype]["rtol"], atol=2 * TOL[dtype]["atol"])
+        torch.testing.assert_close(ga.double(), gb.double(), rtol=2 * TOL[dtype]["rtol"], atol=2 * TOL[dtype]["atol"])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -135,8 +123,6 @@ def test_eager_backend(op):
     """backend='eager' is the reference, with the same signature."""
     x = rand_x((2, 3, 4, 5), torch.float32, "cpu")
     params = make_params(op, x)
-    from helpers import op_fn, ref_fn
-
     check_close(op_fn(op, "eager")(x, *params).double(), ref_fn(op)(x, *params).double())
 
 
