@@ -17,7 +17,7 @@ venv: $(VENV)/.ready
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)" ninja pybind11 pytest numpy expecttest setuptools wheel
+	$(PY) -m pip install -q "$(TORCH)" ninja pybind11 pytest pytest-xdist numpy expecttest setuptools wheel matplotlib
 	touch $@
 
 # --no-build-isolation: build against the torch in the venv (torch is not a build
@@ -30,11 +30,14 @@ $(VENV)/.built: $(VENV)/.ready $(SOURCES)
 	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
 
+# -n auto: one pytest worker per core (Triton's interpreter makes the CPU run long).
 test: build
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n auto tests
 
+# The default sweep for this machine (a short CPU sweep without a GPU, the full sweep
+# with one), its CSV under benchmarks/results/ and the plots beside it.
 bench: build
-	$(PY) benchmarks/bench_cpu.py
+	$(PY) benchmarks/bench.py --plot
 
 clean:
 	rm -rf build fusedact/_C*.so fusedact/_build_config.py *.egg-info $(VENV)/.built

@@ -13,6 +13,7 @@ from . import nn, reference
 from ._build_config import CUDA_ARCH_LIST as _CUDA_ARCH_LIST
 from ._build_config import VERSION as __version__
 from .functional import BACKENDS, acon_c, hard_swish, mish, swish
+from . import triton  # noqa: E402  (after functional; never fails without triton)
 
 __all__ = ["swish", "mish", "hard_swish", "acon_c", "nn", "reference", "build_info", "BACKENDS"]
 
@@ -31,4 +32,5 @@ def build_info() -> dict:
         "cuda_arch_list": _CUDA_ARCH_LIST if info["cuda"] else "",
         "cpu_isa": info["cpu_isa"],
         "cpu_isa_available": list(info["cpu_isa_available"]),
+        "triton": triton.available(),
     }

@@ -1,7 +1,8 @@
 """The functional API: swish, mish, hard_swish, acon_c.
 
 ``backend``: ``None`` or ``"native"`` runs the fused C++/CUDA kernels (torch.ops.fusedact),
-``"eager"`` the reference implementations (fusedact.reference). The native path checks
+``"triton"`` the Triton kernels (torch.ops.fusedact_triton; a clear error where triton
+is missing), ``"eager"`` the reference implementations (fusedact.reference). The native path checks
 its arguments in C++ (and in the fakes under torch.compile), so a call costs one op
 dispatch; the checks below serve the eager backend and the fakes, with the same
 messages.
@@ -11,25 +12,29 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from .functions import AconCFunction, HardSwishFunction, MishFunction, SwishFunction
+from .functions import _native
 
 __all__ = ["swish", "mish", "hard_swish", "acon_c", "BACKENDS"]
 
-BACKENDS = ("native", "eager")
+BACKENDS = ("native", "triton", "eager")
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def _backend(backend: str | None) -> str:
-    if backend is None or backend == "native":
+    if backend is None:
         return "native"
-    if backend == "eager":
-        return "eager"
-    if backend == "triton":
-        raise NotImplementedError(
-            "fusedact: backend='triton' is not available in this version; "
-            f"choose one of {BACKENDS}"
-        )
+    if backend in BACKENDS:
+        return backend
     raise ValueError(f"fusedact: unknown backend {backend!r}; choose one of {BACKENDS}")
+
+
+def _functions(backend: str):
+    """The autograd.Functions of a fused backend ("native" or "triton")."""
+    if backend == "triton":
+        from . import triton
+
+        return triton.functions()
+    return _native
 
 
 # ---- argument checks (the same rules and messages as csrc/checks.h, channel_layout.h)
@@ -136,30 +141,34 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, backend: str | N
 
     ``beta``: a Python float, or a one-element tensor, which then gets a gradient.
     """
-    if _backend(backend) == "eager":
+    backend = _backend(backend)
+    if backend == "eager":
         check_x("fusedact.swish", x)
         if isinstance(beta, torch.Tensor):
             check_swish_beta("fusedact.swish", beta, x)
         return reference.swish(x, beta)
+    fn = _functions(backend).SwishFunction
     if isinstance(beta, torch.Tensor):
-        return SwishFunction.apply(x, 1.0, beta)
-    return SwishFunction.apply(x, float(beta), None)
+        return fn.apply(x, 1.0, beta)
+    return fn.apply(x, float(beta), None)
 
 
 def mish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Mish, ``x * tanh(softplus(x))``."""
-    if _backend(backend) == "eager":
+    backend = _backend(backend)
+    if backend == "eager":
         check_x("fusedact.mish", x)
         return reference.mish(x)
-    return MishFunction.apply(x)
+    return _functions(backend).MishFunction.apply(x)
 
 
 def hard_swish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Hard-Swish, ``x * relu6(x + 3) / 6`` (x itself for x >= 3)."""
-    if _backend(backend) == "eager":
+    backend = _backend(backend)
+    if backend == "eager":
         check_x("fusedact.hard_swish", x)
         return reference.hard_swish(x)
-    return HardSwishFunction.apply(x)
+    return _functions(backend).HardSwishFunction.apply(x)
 
 
 def acon_c(
@@ -177,7 +186,8 @@ def acon_c(
     (N, C) or (N, C, 1, ...) (Meta-ACON). ``channel_dim``: the axis of the C channels
     (1 for NCHW, -1 for (N, L, C)).
     """
-    if _backend(backend) == "eager":
+    backend = _backend(backend)
+    if backend == "eager":
         check_acon_args("fusedact.acon_c", x, p1, p2, beta, channel_dim)
         return reference.acon_c(x, p1, p2, beta, channel_dim=channel_dim)
-    return AconCFunction.apply(x, p1, p2, beta, channel_dim)
+    return _functions(backend).AconCFunction.apply(x, p1, p2, beta, channel_dim)

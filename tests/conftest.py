@@ -2,17 +2,43 @@
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
-import fusedact
+# Without a GPU the Triton kernels run on CPU tensors in Triton's interpreter, which
+# must be chosen before triton is imported (fusedact imports it).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+import fusedact  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available() and fusedact.build_info()["cuda"]
+HAS_TRITON = fusedact.triton.available()
 DEVICES = [
     "cpu",
     pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device or CUDA kernels not built")),
 ]
+# The fused backends, which every parity test runs. Triton runs CUDA tensors on a GPU,
+# CPU tensors under the interpreter; the other pairings are skipped by the fixture below.
+FUSED_BACKENDS = [
+    "native",
+    pytest.param("triton", marks=pytest.mark.skipif(not HAS_TRITON, reason="triton unavailable")),
+]
+
+
+@pytest.fixture(autouse=True)
+def _skip_backend_device_mismatch(request):
+    callspec = getattr(request.node, "callspec", None)
+    if callspec is None or callspec.params.get("backend") != "triton":
+        return
+    device = callspec.params.get("device", "cpu")
+    if device == "cpu" and not TRITON_INTERPRET:
+        pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1 (set where no GPU is present)")
+    if device == "cuda" and TRITON_INTERPRET:
+        pytest.skip("TRITON_INTERPRET=1: Triton kernels run on the CPU only")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OPS = ["swish", "mish", "hard_swish", "acon_c"]
 

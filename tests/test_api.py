@@ -2,15 +2,20 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 
 import fusedact
-from conftest import DEVICES, HAS_CUDA
+from conftest import DEVICES, FUSED_BACKENDS, HAS_CUDA, HAS_TRITON, TRITON_INTERPRET
 from helpers import check_close, make_params, rand_x
 
-BACKENDS = [None, "eager"]
+# The argument checks run on CPU tensors: Triton's only where its interpreter is on.
+BACKENDS = [None, "eager"] + (["triton"] if HAS_TRITON and TRITON_INTERPRET else [])
 
 
 # ---- bad input fails fast, naming the argument
@@ -87,35 +92,68 @@ def test_backend_switch():
     x = torch.randn(5)
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         fusedact.mish(x, backend="cuda")
-    with pytest.raises(NotImplementedError, match="backend='triton' is not available"):
-        fusedact.mish(x, backend="triton")
-    assert fusedact.BACKENDS == ("native", "eager")
+    assert fusedact.BACKENDS == ("native", "triton", "eager")
     torch.testing.assert_close(fusedact.mish(x, backend="native"), fusedact.mish(x))
+    assert fusedact.build_info()["triton"] == fusedact.triton.available()
+
+
+FAKE_TRITONS = {
+    "missing": "raise ImportError('No module named triton (test stand-in)')",
+    "too old": "__version__ = '2.1.0'",
+}
+
+
+@pytest.mark.parametrize("kind", list(FAKE_TRITONS))
+def test_unusable_triton_is_a_clear_error_not_an_import_failure(kind, tmp_path):
+    """With triton missing or too old, `import fusedact` works, the other backends run,
+    and backend="triton" raises a RuntimeError that says why."""
+    (tmp_path / "triton").mkdir()
+    (tmp_path / "triton" / "__init__.py").write_text(FAKE_TRITONS[kind] + "\n")
+    root = Path(__file__).resolve().parents[1]
+    code = textwrap.dedent("""
+        import torch, fusedact
+        assert fusedact.build_info()["triton"] is False
+        x = torch.randn(4)
+        fusedact.mish(x); fusedact.mish(x, backend="eager")
+        try:
+            fusedact.mish(x, backend="triton")
+        except RuntimeError as e:
+            print("ERROR:", e)
+        else:
+            raise SystemExit("backend='triton' did not raise")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), str(root), os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    expected = "is not installed" if kind == "missing" else "is too old"
+    assert "backend='triton' is unavailable" in out.stdout and expected in out.stdout, out.stdout
 
 
 # ---- modules
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_modules_match_functional(device):
+def test_modules_match_functional(device, backend):
     x = rand_x((2, 32, 5, 5), torch.float32, device)
     torch.manual_seed(0)
     for module, fn in [
-        (fusedact.nn.Swish(1.5), lambda t: fusedact.swish(t, 1.5)),
-        (fusedact.nn.Mish(), fusedact.mish),
-        (fusedact.nn.HardSwish(), fusedact.hard_swish),
+        (fusedact.nn.Swish(1.5, backend=backend), lambda t: fusedact.swish(t, 1.5, backend=backend)),
+        (fusedact.nn.Mish(backend=backend), lambda t: fusedact.mish(t, backend=backend)),
+        (fusedact.nn.HardSwish(backend=backend), lambda t: fusedact.hard_swish(t, backend=backend)),
     ]:
         torch.testing.assert_close(module.to(device)(x), fn(x))
-    sw = fusedact.nn.Swish(0.7, learnable=True).to(device)
+    sw = fusedact.nn.Swish(0.7, learnable=True, backend=backend).to(device)
     assert isinstance(sw.beta, torch.nn.Parameter) and sw.beta.shape == ()
     sw(x).sum().backward()
     assert sw.beta.grad is not None
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_acon_c_module_layout_and_grads(device):
+def test_acon_c_module_layout_and_grads(device, backend):
     torch.manual_seed(0)
-    m = fusedact.nn.AconC(16).to(device)
+    m = fusedact.nn.AconC(16, backend=backend).to(device)
     ref = fusedact.nn.AconC(16, backend="eager").to(device)
     ref.load_state_dict(m.state_dict())
     assert m.p1.shape == (1, 16, 1, 1) and torch.equal(m.beta, torch.ones_like(m.beta))
@@ -146,10 +184,11 @@ def test_acon_c_module_channel_dim_last(device):
         m.zero_grad()
 
 
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("device", DEVICES)
-def test_meta_acon_c_module(device):
+def test_meta_acon_c_module(device, backend):
     torch.manual_seed(0)
-    m = fusedact.nn.MetaAconC(32, r=16).to(device)
+    m = fusedact.nn.MetaAconC(32, r=16, backend=backend).to(device)
     assert m.fc1.out_channels == 16 and not any(isinstance(s, torch.nn.BatchNorm2d) for s in m.modules())
     ref = fusedact.nn.MetaAconC(32, r=16, backend="eager").to(device)
     ref.load_state_dict(m.state_dict())

@@ -5,10 +5,14 @@ import pytest
 import torch
 
 import fusedact
-from conftest import DEVICES, make_layout
+from conftest import DEVICES, FUSED_BACKENDS, make_layout
 from helpers import make_params, rand_x
 
-ops = torch.ops.fusedact
+OPS_BY_BACKEND = {"native": "fusedact", "triton": "fusedact_triton"}
+
+
+def ops_of(backend: str):
+    return getattr(torch.ops, OPS_BY_BACKEND[backend])
 
 
 def away_from_kinks(x: torch.Tensor) -> torch.Tensor:
@@ -35,7 +39,8 @@ GRADCHECK_CASES = [
 
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
 @pytest.mark.parametrize("device", DEVICES)
-def test_gradcheck(device, case):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_gradcheck(device, case, backend):
     name, op, layout, channel_dim, per_sample, module_layout = case
     shape = (2, 3, 4, 5) if channel_dim == 1 else (3, 4, 5)
     x = make_layout(away_from_kinks(rand_x(shape, torch.float64, device, scale=2.0)), layout)
@@ -44,15 +49,15 @@ def test_gradcheck(device, case):
     inputs = [x.detach().requires_grad_()] + [p.detach().requires_grad_() for p in params if isinstance(p, torch.Tensor)]
     fixed = [p for p in params if not isinstance(p, torch.Tensor)]
     if op == "swish":
-        fn = lambda x, *b: fusedact.swish(x, *(b or fixed))  # noqa: E731
+        fn = lambda x, *b: fusedact.swish(x, *(b or fixed), backend=backend)  # noqa: E731
     elif op == "acon_c":
-        fn = lambda *a: fusedact.acon_c(*a, channel_dim=channel_dim)  # noqa: E731
+        fn = lambda *a: fusedact.acon_c(*a, channel_dim=channel_dim, backend=backend)  # noqa: E731
     else:
-        fn = getattr(fusedact, op)
+        fn = lambda x: getattr(fusedact, op)(x, backend=backend)  # noqa: E731
     assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-3)
 
 
-def _op_samples(device):
+def _op_samples(device, ops):
     """(op overload, args) for every op, in several layouts and dtypes."""
     samples = []
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
@@ -80,18 +85,20 @@ def _op_samples(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_every_op(device):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_opcheck_every_op(device, backend):
     """torch.library.opcheck: schema, fake (meta) implementation against the real one,
     and AOT dispatch with dynamic shapes, for every op."""
     seen = set()
-    for op, args in _op_samples(device):
+    for op, args in _op_samples(device, ops_of(backend)):
         torch.library.opcheck(op, args)
         seen.add(op.name())
     assert len(seen) == 8
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_torch_compile_fullgraph(device, backend):
     """All four ops in one compiled function, forward and backward, no graph break."""
     torch._dynamo.reset()
     x = rand_x((2, 8, 6, 6), torch.float32, device)
@@ -99,12 +106,16 @@ def test_torch_compile_fullgraph(device):
     beta = torch.tensor(1.2, device=device)
 
     def f(x, p1, p2, b, beta):
-        h = fusedact.swish(x, beta) + fusedact.mish(x) * fusedact.hard_swish(x)
-        return fusedact.acon_c(h, p1, p2, b)
+        h = fusedact.swish(x, beta, backend=backend) + fusedact.mish(x, backend=backend) * fusedact.hard_swish(
+            x, backend=backend)
+        return fusedact.acon_c(h, p1, p2, b, backend=backend)
 
     leaves = [t.detach().requires_grad_() for t in (x, p1, p2, b, beta)]
     leaves_c = [t.detach().clone().requires_grad_() for t in leaves]
-    compiled = torch.compile(f, fullgraph=True)
+    # Inductor compiles Triton kernels for GPUs; the interpreter's CPU run is traced with
+    # AOT autograd and run eagerly instead (still one graph, no break).
+    compiler = "aot_eager" if (backend == "triton" and device == "cpu") else "inductor"
+    compiled = torch.compile(f, fullgraph=True, backend=compiler)
     y, yc = f(*leaves), compiled(*leaves_c)
     torch.testing.assert_close(yc, y)
     g = torch.randn_like(y)
@@ -114,7 +125,8 @@ def test_torch_compile_fullgraph(device):
 
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("device", DEVICES)
-def test_acon_c_parameter_grads_bitwise_deterministic(device, layout):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_acon_c_parameter_grads_bitwise_deterministic(device, layout, backend):
     """Same inputs, same parameter gradients, bit for bit: every run and (on the CPU)
     every thread count."""
     x = make_layout(rand_x((8, 32, 40, 40), torch.float32, device), layout)
@@ -127,7 +139,7 @@ def test_acon_c_parameter_grads_bitwise_deterministic(device, layout):
         for n in threads:
             if n:
                 torch.set_num_threads(n)
-            runs.append(ops.acon_c_backward(g, x, *params, 1))
+            runs.append(ops_of(backend).acon_c_backward(g, x, *params, 1))
     finally:
         torch.set_num_threads(before)
     for other in runs[1:]:
@@ -149,13 +161,14 @@ class _Recorder:
 
 
 @pytest.mark.parametrize("op", ["swish", "mish", "hard_swish", "acon_c"])
-def test_saves_only_inputs(op):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_saves_only_inputs(op, backend):
     """The autograd graph keeps x and the parameters, nothing computed."""
     x = rand_x((2, 4, 6, 6), torch.float32, "cpu").requires_grad_()
     params = [p.requires_grad_() for p in make_params(op, x)]
     rec = _Recorder()
     with torch.autograd.graph.saved_tensors_hooks(rec.pack, rec.unpack):
-        y = getattr(fusedact, op)(x, *params)
+        y = getattr(fusedact, op)(x, *params, backend=backend)
     inputs = [x] + params
     assert len(rec.saved) == len(inputs)
     for saved in rec.saved:
@@ -174,11 +187,12 @@ def test_eager_module_saves_more():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_second_backward_does_not_corrupt(device):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_second_backward_does_not_corrupt(device, backend):
     """The backward never writes into a saved input (Liger's SwiGLU did)."""
     x = rand_x((3, 5, 7, 7), torch.float32, device).requires_grad_()
     params = [p.requires_grad_() for p in make_params("acon_c", x)]
-    y = fusedact.acon_c(x, *params)
+    y = fusedact.acon_c(x, *params, backend=backend)
     g = torch.randn_like(y)
     first = torch.autograd.grad(y, [x] + params, g, retain_graph=True)
     second = torch.autograd.grad(y, [x] + params, g)

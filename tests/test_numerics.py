@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import fusedact
-from conftest import DEVICES, OPS, TOL
+from conftest import DEVICES, FUSED_BACKENDS, OPS, TOL
 from helpers import op_fn, ref_fn
 
 # acon_c with p1 > p2 > 0: y = x (d s + p2) has no cancellation, so "2 ulp of the
@@ -26,26 +26,33 @@ def ordered(t: torch.Tensor) -> torch.Tensor:
     return torch.where(b < 0, -(b & 0x7FFF), b)
 
 
-def run_forward(op, x):
+def run_forward(op, x, backend):
     if op == "acon_c":
         xs = x.reshape(-1, 1)  # one channel
         p = [torch.tensor([v], dtype=x.dtype, device=x.device) for v in ACON_PARAMS]
-        return fusedact.acon_c(xs, *p).reshape(-1), fusedact.reference.acon_c(
+        return fusedact.acon_c(xs, *p, backend=backend).reshape(-1), fusedact.reference.acon_c(
             xs.double(), *[q.double() for q in p]).reshape(-1)
-    f, r = op_fn(op), ref_fn(op)
+    f, r = op_fn(op, backend), ref_fn(op)
     return f(x), r(x.double())
 
 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_every_half_value_within_2ulp(device, dtype, op):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_every_half_value_within_2ulp(device, dtype, op, backend):
     x = all_finite_values(dtype).to(device)
-    y, ref64 = run_forward(op, x)
+    y, ref64 = run_forward(op, x, backend)
     expected = ref64.to(dtype)  # correctly rounded
     dist = (ordered(y) - ordered(expected)).abs()
     # SPEC.md: results below ~1e-33 in magnitude may flush to zero in float32 opmath
     flushed = (ref64.abs() < 1e-33) & (y == 0)
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        # Triton's interpreter converts bfloat16 subnormals (float32 subnormals) wrongly
+        # in both directions (hard_swish(-6.4e-40) came out -4.4e-39; a GPU's cvt
+        # instructions are exact): below float32's normal range (1.2e-38, inside
+        # SPEC.md's flush range) accept any result of that size.
+        flushed |= (ref64.abs() < torch.finfo(torch.float32).tiny) & (y.double().abs() < 1e-33)
     bad = (dist > 2) & ~flushed
     assert not bad.any(), (
         f"{int(bad.sum())} values off by more than 2 ulp, e.g. x={x[bad][:4].tolist()} "
@@ -65,7 +72,8 @@ def special_values(dtype):
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_special_values(device, dtype, op):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_special_values(device, dtype, op, backend):
     """+-0, +-inf, NaN, +-1e30, +-88, +-100, float32 max: NaN and inf propagate as in the
     float64 reference, and nothing is NaN or inf where the math is finite (mish's e^2,
     hard_swish's x * 6, the sigmoid's e^-z)."""
@@ -78,7 +86,7 @@ def test_special_values(device, dtype, op):
         params = [torch.tensor([v], dtype=dtype, device=device) for v in ACON_PARAMS]
     leaves = [x.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params]
     leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    y = op_fn(op)(*leaves)
+    y = op_fn(op, backend)(*leaves)
     y64 = ref_fn(op)(*leaves64)
     torch.testing.assert_close(y.double(), y64.to(dtype).double(), **TOL[dtype], equal_nan=True)
     g = torch.ones_like(y)
@@ -95,10 +103,11 @@ def test_special_values(device, dtype, op):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_no_overflow_where_eager_overflows(device):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_no_overflow_where_eager_overflows(device, backend):
     """hard_swish(x) = x for large x (eager's x * 6 overflows above 5.6e37); mish(x) = x
     for large x (e^2x overflows float32 from x = 44.4)."""
     x = torch.tensor([6e37, 3.4e38, 45.0, 1e4], device=device)
-    assert torch.equal(fusedact.hard_swish(x), x)
-    assert torch.equal(fusedact.mish(x), x)
+    assert torch.equal(fusedact.hard_swish(x, backend=backend), x)
+    assert torch.equal(fusedact.mish(x, backend=backend), x)
     assert torch.isinf(torch.nn.functional.hardswish(x[:2])).any()  # the eager flaw we avoid

@@ -2,12 +2,14 @@
 x layout, plus acon_c's parameter layouts, channel_dim and mixed precision."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fusedact
-from conftest import DEVICES, DTYPES, LAYOUTS, OPS, TOL, make_layout
+from conftest import DEVICES, DTYPES, FUSED_BACKENDS, LAYOUTS, OPS, TOL, make_layout
 from helpers import check_close, check_forward_backward, make_params, op_fn, rand_x, ref_fn
 
 # empty, one element, odd sizes, 1-D to 5-D, and sizes above the CPU parallel grain
@@ -20,12 +22,15 @@ SHAPES = [(0,), (1,), (7,), (33, 17), (3, 5, 7), (2, 3, 129, 131), (2, 3, 4, 5, 
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_parity(op, dtype, device, shape, layout):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_parity(op, dtype, device, shape, layout, backend):
+    if backend == "triton" and device == "cpu" and math.prod(shape) > 2**17:
+        pytest.skip("Triton's interpreter is slow; the 1-D shape above the CPU grain adds nothing for Triton")
     x = rand_x(shape, dtype, device)
     x = make_layout(x, layout)
     channel_dim = 1 if len(shape) >= 2 else 0
     params = make_params(op, x, channel_dim=channel_dim)
-    check_forward_backward(op, x, params, channel_dim=channel_dim)
+    check_forward_backward(op, x, params, channel_dim=channel_dim, backend=backend)
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -43,63 +48,71 @@ def test_both_cpu_isas(op, dtype, cpu_isa):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_acon_c_params(device, dtype, layout, per_sample, module_layout):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_acon_c_params(device, dtype, layout, per_sample, module_layout, backend):
     """ACON-C and Meta-ACON beta, in both parameter layouts, over NCHW-like layouts;
     a channel run longer than a reduction segment (130 * 131 > 16384)."""
     for shape in [(3, 6, 9, 11), (2, 4, 130, 131), (5, 1, 3, 3), (1, 3, 2, 2)]:
         x = make_layout(rand_x(shape, dtype, device), layout)
         params = make_params("acon_c", x, per_sample=per_sample, module_layout=module_layout)
-        check_forward_backward("acon_c", x, params)
+        check_forward_backward("acon_c", x, params, backend=backend)
 
 
 @pytest.mark.parametrize("per_sample", [False, True], ids=["per-channel", "per-sample"])
 @pytest.mark.parametrize("shape", [(4, 9, 16), (2, 7, 3000), (3, 1, 5), (600, 70)], ids=str)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_acon_c_channel_last_dim(device, dtype, shape, per_sample):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_acon_c_channel_last_dim(device, dtype, shape, per_sample, backend):
     """(N, L, C) inputs with channel_dim=-1: rows of C channels."""
     x = rand_x(shape, dtype, device)
     params = make_params("acon_c", x, channel_dim=-1, per_sample=per_sample)
-    check_forward_backward("acon_c", x, params, channel_dim=-1)
+    check_forward_backward("acon_c", x, params, channel_dim=-1, backend=backend)
 
 
 @pytest.mark.parametrize("op", ["swish", "acon_c"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_mixed_precision(device, dtype, op):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_mixed_precision(device, dtype, op, backend):
     """float16/bfloat16 x with float32 parameters, as autocast leaves them: output and
     dx in x's dtype, parameter gradients in float32, math in float32."""
     for layout in ("contiguous", "channels_last"):
         x = make_layout(rand_x((3, 8, 17, 19), dtype, device), layout)
         params = make_params(op, x, param_dtype=torch.float32, per_sample=(layout == "channels_last"))
-        y, grads = check_forward_backward(op, x, params)
+        y, grads = check_forward_backward(op, x, params, backend=backend)
         assert y.dtype == dtype and grads[0].dtype == dtype
         assert all(g.dtype == torch.float32 for g in grads[1:])
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("device", DEVICES)
-def test_matches_torch_functional(device, dtype):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_matches_torch_functional(device, dtype, backend):
     """swish at beta = 1 is F.silu, mish is F.mish, hard_swish is F.hardswish, forward and
-    backward, for finite inputs. hard_swish in float64 is bit-for-bit torch's below 3 and
-    in its gradient; from 3 on it is x itself (SPEC.md), where torch's x * 6 / 6 can be
-    an ulp off."""
+    backward, for finite inputs. hard_swish in float64 on the CPU is bit-for-bit torch's
+    below 3 and in its gradient; from 3 on it is x itself (SPEC.md), where torch's
+    x * 6 / 6 can be an ulp off. torch's CUDA forward multiplies by a float32 1/6
+    (relative error 3e-8, inside float64's rtol of 1e-7 used below), so there only the
+    gradient is bit-for-bit."""
     x = rand_x((4, 3, 33, 35), dtype, device, scale=4.0)
     # include the kinks of hard_swish and values around them
     x.view(-1)[:6] = torch.tensor([-3.0, 3.0, -2.5, 2.5, -4.0, 4.0], dtype=dtype)
     g = rand_x(x.shape, dtype, device, seed=5, scale=1.0)
     for ours, theirs in [
-        (lambda t: fusedact.swish(t, 1.0), F.silu),
-        (fusedact.mish, F.mish),
-        (fusedact.hard_swish, F.hardswish),
+        (lambda t: fusedact.swish(t, 1.0, backend=backend), F.silu),
+        (lambda t: fusedact.mish(t, backend=backend), F.mish),
+        (lambda t: fusedact.hard_swish(t, backend=backend), F.hardswish),
     ]:
         a = x.detach().requires_grad_()
         b = x.detach().requires_grad_()
         ya, yb = ours(a), theirs(b)
         (ga,), (gb,) = torch.autograd.grad(ya, a, g), torch.autograd.grad(yb, b, g)
-        if ours is fusedact.hard_swish and dtype == torch.float64:
+        if theirs is F.hardswish and dtype == torch.float64:
             below = x < 3
-            assert torch.equal(ya[below], yb[below]) and torch.equal(ga, gb)
+            assert torch.equal(ga, gb)
+            if device == "cpu":
+                assert torch.equal(ya[below], yb[below])
             assert torch.equal(ya[~below], x[~below])
         # both are within the tolerance of the float64 truth, so of each other twice over
         torch.testing.assert_close(ya.double(), yb.double(), rtol=2 * TOL[dtype]["rtol"], atol=2 * TOL[dtype]["atol"])
@@ -107,13 +120,14 @@ def test_matches_torch_functional(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_hard_swish_kink_convention_is_torch(device):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_hard_swish_kink_convention_is_torch(device, backend):
     """SPEC.md says PyTorch's gradient is 0 at x = -3 and 1 at x = 3; check that against
     the installed torch, and that we do the same."""
     x = torch.tensor([-3.0, 3.0, -3.0001, 2.9999], dtype=torch.float64, device=device)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()
     (ga,) = torch.autograd.grad(F.hardswish(a).sum(), a)
-    (gb,) = torch.autograd.grad(fusedact.hard_swish(b).sum(), b)
+    (gb,) = torch.autograd.grad(fusedact.hard_swish(b, backend=backend).sum(), b)
     assert ga[0].item() == 0.0 and ga[1].item() == 1.0, f"torch changed its convention: {ga}"
     assert torch.equal(ga, gb)
 

@@ -1,0 +1,368 @@
+"""The Triton kernels: forward and backward of swish, mish, hard_swish and acon_c.
+
+They compute SPEC.md's functions with the same opmath and the same numerical forms as
+csrc/activation_math.h (float32 for float32/float16/bfloat16 inputs, float64 for
+float64, the same exp polynomial, the same guards where the sigmoid saturates), so the
+two backends agree to a few float32 ulp.
+
+Grids are flat and 1-D with int64 offsets. Parameter gradients are deterministic: each
+program writes its partial sums (in opmath) to its own slot and _sum_partials_kernel
+adds them in a fixed order; no atomics.
+"""
+from __future__ import annotations
+
+import os
+
+import triton
+import triton.language as tl
+
+# Triton's interpreter (CPU tensors, TRITON_INTERPRET=1) converts float32 to bfloat16 by
+# truncation, and mishandles float32 subnormals; a GPU's conversion rounds to nearest
+# even. Under the interpreter the kernels round to bfloat16 themselves, from the bits.
+_EMULATE_BF16_RTNE = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+# ---- per-element math (activation_math.h, line for line)
+
+
+@triton.jit
+def _exp_f32(x):
+    # Cody-Waite x = k ln2 + r, the Cephes polynomial for 2 e^r, times 2^(k-1) built
+    # from the bits; 0 below e^-86.9, +inf above FLT_MAX, NaN stays NaN.
+    xc = tl.where(x > 88.8, 88.8, x)
+    xc = tl.where(xc < -86.9, -86.9, xc)
+    v = xc * 1.44269504088896341 + 12582912.0
+    kf = v - 12582912.0
+    r = xc - kf * 0.693145751953125
+    r = r - kf * 1.428606765330187045e-06
+    p = 3.9751383000e-4
+    p = p * r + 2.7963999014e-3
+    p = p * r + 1.6666903815e-2
+    p = p * r + 8.3331591788e-2
+    p = p * r + 3.3333330918e-1
+    p = p * r + 1.0000000240e0
+    two_er = (p * r) * r + (r + r) + 2.0
+    k_minus_1 = v.to(tl.int32, bitcast=True) - 0x4B400000 - 1
+    scale = ((k_minus_1 + 127) << 23).to(tl.float32, bitcast=True)
+    return tl.where(x < -86.9, 0.0, two_er * scale)
+
+
+@triton.jit
+def _exp(x):
+    if x.dtype == tl.float64:
+        return tl.exp(x)
+    else:
+        return _exp_f32(x)
+
+
+@triton.jit
+def _opmath(x):
+    if x.dtype == tl.float64:
+        return x
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _to_out(v, PTR):
+    """v (opmath) rounded once to the element type of PTR."""
+    if PTR.dtype.element_ty == tl.bfloat16 and _EMULATE_BF16_RTNE:
+        b = v.to(tl.uint32, bitcast=True)
+        r = (b + 0x7FFF + ((b >> 16) & 1)) >> 16  # round to nearest even; inf stays inf
+        r = tl.where(v != v, (b >> 16) | 0x40, r)  # NaN stays a (quiet) NaN
+        return r.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return v.to(PTR.dtype.element_ty)
+
+
+@triton.jit
+def _saturation(z):
+    # |z| beyond which s(z) and 1 - s(z) are exactly 0 or 1 in opmath
+    if z.dtype == tl.float64:
+        return 1024.0
+    else:
+        return 128.0
+
+
+@triton.jit
+def _sigmoid_pair(z):
+    # s(z) and 1 - s(z), the latter as e s where s >= 1/2 (no cancellation)
+    e = _exp(-z)
+    s = 1.0 / (1.0 + e)
+    sc = tl.where(s < 0.5, 1.0 - s, e * s)
+    return s, sc
+
+
+@triton.jit
+def _swish_fwd(x, beta):
+    # y = x s(beta x) = x / (1 + e^-beta x)
+    return x / (1.0 + _exp(-(beta * x)))
+
+
+@triton.jit
+def _swish_bwd(g, x, beta):
+    # dy/dx = s + beta x s (1 - s), dy/dbeta = x^2 s (1 - s); products grouped so that
+    # each factor is bounded by |x| or |beta| (0, not inf * 0, where s saturates)
+    s, sc = _sigmoid_pair(beta * x)
+    xs = x * s
+    dx = g * (s + xs * (beta * sc))
+    dbeta = g * (xs * (x * sc))
+    return dx, dbeta
+
+
+@triton.jit
+def _mish_fwd(x):
+    # y = x t, t = tanh(softplus(x)) = n / (n + 2), n = e (e + 2), e = e^x; t = 1 above
+    # the threshold (e^2x would overflow float from x = 44.4)
+    if x.dtype == tl.float64:
+        big = x >= 40.0
+    else:
+        big = x >= 20.0
+    e = _exp(tl.where(big, 0.0, x))
+    n = e * (e + 2.0)
+    t = tl.where(big, 1.0, n / (n + 2.0))
+    return x * t
+
+
+@triton.jit
+def _mish_bwd(g, x):
+    # dy/dx = t + x (1 - t^2) s(x), 1 - t^2 = 2 (q + n) / q^2 with q = n + 2
+    if x.dtype == tl.float64:
+        big = x >= 40.0
+    else:
+        big = x >= 20.0
+    e = _exp(tl.where(big, 0.0, x))
+    n = e * (e + 2.0)
+    q = n + 2.0
+    t = tl.where(big, 1.0, n / q)
+    one_minus_t2 = tl.where(big, 0.0, 2.0 * (q + n) / (q * q))
+    s = e / (1.0 + e)
+    return g * (t + x * one_minus_t2 * s)
+
+
+@triton.jit
+def _hard_swish_fwd(x):
+    # 0 (-0.0) for x <= -3, x (x + 3) / 6 between, x itself from 3 on
+    return tl.where(x <= -3.0, -0.0, tl.where(x >= 3.0, x, x * (x + 3.0) / 6.0))
+
+
+@triton.jit
+def _hard_swish_bwd(g, x):
+    # 0, x / 3 + 1/2, 1: PyTorch's convention at the kinks
+    return tl.where(x <= -3.0, 0.0, tl.where(x >= 3.0, g, g * (x / 3.0 + 0.5)))
+
+
+@triton.jit
+def _acon_c_fwd(x, p1, p2, beta):
+    # y = x (d s(beta d x) + p2), d = p1 - p2: finite where d x overflows
+    d = p1 - p2
+    return x * (d * (1.0 / (1.0 + _exp(-(beta * (d * x))))) + p2)
+
+
+@triton.jit
+def _acon_c_bwd(g, x, p1, p2, beta):
+    # h = s (1 + z (1 - s)), z = beta u, u = d x: dx = g (d h + p2), dp1 = g x h,
+    # dp2 = g x (1 - h) with 1 - h = (1 - s)(1 - z s), dbeta = g u^2 s (1 - s);
+    # z clamped where s saturates so that z (1 - s) is 0, not inf * 0
+    d = p1 - p2
+    u = d * x
+    z = beta * u
+    s, sc = _sigmoid_pair(z)
+    k = _saturation(z)
+    zc = tl.where(z > k, k, tl.where(z < -k, -k, z))
+    h = s * (1.0 + zc * sc)
+    gx = g * x
+    dp1 = gx * h
+    dp2 = gx * (sc * (1.0 - zc * s))
+    saturated = (z >= k) | (z <= -k)
+    dbeta = g * tl.where(saturated, 0.0, (u * s) * (u * sc))
+    dx = g * (d * h + p2)
+    return dx, dp1, dp2, dbeta
+
+
+# ---- elementwise kernels: flat 1-D grid, BLOCK elements per program
+
+
+@triton.jit
+def _offsets(n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    return offs, offs < n
+
+
+@triton.jit
+def _load_beta(BETA, beta_hi, beta_lo, x, HAS_BETA_TENSOR: tl.constexpr):
+    # beta from a one-element tensor, or a Python float passed as float32 hi + lo
+    # (exact to 48 bits in float64; hi alone is the float32 value)
+    if HAS_BETA_TENSOR:
+        beta = _opmath(tl.load(BETA))
+    elif x.dtype == tl.float64:
+        beta = tl.cast(beta_hi, tl.float64) + tl.cast(beta_lo, tl.float64)
+    else:
+        beta = beta_hi
+    return beta
+
+
+@triton.jit
+def _swish_fwd_kernel(X, Y, BETA, beta_hi, beta_lo, n, HAS_BETA_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask = _offsets(n, BLOCK)
+    x = _opmath(tl.load(X + offs, mask=mask))
+    beta = _load_beta(BETA, beta_hi, beta_lo, x, HAS_BETA_TENSOR)
+    tl.store(Y + offs, _to_out(_swish_fwd(x, beta), Y), mask=mask)
+
+
+@triton.jit
+def _swish_bwd_kernel(G, X, DX, BETA, beta_hi, beta_lo, PARTIAL, n, HAS_BETA_TENSOR: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    offs, mask = _offsets(n, BLOCK)
+    x = _opmath(tl.load(X + offs, mask=mask))
+    g = _opmath(tl.load(G + offs, mask=mask))
+    beta = _load_beta(BETA, beta_hi, beta_lo, x, HAS_BETA_TENSOR)
+    dx, dbeta = _swish_bwd(g, x, beta)
+    tl.store(DX + offs, _to_out(dx, DX), mask=mask)
+    if HAS_BETA_TENSOR:
+        # this program's share of dL/dbeta (masked lanes have g = 0, so add 0)
+        tl.store(PARTIAL + tl.program_id(0), tl.sum(tl.where(mask, dbeta, 0.0), axis=0))
+
+
+@triton.jit
+def _mish_fwd_kernel(X, Y, n, BLOCK: tl.constexpr):
+    offs, mask = _offsets(n, BLOCK)
+    x = _opmath(tl.load(X + offs, mask=mask))
+    tl.store(Y + offs, _to_out(_mish_fwd(x), Y), mask=mask)
+
+
+@triton.jit
+def _mish_bwd_kernel(G, X, DX, n, BLOCK: tl.constexpr):
+    offs, mask = _offsets(n, BLOCK)
+    x = _opmath(tl.load(X + offs, mask=mask))
+    g = _opmath(tl.load(G + offs, mask=mask))
+    tl.store(DX + offs, _to_out(_mish_bwd(g, x), DX), mask=mask)
+
+
+@triton.jit
+def _hard_swish_fwd_kernel(X, Y, n, BLOCK: tl.constexpr):
+    offs, mask = _offsets(n, BLOCK)
+    x = _opmath(tl.load(X + offs, mask=mask))
+    tl.store(Y + offs, _to_out(_hard_swish_fwd(x), Y), mask=mask)
+
+
+@triton.jit
+def _hard_swish_bwd_kernel(G, X, DX, n, BLOCK: tl.constexpr):
+    offs, mask = _offsets(n, BLOCK)
+    x = _opmath(tl.load(X + offs, mask=mask))
+    g = _opmath(tl.load(G + offs, mask=mask))
+    tl.store(DX + offs, _to_out(_hard_swish_bwd(g, x), DX), mask=mask)
+
+
+# ---- acon_c. Memory is seen as [N][R][C][inner] (csrc/channel_layout.h): the element
+# at flat offset i has channel (i // inner) % C and sample i // (R C inner). N > 1 only
+# when beta is per sample (Meta-ACON): beta of (n, c) is BETA[n C + c].
+
+
+@triton.jit
+def _acon_c_params(P1, P2, BETA, offs, mask, inner, C, sample_size, BETA_PER_SAMPLE: tl.constexpr):
+    # parameters are x's dtype or float32 (beside float16/bfloat16 x): both give opmath
+    c = (offs // inner) % C
+    p1 = _opmath(tl.load(P1 + c, mask=mask, other=0.0))
+    p2 = _opmath(tl.load(P2 + c, mask=mask, other=0.0))
+    if BETA_PER_SAMPLE:
+        b = (offs // sample_size) * C + c
+    else:
+        b = c
+    beta = _opmath(tl.load(BETA + b, mask=mask, other=0.0))
+    return p1, p2, beta
+
+
+@triton.jit
+def _acon_c_fwd_kernel(X, Y, P1, P2, BETA, n, inner, C, sample_size, BETA_PER_SAMPLE: tl.constexpr,
+                       BLOCK: tl.constexpr):
+    offs, mask = _offsets(n, BLOCK)
+    x = _opmath(tl.load(X + offs, mask=mask))
+    p1, p2, beta = _acon_c_params(P1, P2, BETA, offs, mask, inner, C, sample_size, BETA_PER_SAMPLE)
+    tl.store(Y + offs, _to_out(_acon_c_fwd(x, p1, p2, beta), Y), mask=mask)
+
+
+@triton.jit
+def _acon_c_bwd_rows_kernel(G, X, DX, P1, P2, BETA, PARTIAL, inner, C, R, chunks,
+                            BETA_PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
+    """inner > 1 (NCHW-like): each run of `inner` elements has one channel. Program p
+    takes chunk p % chunks of run p // chunks (a run of any length: a flat grid, no cap)
+    and writes its 3 partial sums to PARTIAL[n][c][r][chunk][3], so that the partials
+    of one (sample, channel) are adjacent for the finish."""
+    pid = tl.program_id(0).to(tl.int64)
+    run = pid // chunks
+    chunk = pid % chunks
+    c = run % C
+    nr = run // C  # n R + r
+    start = run * inner + chunk * BLOCK
+    idx = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < inner
+    offs = start + tl.arange(0, BLOCK)
+    x = _opmath(tl.load(X + offs, mask=mask))
+    g = _opmath(tl.load(G + offs, mask=mask))
+    p1 = _opmath(tl.load(P1 + c))
+    p2 = _opmath(tl.load(P2 + c))
+    if BETA_PER_SAMPLE:
+        beta = _opmath(tl.load(BETA + (nr // R) * C + c))
+    else:
+        beta = _opmath(tl.load(BETA + c))
+    dx, dp1, dp2, dbeta = _acon_c_bwd(g, x, p1, p2, beta)
+    tl.store(DX + offs, _to_out(dx, DX), mask=mask)
+    n_idx = nr // R
+    r = nr % R
+    slot = (((n_idx * C + c) * R + r) * chunks + chunk) * 3
+    tl.store(PARTIAL + slot, tl.sum(tl.where(mask, dp1, 0.0), axis=0))
+    tl.store(PARTIAL + slot + 1, tl.sum(tl.where(mask, dp2, 0.0), axis=0))
+    tl.store(PARTIAL + slot + 2, tl.sum(tl.where(mask, dbeta, 0.0), axis=0))
+
+
+@triton.jit
+def _acon_c_bwd_channels_kernel(G, X, DX, P1, P2, BETA, PARTIAL, C, R, row_blocks, col_blocks,
+                                BETA_PER_SAMPLE: tl.constexpr, ROWS: tl.constexpr,
+                                BLOCK_C: tl.constexpr):
+    """inner == 1 (channels_last, (N, L, C)): memory is N R rows of C channels. Program
+    p takes a ROWS x BLOCK_C tile (rows of one sample) and writes its column sums to
+    PARTIAL[n][row_block][c][3]."""
+    pid = tl.program_id(0).to(tl.int64)
+    cb = pid % col_blocks
+    nrb = pid // col_blocks  # n row_blocks + row_block
+    n_idx = nrb // row_blocks
+    rb = nrb % row_blocks
+    rows = rb * ROWS + tl.arange(0, ROWS)
+    cols = cb * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_ok = rows < R
+    col_ok = cols < C
+    mask = row_ok[:, None] & col_ok[None, :]
+    offs = (n_idx * R + rows)[:, None] * C + cols[None, :]
+    x = _opmath(tl.load(X + offs, mask=mask))
+    g = _opmath(tl.load(G + offs, mask=mask))
+    p1 = _opmath(tl.load(P1 + cols, mask=col_ok, other=0.0))
+    p2 = _opmath(tl.load(P2 + cols, mask=col_ok, other=0.0))
+    if BETA_PER_SAMPLE:
+        beta = _opmath(tl.load(BETA + n_idx * C + cols, mask=col_ok, other=0.0))
+    else:
+        beta = _opmath(tl.load(BETA + cols, mask=col_ok, other=0.0))
+    dx, dp1, dp2, dbeta = _acon_c_bwd(g, x, p1[None, :], p2[None, :], beta[None, :])
+    tl.store(DX + offs, _to_out(dx, DX), mask=mask)
+    slot = ((n_idx * row_blocks + rb) * C + cols) * 3
+    tl.store(PARTIAL + slot, tl.sum(tl.where(mask, dp1, 0.0), axis=0), mask=col_ok)
+    tl.store(PARTIAL + slot + 1, tl.sum(tl.where(mask, dp2, 0.0), axis=0), mask=col_ok)
+    tl.store(PARTIAL + slot + 2, tl.sum(tl.where(mask, dbeta, 0.0), axis=0), mask=col_ok)
+
+
+# ---- the finish: OUT[b][k] = sum over m of PARTIAL[b][m][k], always in the same order
+
+
+@triton.jit
+def _sum_partials_kernel(PARTIAL, OUT, M, K, k_blocks, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // k_blocks
+    ks = (pid % k_blocks) * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_ok = ks < K
+    base = PARTIAL + b * M * K
+    acc = tl.zeros((BLOCK_K,), dtype=PARTIAL.dtype.element_ty)
+    for m0 in range(0, M, BLOCK_M):
+        ms = m0 + tl.arange(0, BLOCK_M)
+        mask = (ms < M)[:, None] & k_ok[None, :]
+        tile = tl.load(base + ms.to(tl.int64)[:, None] * K + ks[None, :], mask=mask, other=0.0)
+        acc += tl.sum(tile, axis=0)
+    tl.store(OUT + b * K + ks, acc.to(OUT.dtype.element_ty), mask=k_ok)

@@ -1,0 +1,256 @@
+"""The Triton kernels as operators: torch.ops.fusedact_triton.*, with the schemas of
+torch.ops.fusedact.* (csrc/ops.cpp). On a GPU they are ``torch.library.triton_op``s:
+torch.compile traces into them (no graph break, and inductor sees the kernels), and
+their fake implementations come from running them on fake tensors.
+
+Under TRITON_INTERPRET=1 (CPU tensors, CI) the interpreter's kernels are not ones
+torch's Triton tracing recognizes (it would run them on fake tensors), so there the ops
+are plain ``custom_op``s, opaque to torch.compile but still one graph, whose fake
+implementation is the same function with the launches skipped.
+
+Argument checks, layouts and outputs are those of the native ops: the same messages,
+the output in x's memory format (a dense copy for non-dense x), and acon_c's channel
+geometry [N][R][C][inner] over x's memory.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from typing import Optional
+
+import torch
+import triton
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.library import custom_op, triton_op, wrap_triton
+
+from ..functional import check_acon_args, check_grad, check_swish_beta, check_x
+from . import kernels as k
+
+__all__ = []
+
+BLOCK = 1024  # elements per program of the elementwise kernels
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _op(name: str):
+    """Registers fn as the op fusedact_triton::name (see the module's docstring)."""
+    def register(fn):
+        if not INTERPRET:
+            return triton_op(f"fusedact_triton::{name}", fn, mutates_args=())
+        op = custom_op(f"fusedact_triton::{name}", fn, mutates_args=())
+        op.register_fake(fn)
+        return op
+    return register
+
+
+def _launch(kernel, grid, *args, **meta) -> None:
+    if not INTERPRET:
+        wrap_triton(kernel)[grid](*args, **meta)
+    elif not any(isinstance(a, FakeTensor) for a in args):  # a fake run only wants the outputs
+        kernel[grid](*args, **meta)
+
+
+def _is_dense(x: torch.Tensor) -> bool:
+    """x's elements fill one block of memory (in some order of its dimensions)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _dense(x: torch.Tensor) -> torch.Tensor:
+    """x itself when dense, else a dense copy in the memory format x suggests."""
+    if _is_dense(x):
+        return x
+    out = torch.empty_like(x)
+    out.copy_(x)
+    return out
+
+
+def _with_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """t with ref's strides, so that both can be walked flat together."""
+    if t.stride() == ref.stride():
+        return t
+    out = torch.empty_like(ref)
+    out.copy_(t)
+    return out
+
+
+def _opmath_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _beta_hi_lo(beta: float) -> tuple[float, float]:
+    """A Python float as two float32s: hi is its float32 value, hi + lo its value to 48
+    bits, which the float64 kernels rebuild (Triton passes float arguments as float32)."""
+    hi = struct.unpack("f", struct.pack("f", beta))[0]
+    lo = struct.unpack("f", struct.pack("f", beta - hi))[0]
+    return hi, lo
+
+
+def _grid(n: int, block: int = BLOCK):
+    return (triton.cdiv(n, block),)
+
+
+def _sum_partials(partial: torch.Tensor, B: int, M: int, K: int) -> torch.Tensor:
+    """out[b][k] = sum over m of partial[b][m][k], in a fixed order."""
+    out = partial.new_empty((B, K))
+    block_k = min(128, triton.next_power_of_2(K))
+    k_blocks = triton.cdiv(K, block_k)
+    _launch(k._sum_partials_kernel, (B * k_blocks,),
+        partial, out, M, K, k_blocks, BLOCK_M=64, BLOCK_K=block_k)
+    return out
+
+
+# ---- swish
+
+
+@_op("swish_forward")
+def swish_forward(x: torch.Tensor, beta: float, beta_tensor: Optional[torch.Tensor]) -> torch.Tensor:
+    check_x("fusedact.swish", x)
+    if beta_tensor is not None:
+        check_swish_beta("fusedact.swish", beta_tensor, x)
+    x = _dense(x)
+    y = torch.empty_like(x)
+    n = x.numel()
+    if n:
+        hi, lo = _beta_hi_lo(beta)
+        bt = beta_tensor if beta_tensor is not None else x
+        _launch(k._swish_fwd_kernel, _grid(n),
+            x, y, bt, hi, lo, n, HAS_BETA_TENSOR=beta_tensor is not None, BLOCK=BLOCK)
+    return y
+
+
+@_op("swish_backward")
+def swish_backward(grad: torch.Tensor, x: torch.Tensor, beta: float,
+                   beta_tensor: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    check_x("fusedact.swish_backward", x)
+    check_grad("fusedact.swish_backward", grad, x)
+    if beta_tensor is not None:
+        check_swish_beta("fusedact.swish_backward", beta_tensor, x)
+    x = _dense(x)
+    g = _with_layout_of(grad, x)
+    dx = torch.empty_like(x)
+    n = x.numel()
+    programs = triton.cdiv(n, BLOCK)
+    has_bt = beta_tensor is not None
+    partial = x.new_empty((programs if has_bt else 0,), dtype=_opmath_dtype(x))
+    if n:
+        hi, lo = _beta_hi_lo(beta)
+        _launch(k._swish_bwd_kernel, (programs,),
+            g, x, dx, beta_tensor if has_bt else x, hi, lo, partial, n,
+            HAS_BETA_TENSOR=has_bt, BLOCK=BLOCK)
+    if not has_bt:
+        return dx, x.new_empty((0,))
+    if n == 0:
+        return dx, torch.zeros_like(beta_tensor)
+    dbeta = _sum_partials(partial, 1, programs, 1)
+    return dx, dbeta.reshape(beta_tensor.shape).to(beta_tensor.dtype)
+
+
+# ---- mish and hard_swish
+
+
+def _unary(name: str, fwd_kernel, bwd_kernel) -> None:
+    @_op(f"{name}_forward")
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        check_x(f"fusedact.{name}", x)
+        x = _dense(x)
+        y = torch.empty_like(x)
+        n = x.numel()
+        if n:
+            _launch(fwd_kernel, _grid(n), x, y, n, BLOCK=BLOCK)
+        return y
+
+    @_op(f"{name}_backward")
+    def backward(grad: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        check_x(f"fusedact.{name}_backward", x)
+        check_grad(f"fusedact.{name}_backward", grad, x)
+        x = _dense(x)
+        g = _with_layout_of(grad, x)
+        dx = torch.empty_like(x)
+        n = x.numel()
+        if n:
+            _launch(bwd_kernel, _grid(n), g, x, dx, n, BLOCK=BLOCK)
+        return dx
+
+
+_unary("mish", k._mish_fwd_kernel, k._mish_bwd_kernel)
+_unary("hard_swish", k._hard_swish_fwd_kernel, k._hard_swish_bwd_kernel)
+
+
+# ---- acon_c
+
+
+def _acon_geometry(op, x, p1, p2, beta, channel_dim):
+    """Checks; returns (dense x, N, R, C, inner, per_sample) as csrc/channel_layout.h."""
+    cd, per_sample = check_acon_args(op, x, p1, p2, beta, channel_dim)
+    # per-sample beta needs each sample to be one block: dim 0 outermost
+    N = x.shape[0] if per_sample else 1
+    xd = _dense(x)
+    n = xd.numel()
+    if N > 1 and n > 0 and xd.stride(0) * N != n:
+        xd = x.contiguous()
+    C = x.shape[cd]
+    if n == 0:
+        return xd, N, 0, C, 1, per_sample
+    inner = xd.stride(cd) if C > 1 else n // N
+    R = n // (N * C * inner)
+    return xd, N, R, C, inner, per_sample
+
+
+@_op("acon_c_forward")
+def acon_c_forward(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor,
+                   channel_dim: int) -> torch.Tensor:
+    xd, N, R, C, inner, per_sample = _acon_geometry("fusedact.acon_c", x, p1, p2, beta, channel_dim)
+    y = torch.empty_like(xd)
+    n = xd.numel()
+    if n:
+        _launch(k._acon_c_fwd_kernel, _grid(n),
+            xd, y, p1.contiguous(), p2.contiguous(), beta.contiguous(), n, inner, C, R * C * inner,
+            BETA_PER_SAMPLE=per_sample, BLOCK=BLOCK)
+    return y
+
+
+@_op("acon_c_backward")
+def acon_c_backward(grad: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
+                    beta: torch.Tensor, channel_dim: int
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    op = "fusedact.acon_c_backward"
+    xd, N, R, C, inner, per_sample = _acon_geometry(op, x, p1, p2, beta, channel_dim)
+    check_grad(op, grad, x)
+    g = _with_layout_of(grad, xd)
+    dx = torch.empty_like(xd)
+    if xd.numel() == 0:
+        return dx, torch.zeros_like(p1), torch.zeros_like(p2), torch.zeros_like(beta)
+    params = (p1.contiguous(), p2.contiguous(), beta.contiguous())
+    acc = _opmath_dtype(xd)
+    if inner > 1:
+        # runs of `inner` elements, one channel each, cut into chunks of at most BLOCK
+        block = max(16, min(BLOCK, triton.next_power_of_2(inner)))
+        chunks = triton.cdiv(inner, block)
+        partial = xd.new_empty((N * C * R * chunks * 3,), dtype=acc)
+        _launch(k._acon_c_bwd_rows_kernel, (N * R * C * chunks,),
+            g, xd, dx, *params, partial, inner, C, R, chunks,
+            BETA_PER_SAMPLE=per_sample, BLOCK=block)
+        sums = _sum_partials(partial, N * C, R * chunks, 3)  # [N C][3]
+    else:
+        # rows of C channels: tiles of rows x channels, several tiles per program
+        block_c = min(64, triton.next_power_of_2(C))
+        rows = max(1, 2048 // block_c)
+        col_blocks = triton.cdiv(C, block_c)
+        row_blocks = triton.cdiv(R, rows)
+        partial = xd.new_empty((N * row_blocks * C * 3,), dtype=acc)
+        _launch(k._acon_c_bwd_channels_kernel, (N * row_blocks * col_blocks,),
+            g, xd, dx, *params, partial, C, R, row_blocks, col_blocks,
+            BETA_PER_SAMPLE=per_sample, ROWS=rows, BLOCK_C=block_c)
+        sums = _sum_partials(partial, N, row_blocks, C * 3)  # [N][C 3]
+    sums = sums.reshape(N, C, 3)
+    dbeta = sums[:, :, 2]
+    if N > 1:  # p1 and p2 are shared by the samples: add theirs up, in order
+        sums = _sum_partials(sums, 1, N, C * 3).reshape(1, C, 3)
+    grads = [sums[0, :, 0], sums[0, :, 1], dbeta]
+    # copies: an op's outputs may not alias one another
+    return (dx,) + tuple(gr.reshape(p.shape).to(p.dtype, copy=True) for gr, p in zip(grads, (p1, p2, beta)))

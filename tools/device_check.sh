@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Everything the GPU machine checks, in one call: build, the whole test suite with CUDA,
+# then (optional stages) the sanitizers and the benchmarks. Logs go to $OUT (or ./device-logs).
+#   bash tools/device_check.sh [stage ...]
+# stages: env build test crash probe bench (default: env build test)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-device-logs}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export FUSEDACT_CUDA=1 FUSEDACT_EXPECT_CUDA=1 MAX_JOBS=${MAX_JOBS:-16}
+PY=${PY:-python3}
+if [ -d .whl ]; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+fi
+stages=${*:-env build test}
+for s in $stages; do
+  echo "=== $s $(date -u +%FT%TZ)"
+  case $s in
+    env)
+      nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv | tee "$OUT/env.txt"
+      $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/env.txt" ;;
+    build)
+      $PY -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
+      $PY -c "import fusedact; print(fusedact.build_info())" ;;
+    test)
+      $PY -m pytest -q -n 12 -p no:cacheprovider -W ignore::RuntimeWarning tests 2>&1 | tee "$OUT/test.log" | tail -60 ;;
+    crash)  # where a failing argument check crashed (torch 2.11 there): a backtrace
+      cuda-gdb -batch -ex run -ex bt --args $PY -c "import torch, fusedact; x = torch.randn(2, 3); torch.ops.fusedact.mish_backward(torch.randn(3, 2), x)" 2>&1 | tail -40 | tee "$OUT/crash.log"
+      $PY -c "import torch; torch.ops.aten.mish_backward(torch.randn(3, 2), torch.randn(2, 3))" 2>&1 | tail -3 ;;
+    probe)
+      $PY tools/probe_gpu.py 2>&1 | tee "$OUT/probe.log" ;;
+    bench)
+      $PY benchmarks/bench.py --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log" | tail -c 9000
+      MPLBACKEND=Agg $PY benchmarks/plot.py "$OUT/bench.csv" --out "$OUT/plots" ;;
+    *) echo "unknown stage $s"; exit 2 ;;
+  esac
+done
