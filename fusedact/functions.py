@@ -4,6 +4,14 @@ Each forward saves its inputs only (x and the parameters) and each backward call
 fused backward op, which recomputes what it needs: no intermediate tensor is kept
 alive between forward and backward.
 
+Second derivatives (``create_graph=True``, e.g. a gradient penalty): the first backward
+still runs the fused backward op, wrapped in ``FusedBackward``, a Function of
+(grad, x, params) whose own backward is the vector-Jacobian product of the eager
+reference's first derivatives, taken with ``torch.func`` (partial derivatives, so a
+parameter computed from x, as in Meta-ACON, is handled) and differentiable again, so
+every higher order works too. Without ``create_graph`` the plain op runs and nothing
+more is recorded.
+
 The same Functions serve every backend whose ops have the native schemas
 (torch.ops.fusedact for the C++/CUDA kernels, torch.ops.fusedact_triton for Triton):
 ``make_functions(ops)`` builds them over one such op namespace.
@@ -11,8 +19,49 @@ The same Functions serve every backend whose ops have the native schemas
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
+
+from . import reference
+
+
+def _reference_second_order(ref: Callable, grad: torch.Tensor, primals: tuple, cotangents: tuple) -> tuple:
+    """The VJP, at ``cotangents``, of first(grad, *primals) = the VJP of ``ref`` at
+    ``primals`` with ``grad``: the gradients of (grad, *primals) in a double backward."""
+
+    def first(g, *p):
+        _, vjp = torch.func.vjp(ref, *p)
+        return vjp(g)
+
+    _, vjp = torch.func.vjp(first, grad, *primals)
+    return vjp(tuple(cotangents))
+
+
+class FusedBackward(torch.autograd.Function):
+    """``fused(grad, x, *params) -> (dx, *dparams)`` as a differentiable function:
+    forward runs the fused op; backward (the second derivative) follows ``ref(x, *params)``,
+    the eager reference of the same forward."""
+
+    @staticmethod
+    def forward(ctx, fused, ref, grad, x, *params):
+        ctx.ref = ref
+        ctx.save_for_backward(grad, x, *params)
+        return tuple(fused(grad, x, *params))
+
+    @staticmethod
+    def backward(ctx, *cotangents):
+        grad, x, *params = ctx.saved_tensors
+        return (None, None, *_reference_second_order(ctx.ref, grad, (x, *params), cotangents))
+
+
+def _first_backward(fused: Callable, ref: Callable, grad: torch.Tensor, x: torch.Tensor, *params) -> tuple:
+    """(dx, *dparams) from the fused op; recorded for a second derivative only when the
+    backward itself is differentiated (grad mode is on in a backward only with
+    create_graph=True)."""
+    if torch.is_grad_enabled():
+        return FusedBackward.apply(fused, ref, grad, x, *params)
+    return tuple(fused(grad, x, *params))
 
 
 def make_functions(ops, prefix: str = "") -> SimpleNamespace:
@@ -28,11 +77,21 @@ def make_functions(ops, prefix: str = "") -> SimpleNamespace:
         @staticmethod
         def backward(ctx, grad):
             x, beta_tensor = ctx.saved_tensors
-            dx, dbeta = ops.swish_backward(grad, x, ctx.beta, beta_tensor)
-            return dx, None, (dbeta if beta_tensor is not None else None)
+            beta = ctx.beta
+            if beta_tensor is None:
+                (dx,) = _first_backward(lambda g, x: ops.swish_backward(g, x, beta, None)[:1],
+                                        lambda x: reference.swish(x, beta), grad, x)
+                return dx, None, None
+            dx, dbeta = _first_backward(lambda g, x, b: ops.swish_backward(g, x, beta, b),
+                                        reference.swish, grad, x, beta_tensor)
+            return dx, None, dbeta
 
     def unary(name: str):
         forward_op, backward_op = getattr(ops, f"{name}_forward"), getattr(ops, f"{name}_backward")
+        ref = getattr(reference, name)
+
+        def fused(g, x):
+            return (backward_op(g, x),)
 
         class UnaryFunction(torch.autograd.Function):
             @staticmethod
@@ -43,7 +102,8 @@ def make_functions(ops, prefix: str = "") -> SimpleNamespace:
             @staticmethod
             def backward(ctx, grad):
                 (x,) = ctx.saved_tensors
-                return backward_op(grad, x)
+                (dx,) = _first_backward(fused, ref, grad, x)
+                return dx
 
         return UnaryFunction
 
@@ -62,7 +122,11 @@ def make_functions(ops, prefix: str = "") -> SimpleNamespace:
         @staticmethod
         def backward(ctx, grad):
             x, p1, p2, beta = ctx.saved_tensors
-            dx, dp1, dp2, dbeta = ops.acon_c_backward(grad, x, p1, p2, beta, ctx.channel_dim)
+            cd = ctx.channel_dim
+            dx, dp1, dp2, dbeta = _first_backward(
+                lambda g, x, p1, p2, b: ops.acon_c_backward(g, x, p1, p2, b, cd),
+                lambda x, p1, p2, b: reference.acon_c(x, p1, p2, b, channel_dim=cd),
+                grad, x, p1, p2, beta)
             return dx, dp1, dp2, dbeta, None
 
     classes = (SwishFunction, MishFunction, HardSwishFunction, AconCFunction)

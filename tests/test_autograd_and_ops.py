@@ -37,12 +37,10 @@ GRADCHECK_CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_gradcheck(device, case, backend):
+def gradcheck_case(case, device, backend, shape4=(2, 3, 4, 5), shape3=(3, 4, 5)):
+    """(fn, inputs) for one GRADCHECK_CASES row: float64, off the kinks."""
     name, op, layout, channel_dim, per_sample, module_layout = case
-    shape = (2, 3, 4, 5) if channel_dim == 1 else (3, 4, 5)
+    shape = shape4 if channel_dim == 1 else shape3
     x = make_layout(away_from_kinks(rand_x(shape, torch.float64, device, scale=2.0)), layout)
     params = make_params(op, x, channel_dim=channel_dim, per_sample=per_sample,
                          module_layout=module_layout, learnable_beta=(name != "swish-float-beta"))
@@ -54,7 +52,87 @@ def test_gradcheck(device, case, backend):
         fn = lambda *a: fusedact.acon_c(*a, channel_dim=channel_dim, backend=backend)  # noqa: E731
     else:
         fn = lambda x: getattr(fusedact, op)(x, backend=backend)  # noqa: E731
-    assert torch.autograd.gradcheck(fn, tuple(inputs), eps=1e-6, atol=1e-5, rtol=1e-3)
+    return fn, tuple(inputs)
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_gradcheck(device, case, backend):
+    fn, inputs = gradcheck_case(case, device, backend)
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_gradgradcheck(device, case, backend):
+    """Second derivatives of every op and parameter: the analytic double backward against
+    finite differences of the fused first backward (which it differentiates)."""
+    fn, inputs = gradcheck_case(case, device, backend, shape4=(2, 3, 2, 3), shape3=(3, 2, 3))
+    assert torch.autograd.gradgradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("op", ["swish", "mish", "hard_swish", "acon_c"])
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_first_backward_stays_fused_under_create_graph(op, device, backend):
+    """With create_graph=True the first-order gradients are the fused backward op's
+    output, bit for bit; without it, they carry no graph."""
+    x = rand_x((2, 4, 5, 3), torch.float32, device).requires_grad_()
+    params = [p.requires_grad_() for p in make_params(op, x, per_sample=(op == "acon_c"))]
+    g = rand_x(x.shape, torch.float32, device, seed=5)
+    y = getattr(fusedact, op)(x, *params, backend=backend)
+    graphed = torch.autograd.grad(y, [x] + params, g, create_graph=True)
+    plain = torch.autograd.grad(y, [x] + params, g)
+    ops = ops_of(backend)
+    detached = [p.detach() for p in params]
+    if op == "swish":
+        direct = ops.swish_backward(g, x.detach(), 1.0, *detached)
+    elif op == "acon_c":
+        direct = ops.acon_c_backward(g, x.detach(), *detached, 1)
+    else:
+        direct = getattr(ops, f"{op}_backward")(g, x.detach())
+    direct = [direct] if isinstance(direct, torch.Tensor) else list(direct)
+    for a, b, c in zip(graphed, plain, direct):
+        assert torch.equal(a, c) and torch.equal(b, c)
+        assert a.requires_grad and not b.requires_grad
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_gradient_penalty_matches_eager(device, backend):
+    """A WGAN-GP-style penalty, ||d out / d x||^2, trained through: its parameter
+    gradients (second derivatives through every module) match the eager modules'."""
+    torch.manual_seed(0)
+    from torch import nn
+
+    def model(b):
+        return nn.Sequential(
+            nn.Conv2d(3, 8, 3, padding=1), fusedact.nn.AconC(8, backend=b), nn.Conv2d(8, 8, 3, padding=1),
+            fusedact.nn.MetaAconC(8, r=4, backend=b), fusedact.nn.Swish(1.3, learnable=True, backend=b),
+            fusedact.nn.Mish(backend=b), fusedact.nn.HardSwish(backend=b), nn.Conv2d(8, 1, 3),
+        ).double().to(device)
+
+    fused, eager = model(backend), model("eager")
+    eager.load_state_dict(fused.state_dict())
+    x = rand_x((4, 3, 6, 6), torch.float64, device, scale=1.0)
+    grads = []
+    for m in (fused, eager):
+        xi = x.clone().requires_grad_()
+        (dx,) = torch.autograd.grad(m(xi).sum(), xi, create_graph=True)
+        penalty = (dx.flatten(1).norm(dim=1) - 1).pow(2).mean()
+        # the last bias does not reach dx: its gradient is None for both
+        grads.append(torch.autograd.grad(penalty, list(m.parameters()), allow_unused=True))
+    assert sum(a is not None for a in grads[0]) == len(grads[0]) - 1
+    for (name, _), a, b in zip(fused.named_parameters(), *grads):
+        if a is None or b is None:
+            assert a is None and b is None, name
+            continue
+        # float64 throughout: each op is within a few eps64 (2.2e-16) of the reference, and
+        # a few layers of convolutions amplify that by far less than the 1e7 this allows;
+        # a wrong second-derivative term is off by O(1).
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
 
 
 def _op_samples(device, ops):
