@@ -40,8 +40,17 @@ def _functions(backend: str):
 # ---- argument checks (the same rules and messages as csrc/checks.h, channel_layout.h)
 
 
+def _check(cond, message) -> None:
+    """torch._check's RuntimeError, with the message built only on failure. Under
+    torch.compile (the eager backend) a passing check is a guard, never a graph break:
+    Dynamo cannot trace torch._check's message closures over tensors' dtypes and shapes."""
+    if not cond:
+        raise RuntimeError(message())
+
+
+
 def check_x(op: str, x: torch.Tensor) -> None:
-    torch._check(
+    _check(
         x.dtype in FLOAT_DTYPES,
         lambda: f"{op}: x must be a floating-point tensor (float32, float64, float16 or "
         f"bfloat16), got {x.dtype}",
@@ -49,13 +58,13 @@ def check_x(op: str, x: torch.Tensor) -> None:
 
 
 def check_param(op: str, name: str, p: torch.Tensor, x: torch.Tensor) -> None:
-    torch._check(
+    _check(
         p.device == x.device,
         lambda: f"{op}: {name} is on {p.device} but x is on {x.device}; all tensors must be "
         "on one device",
     )
     half_x = x.dtype in (torch.float16, torch.bfloat16)
-    torch._check(
+    _check(
         p.dtype == x.dtype or (half_x and p.dtype == torch.float32),
         lambda: f"{op}: {name} has dtype {p.dtype} but x has dtype {x.dtype}; parameters "
         "must have x's dtype, or float32 when x is float16 or bfloat16",
@@ -63,14 +72,14 @@ def check_param(op: str, name: str, p: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def check_grad(op: str, grad: torch.Tensor, x: torch.Tensor) -> None:
-    torch._check(grad.shape == x.shape, lambda: f"{op}: grad has shape {tuple(grad.shape)} but x has shape {tuple(x.shape)}")
-    torch._check(grad.dtype == x.dtype, lambda: f"{op}: grad has dtype {grad.dtype} but x has dtype {x.dtype}")
-    torch._check(grad.device == x.device, lambda: f"{op}: grad is on {grad.device} but x is on {x.device}")
+    _check(grad.shape == x.shape, lambda: f"{op}: grad has shape {tuple(grad.shape)} but x has shape {tuple(x.shape)}")
+    _check(grad.dtype == x.dtype, lambda: f"{op}: grad has dtype {grad.dtype} but x has dtype {x.dtype}")
+    _check(grad.device == x.device, lambda: f"{op}: grad is on {grad.device} but x is on {x.device}")
 
 
 def check_swish_beta(op: str, beta: torch.Tensor, x: torch.Tensor) -> None:
     check_param(op, "beta", beta, x)
-    torch._check(
+    _check(
         beta.numel() == 1,
         lambda: f"{op}: beta must be a float or a tensor with one element, got shape {tuple(beta.shape)}",
     )
@@ -97,33 +106,33 @@ def _is_sample_shape(b: torch.Tensor, x: torch.Tensor, cd: int) -> bool:
 def check_acon_args(op, x, p1, p2, beta, channel_dim) -> tuple[int, bool]:
     """Checks acon_c's arguments; returns (channel_dim >= 0, beta is per sample)."""
     check_x(op, x)
-    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least one dimension (the channels)")
-    torch._check(
+    _check(x.dim() >= 1, lambda: f"{op}: x must have at least one dimension (the channels)")
+    _check(
         -x.dim() <= channel_dim < x.dim(),
         lambda: f"{op}: channel_dim {channel_dim} is out of range for x with {x.dim()} dimensions",
     )
     cd = channel_dim % x.dim()
     C = x.shape[cd]
     for name, p in (("p1", p1), ("p2", p2), ("beta", beta)):
-        torch._check(
+        _check(
             p.dtype in FLOAT_DTYPES,
             lambda: f"{op}: {name} must be a floating-point tensor (float32, float64, float16 "
             f"or bfloat16), got {p.dtype}",
         )
         check_param(op, name, p, x)
-    torch._check(
+    _check(
         p1.dtype == p2.dtype == beta.dtype,
         lambda: f"{op}: p1, p2 and beta must share one dtype, got {p1.dtype}, {p2.dtype} and {beta.dtype}",
     )
     for name, p in (("p1", p1), ("p2", p2)):
-        torch._check(
+        _check(
             _is_channel_shape(p, x, cd),
             lambda: f"{op}: {name} must have C = {C} elements (x.shape[{cd}]), shape (C,) or "
             f"x.dim() dimensions that are 1 except at channel_dim; got shape {tuple(p.shape)}",
         )
     per_sample = not _is_channel_shape(beta, x, cd)
     if per_sample:
-        torch._check(
+        _check(
             _is_sample_shape(beta, x, cd),
             lambda: f"{op}: beta must have C = {C} elements (shape (C,) or 1 except at "
             "channel_dim) or N*C elements for per-sample beta (shape (N, C) or N at dim 0, C "
