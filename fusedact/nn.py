@@ -97,6 +97,9 @@ class MetaAconC(nn.Module):
         pooled = x.mean(dim=spatial, keepdim=True) if spatial else x
         pooled = pooled.reshape(x.shape[0], x.shape[1], 1, 1)
         beta = torch.sigmoid(self.fc2(self.fc1(pooled.to(self.fc1.weight.dtype))))
+        # Under autocast fc2 gives float16/bfloat16 while p1, p2 stay float32: beta takes
+        # the parameters' dtype, which acon_c needs for all three.
+        beta = beta.to(self.p1.dtype)
         return F.acon_c(
             x, _per_channel(self.p1), _per_channel(self.p2), beta.reshape(x.shape[0], x.shape[1]),
             channel_dim=1, backend=self.backend,
