@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH ?= torch==2.14.1
+# timm (for the conversion tests) needs torchvision: the release that pairs with TORCH.
+TORCHVISION ?= torchvision==0.29.1
 
 # torch guesses CUDA_HOME from the nvcc on PATH, which may be a wrapper outside the toolkit.
 export CUDA_HOME ?= /usr/local/cuda
@@ -17,7 +19,8 @@ venv: $(VENV)/.ready
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q "$(TORCH)" ninja pybind11 pytest pytest-xdist numpy expecttest setuptools wheel matplotlib
+	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" ninja pybind11 pytest pytest-xdist numpy expecttest \
+		setuptools wheel matplotlib timm scikit-learn
 	touch $@
 
 # --no-build-isolation: build against the torch in the venv (torch is not a build

@@ -4,6 +4,7 @@
     y = fusedact.mish(x)                                  # functional
     act = fusedact.nn.AconC(64)                           # modules
     y = fusedact.acon_c(x, p1, p2, beta, channel_dim=1)   # ACON-C / Meta-ACON
+    model = fusedact.convert(model)                       # SiLU, Mish, Hardswish, ACON -> fused
 """
 import torch
 
@@ -12,10 +13,11 @@ from . import _ops  # noqa: F401  (fakes for torch.compile)
 from . import nn, reference
 from ._build_config import CUDA_ARCH_LIST as _CUDA_ARCH_LIST
 from ._build_config import VERSION as __version__
+from .conversion import convert
 from .functional import BACKENDS, acon_c, hard_swish, mish, swish
 from . import triton  # noqa: E402  (after functional; never fails without triton)
 
-__all__ = ["swish", "mish", "hard_swish", "acon_c", "nn", "reference", "build_info", "BACKENDS"]
+__all__ = ["swish", "mish", "hard_swish", "acon_c", "convert", "nn", "reference", "build_info", "BACKENDS"]
 
 
 def build_info() -> dict:

@@ -80,27 +80,46 @@ class AconC(nn.Module):
 
 class MetaAconC(nn.Module):
     """Meta-ACON: beta = sigmoid(fc2(fc1(mean of x over the spatial dims))) per sample
-    and channel, fc1 and fc2 1x1 convolutions of width max(r, C // r). No BatchNorm
-    between them (it fails at batch size 1). x is (N, C, *spatial)."""
+    and channel, fc1 and fc2 1x1 convolutions of width max(r, C // r). x is
+    (N, C, *spatial).
 
-    def __init__(self, channels: int, r: int = 16, *, backend: str | None = None):
+    ``bn=True`` puts a BatchNorm after each convolution, as the ACON paper's code does;
+    the default leaves them out, as YOLOv5 does (BatchNorm there fails at batch size 1).
+    The spatial mean is taken one dimension at a time, as both codes do, so a module
+    converted from theirs (``fusedact.convert``) computes the same beta bit for bit.
+    The 1x1 convolutions may be Conv1d (x of shape (N, C, L)) where a converted module
+    had them."""
+
+    def __init__(self, channels: int, r: int = 16, *, bn: bool = False, backend: str | None = None):
         super().__init__()
         hidden = max(r, channels // r)
         self.backend = backend
         self.p1 = nn.Parameter(torch.randn(1, channels, 1, 1))
         self.p2 = nn.Parameter(torch.randn(1, channels, 1, 1))
         self.fc1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(hidden) if bn else None
         self.fc2 = nn.Conv2d(hidden, channels, kernel_size=1, bias=True)
+        self.bn2 = nn.BatchNorm2d(channels) if bn else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spatial = tuple(range(2, x.dim()))
-        pooled = x.mean(dim=spatial, keepdim=True) if spatial else x
-        pooled = pooled.reshape(x.shape[0], x.shape[1], 1, 1)
-        beta = torch.sigmoid(self.fc2(self.fc1(pooled.to(self.fc1.weight.dtype))))
+        N, C = x.shape[0], x.shape[1]
+        pooled = x
+        for d in range(2, x.dim()):
+            pooled = pooled.mean(dim=d, keepdim=True)
+        conv_dims = self.fc1.weight.dim() - 2  # 2 for Conv2d, 1 for Conv1d
+        h = self.fc1(pooled.reshape(N, C, *([1] * conv_dims)).to(self.fc1.weight.dtype))
+        if self.bn1 is not None:
+            h = self.bn1(h)
+        h = self.fc2(h)
+        if self.bn2 is not None:
+            h = self.bn2(h)
         # Under autocast fc2 gives float16/bfloat16 while p1, p2 stay float32: beta takes
         # the parameters' dtype, which acon_c needs for all three.
-        beta = beta.to(self.p1.dtype)
+        beta = torch.sigmoid(h).to(self.p1.dtype)
         return F.acon_c(
-            x, _per_channel(self.p1), _per_channel(self.p2), beta.reshape(x.shape[0], x.shape[1]),
+            x, _per_channel(self.p1), _per_channel(self.p2), beta.reshape(N, C),
             channel_dim=1, backend=self.backend,
         )
+
+    def extra_repr(self) -> str:
+        return f"channels={self.p1.numel()}, hidden={self.fc1.out_channels}, bn={self.bn1 is not None}"

@@ -1,0 +1,179 @@
+"""fusedact.convert: swap a model's activation modules for fusedact's, in place.
+
+What is replaced, and by what:
+- ``torch.nn.SiLU`` -> ``fusedact.nn.Swish()`` (beta = 1), ``torch.nn.Mish`` ->
+  ``Mish``, ``torch.nn.Hardswish`` -> ``HardSwish``; timm's own ``Swish``, ``Mish``,
+  ``HardSwish`` and their ``...Me`` variants likewise. Exact classes only: a subclass
+  may compute something else.
+- ACON-C modules (the ACON paper's and YOLOv5's ``AconC``): a class whose name contains
+  "acon", with exactly the parameters ``p1``, ``p2`` and ``beta``, all of one shape with
+  C elements along a single axis: (1, C, 1, 1) for NCHW, (1, 1, C) for (N, L, C) input.
+  -> ``fusedact.nn.AconC`` over the same Parameter objects.
+- Meta-ACON modules (their ``MetaAconC``): a class whose name contains "acon", with
+  exactly the parameters ``p1`` and ``p2`` of shape (1, C, 1, ...), 1x1 convolutions
+  ``fc1`` and ``fc2`` (Conv1d or Conv2d), optionally BatchNorms ``bn1`` and ``bn2``,
+  and no other child with parameters (an ``nn.Sigmoid`` is fine). -> ``fusedact.nn.MetaAconC``
+  over the same p1, p2 and the same fc1, bn1, fc2, bn2 modules:
+  beta = sigmoid(bn2(fc2(bn1(fc1(spatial mean of x))))).
+
+A module whose class name contains "acon" and which has a parameter p1 or p2 but not
+one of these shapes is left as it is, with a warning. Parameters are the same objects after conversion, so
+an optimizer built before it still holds them, and state_dict keys do not change.
+In-place activations (``inplace=True``) become out-of-place ones: the output is the
+same tensor values; only code that reads the input after the call would see a
+difference. Hooks registered on a replaced module are not carried over.
+"""
+from __future__ import annotations
+
+import warnings
+
+from torch import nn
+
+from . import nn as fnn
+from .functional import _backend
+
+__all__ = ["convert"]
+
+# (module, class name) of the plain activations, by what replaces them
+_PLAIN = {
+    ("torch.nn.modules.activation", "SiLU"): fnn.Swish,
+    ("timm.layers.activations", "Swish"): fnn.Swish,
+    ("timm.layers.activations_me", "SwishMe"): fnn.Swish,
+    ("torch.nn.modules.activation", "Mish"): fnn.Mish,
+    ("timm.layers.activations", "Mish"): fnn.Mish,
+    ("timm.layers.activations_me", "MishMe"): fnn.Mish,
+    ("torch.nn.modules.activation", "Hardswish"): fnn.HardSwish,
+    ("timm.layers.activations", "HardSwish"): fnn.HardSwish,
+    ("timm.layers.activations_me", "HardSwishMe"): fnn.HardSwish,
+}
+_FUSEDACT = (fnn.Swish, fnn.Mish, fnn.HardSwish, fnn.AconC, fnn.MetaAconC)
+
+
+def _channel_axis(shape) -> int | None:
+    """The one axis of a parameter shape that is not 1 (1 when every axis is 1)."""
+    axes = [d for d, n in enumerate(shape) if n != 1]
+    if len(axes) > 1 or not shape:
+        return None
+    return axes[0] if axes else min(1, len(shape) - 1)
+
+
+def _own_params(m: nn.Module) -> dict:
+    return dict(m.named_parameters(recurse=False))
+
+
+def _as_acon_c(m: nn.Module, backend) -> nn.Module | str:
+    params = _own_params(m)
+    p1, p2, beta = params["p1"], params["p2"], params["beta"]
+    if not (p1.shape == p2.shape == beta.shape):
+        return f"p1, p2 and beta have different shapes ({tuple(p1.shape)}, {tuple(p2.shape)}, {tuple(beta.shape)})"
+    axis = _channel_axis(p1.shape)
+    if axis is None:
+        return f"its parameters' shape {tuple(p1.shape)} has more than one axis that is not 1"
+    if any(any(True for _ in c.parameters()) for c in m.children()):
+        return "it has child modules with parameters"
+    channel_dim = 1 if axis == 1 else axis - p1.dim()  # (1, 1, C): the last axis of x
+    return _adopt(fnn.AconC(p1.numel(), channel_dim=channel_dim, backend=backend), m, ("p1", "p2", "beta"))
+
+
+def _adopt(new: nn.Module, old: nn.Module, names) -> nn.Module:
+    """new with old's parameters and child modules of these names (the same objects), in
+    old's registration order: model.parameters() keeps its order, which an optimizer
+    state_dict loaded by position depends on."""
+    for name in names:
+        if hasattr(new, name):
+            delattr(new, name)
+    for registry in (old._parameters, old._modules):
+        for name, value in registry.items():
+            if name in names:
+                setattr(new, name, value)
+    for name in names:
+        if not hasattr(new, name):  # bn1, bn2 that old does not have
+            setattr(new, name, None)
+    return new
+
+
+def _is_1x1_conv(c) -> bool:
+    return isinstance(c, (nn.Conv1d, nn.Conv2d)) and all(k == 1 for k in c.kernel_size) and c.groups == 1
+
+
+def _as_meta_acon_c(m: nn.Module, backend) -> nn.Module | str:
+    params = _own_params(m)
+    p1, p2 = params["p1"], params["p2"]
+    children = dict(m.named_children())
+    if p1.shape != p2.shape or _channel_axis(p1.shape) != 1:
+        return f"p1 and p2 must share a shape (1, C, 1, ...), got {tuple(p1.shape)} and {tuple(p2.shape)}"
+    fc1, fc2 = children.get("fc1"), children.get("fc2")
+    if not (_is_1x1_conv(fc1) and _is_1x1_conv(fc2) and type(fc1) is type(fc2)):
+        return "fc1 and fc2 are not 1x1 convolutions of one kind"
+    bns = {name: children.get(name) for name in ("bn1", "bn2")}
+    if any(bn is not None and not isinstance(bn, nn.modules.batchnorm._BatchNorm) for bn in bns.values()):
+        return "bn1 or bn2 is not a BatchNorm"
+    others = [name for name, c in children.items()
+              if name not in ("fc1", "fc2", "bn1", "bn2") and any(True for _ in c.parameters())]
+    if others:
+        return f"it has other child modules with parameters: {others}"
+    C = p1.numel()
+    if fc1.in_channels != C or fc2.out_channels != C:
+        return f"fc1/fc2 do not map {C} channels to {C}"
+    return _adopt(fnn.MetaAconC(C, backend=backend), m, ("p1", "p2", "fc1", "bn1", "fc2", "bn2"))
+
+
+def _replacement(m: nn.Module, backend) -> nn.Module | None:
+    """What replaces m, or None to keep it (and look inside it)."""
+    t = type(m)
+    plain = _PLAIN.get((t.__module__, t.__name__))
+    if plain is not None:
+        return plain(backend=backend)
+    if "acon" not in t.__name__.lower() or isinstance(m, _FUSEDACT):
+        return None
+    names = set(_own_params(m))
+    if not names & {"p1", "p2"}:
+        return None  # a container named so (an "AconNet"): look inside
+    if names == {"p1", "p2", "beta"}:
+        new = _as_acon_c(m, backend)
+    elif names == {"p1", "p2"}:
+        new = _as_meta_acon_c(m, backend)
+    else:
+        new = f"its parameters are {sorted(names)}, not p1, p2, beta (ACON-C) or p1, p2 with fc1, fc2 (Meta-ACON)"
+    if isinstance(new, str):
+        warnings.warn(f"fusedact.convert: left {t.__module__}.{t.__qualname__} as it is: {new}", stacklevel=3)
+        return None
+    return new.train(m.training)
+
+
+def convert(model: nn.Module, *, backend: str | None = None) -> nn.Module:
+    """Replaces, in place, every SiLU, Mish, Hardswish and ACON-C / Meta-ACON module in
+    ``model`` by its fusedact module (see this module's docstring for the exact rules),
+    keeping their parameters, and returns the model. ``backend`` is that of the new
+    modules, and is given to the fusedact modules already there when it is not None.
+
+    Only modules are converted: activations called as functions inside a forward
+    (``F.silu(x)``) stay as they are. When ``model`` itself is such a module, the
+    replacement is returned (and ``model`` is unchanged).
+    """
+    if backend is not None:
+        _backend(backend)  # a clear error for an unknown name, before anything changes
+    memo: dict[int, nn.Module] = {}  # a module shared in several places stays shared
+
+    def visit(m: nn.Module) -> nn.Module:
+        if id(m) in memo:
+            return memo[id(m)]
+        if isinstance(m, _FUSEDACT):
+            if backend is not None:
+                m.backend = backend
+            memo[id(m)] = m
+            return m
+        new = _replacement(m, backend)
+        if new is not None:
+            memo[id(m)] = new
+            return new
+        memo[id(m)] = m
+        for name, child in list(m._modules.items()):  # named_children() skips repeats
+            if child is None:
+                continue
+            replaced = visit(child)
+            if replaced is not child:
+                setattr(m, name, replaced)
+        return m
+
+    return visit(model)
