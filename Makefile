@@ -13,7 +13,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= $(shell nproc)
 
-.PHONY: venv build test bench clean
+.PHONY: venv build test bench example clean
 
 venv: $(VENV)/.ready
 
@@ -41,6 +41,10 @@ test: build
 # with one), its CSV under benchmarks/results/ and the plots beside it.
 bench: build
 	$(PY) benchmarks/bench.py --plot
+
+# The training example: fused and eager activations side by side on sklearn's digits.
+example: build
+	$(PY) examples/train_digits.py
 
 clean:
 	rm -rf build fusedact/_C*.so fusedact/_build_config.py *.egg-info $(VENV)/.built
