@@ -61,6 +61,10 @@ def _own_params(m: nn.Module) -> dict:
     return dict(m.named_parameters(recurse=False))
 
 
+def _has_params(m: nn.Module) -> bool:
+    return next(m.parameters(), None) is not None
+
+
 def _as_acon_c(m: nn.Module, backend) -> nn.Module | str:
     params = _own_params(m)
     p1, p2, beta = params["p1"], params["p2"], params["beta"]
@@ -69,7 +73,7 @@ def _as_acon_c(m: nn.Module, backend) -> nn.Module | str:
     axis = _channel_axis(p1.shape)
     if axis is None:
         return f"its parameters' shape {tuple(p1.shape)} has more than one axis that is not 1"
-    if any(any(True for _ in c.parameters()) for c in m.children()):
+    if any(_has_params(c) for c in m.children()):
         return "it has child modules with parameters"
     channel_dim = 1 if axis == 1 else axis - p1.dim()  # (1, 1, C): the last axis of x
     return _adopt(fnn.AconC(p1.numel(), channel_dim=channel_dim, backend=backend), m, ("p1", "p2", "beta"))
@@ -109,7 +113,7 @@ def _as_meta_acon_c(m: nn.Module, backend) -> nn.Module | str:
     if any(bn is not None and not isinstance(bn, nn.modules.batchnorm._BatchNorm) for bn in bns.values()):
         return "bn1 or bn2 is not a BatchNorm"
     others = [name for name, c in children.items()
-              if name not in ("fc1", "fc2", "bn1", "bn2") and any(True for _ in c.parameters())]
+              if name not in ("fc1", "fc2", "bn1", "bn2") and _has_params(c)]
     if others:
         return f"it has other child modules with parameters: {others}"
     C = p1.numel()
@@ -124,7 +128,7 @@ def _replacement(m: nn.Module, backend) -> nn.Module | None:
     plain = _PLAIN.get((t.__module__, t.__name__))
     if plain is not None:
         return plain(backend=backend)
-    if "acon" not in t.__name__.lower() or isinstance(m, _FUSEDACT):
+    if "acon" not in t.__name__.lower():
         return None
     names = set(_own_params(m))
     if not names & {"p1", "p2"}:

@@ -48,7 +48,6 @@ def _check(cond, message) -> None:
         raise RuntimeError(message())
 
 
-
 def check_x(op: str, x: torch.Tensor) -> None:
     _check(
         x.dtype in FLOAT_DTYPES,

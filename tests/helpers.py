@@ -152,3 +152,23 @@ def check_forward_backward(op, x, params, *, channel_dim=1, backend=None, seed=2
             err = (gp.double() - gp64).abs()
             assert bool((err <= tol + 1e-300).all()), f"param {k}: max error {err.max()} > tol {tol.max()}"
     return y, grads
+
+
+def outputs_and_grads(model, x, *, with_x=True, autocast_dtype=None):
+    """[output, dx (when with_x), d every parameter] of a model for a fixed cotangent (a
+    ramp from -1 to 1), the forward under torch.autocast when autocast_dtype is given."""
+    x = x.detach().clone().requires_grad_(with_x)
+    with torch.autocast(x.device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+        y = model(x)
+    g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64, device=y.device).reshape(y.shape).to(y.dtype)
+    return [y] + list(torch.autograd.grad(y, ([x] if with_x else []) + list(model.parameters()), g))
+
+
+def check_no_less_accurate(named, slack):
+    """For each (name, actual, baseline, truth64): the relative error (2-norm) of actual
+    against the float64 truth is at most twice the baseline's, plus ``slack``."""
+    for name, actual, baseline, truth in named:
+        scale = truth.norm().clamp_min(1e-30)
+        err = ((actual.double() - truth).norm() / scale).item()
+        err_baseline = ((baseline.double() - truth).norm() / scale).item()
+        assert err <= 2 * err_baseline + slack, f"{name}: relative error {err:.3g}, baseline's {err_baseline:.3g}"
