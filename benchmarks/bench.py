@@ -51,7 +51,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 FLOOR_ELEMENT_PASSES = {"forward": 2, "backward": 3, "forward+backward": 5}
 ACON_C = 64  # channels of the acon_c benchmark tensors: (N, 64, 32, 32) and friends
 
-CSV_FIELDS = ["date", "device", "torch", "cuda", "triton", "fusedact", "op", "dtype", "layout", "beta",
+CSV_FIELDS = ["date", "device", "torch", "cuda", "triton", "fusedact", "isa", "op", "dtype", "layout", "beta",
               "numel", "shape", "provider", "mode", "metric", "unit", "p50", "p20", "p80", "gbps",
               "pct_copy", "speedup_vs_eager", "speedup_vs_compile", "copy_gbps", "status"]
 
@@ -65,11 +65,14 @@ def eager_acon_c(x, p1, p2, beta):
     return dpx * torch.sigmoid(beta * dpx) + p2 * x
 
 
-def make_case(op, dtype, numel, layout, beta_kind, device):
+def make_case(op, dtype, numel, layout, beta_kind, device, shape=None):
     """x, the incoming gradient, parameters (as the eager module holds them) and the
-    shape; sizes are rounded to whole tensors of the op's shape."""
+    shape; sizes are rounded to whole tensors of the op's shape, unless `shape` is given
+    (NCHW: acon_c's channels are its dim 1)."""
     gen = torch.Generator().manual_seed(0)
-    if op == "acon_c":
+    if shape is not None:
+        shape = tuple(shape)
+    elif op == "acon_c":
         hw = 32 * 32
         n = max(1, numel // (ACON_C * hw))
         shape = (n, ACON_C, 32, 32)
@@ -84,8 +87,8 @@ def make_case(op, dtype, numel, layout, beta_kind, device):
     params = []
     if op == "acon_c":
         pdt = torch.float32  # parameters stay float32, as under autocast (SPEC.md)
-        pshape = (1, ACON_C, 1, 1)
-        bshape = (shape[0], ACON_C, 1, 1) if beta_kind == "sample" else pshape
+        pshape = (1, shape[1], 1, 1)
+        bshape = (shape[0], shape[1], 1, 1) if beta_kind == "sample" else pshape
         params = [torch.randn(pshape, generator=gen).to(pdt), torch.randn(pshape, generator=gen).to(pdt),
                   (1 + 0.5 * torch.randn(bshape, generator=gen)).to(pdt)]
         params = [p.to(device) for p in params]
@@ -228,7 +231,16 @@ def versions(device):
             pass
         name = f"cpu: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
     return {"date": datetime.date.today().isoformat(), "device": name, "torch": torch.__version__,
-            "cuda": torch.version.cuda or "", "triton": triton_v, "fusedact": fusedact.__version__}
+            "cuda": torch.version.cuda or "", "triton": triton_v, "fusedact": fusedact.__version__,
+            "isa": isa_line(device)}
+
+
+def isa_line(device):
+    """The CPU instruction set each side runs: ATen picks its kernels at run time
+    (ATEN_CPU_CAPABILITY overrides), fusedact its loops (FUSEDACT_CPU_ISA overrides)."""
+    if device == "cuda":
+        return ""
+    return f"torch {torch.backends.cpu.get_cpu_capability()}, fusedact {fusedact.build_info()['cpu_isa']}"
 
 
 def check(op, provider, x, g, params, f):
@@ -247,9 +259,9 @@ def check(op, provider, x, g, params, f):
     return ""
 
 
-def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, writer, rows, progress):
+def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, writer, rows, progress, shape=None):
     dtype = DTYPES[dtype_name]
-    x, g, params, shape = make_case(op, dtype, numel, layout, beta_kind, device)
+    x, g, params, shape = make_case(op, dtype, numel, layout, beta_kind, device, shape)
     n = x.numel()
     es = x.element_size()
     copy_ms = copy_time(n, dtype, device, args)[0]
@@ -328,7 +340,7 @@ def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, write
                     row["status"] = f"failed: {type(e).__name__}"
             writer.writerow(row)
             rows.append(row)
-    progress.step(f"{op} {dtype_name} {layout} {beta_kind} 2^{int(math.log2(max(n, 1)))}")
+    progress.step(f"{op} {dtype_name} {layout} {beta_kind} " + "x".join(map(str, shape)))
 
 
 def print_table(rows, out=sys.stdout):
@@ -366,6 +378,9 @@ def parse_args(argv=None):
     ap.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
     ap.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
     ap.add_argument("--sizes", nargs="+", type=int, default=None, help="log2 of the element counts")
+    ap.add_argument("--shapes", nargs="+", default=None,
+                    help="explicit NCHW shapes as well, e.g. 32x64x56x56 (acon_c's channels are dim 1)")
+    ap.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
     ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
     ap.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"],
@@ -382,7 +397,11 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     on_gpu = args.device == "cuda"
     if args.sizes is None:
-        args.sizes = ([16, 20, 24, 26] if not args.quick else [20, 26]) if on_gpu else ([16, 22] if not args.quick else [20])
+        args.sizes = ([16, 20, 24, 26] if not args.quick else [20, 26]) if on_gpu else ([12, 16, 20] if not args.quick else [20])
+    if args.shapes is None:
+        # the first stage of a ResNet/YOLO backbone at batch 32: the CPU's real-model case
+        args.shapes = [] if on_gpu else ["32x64x56x56"]
+    args.shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes]
     if args.dtypes is None:
         args.dtypes = ["float32", "bfloat16", "float16"] if (on_gpu and not args.quick) else ["float32", "bfloat16"]
     if args.betas is None:
@@ -393,28 +412,33 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     device = args.device
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     meta = versions(device)
-    slug = "".join(ch if ch.isalnum() else "-" for ch in meta["device"].lower()).strip("-")
+    slug = "".join(ch if ch.isalnum() else "-" for ch in (meta["device"] + " " + meta["isa"]).lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
-    csv_path = Path(args.csv) if args.csv else ROOT / "results" / f"{slug[:60]}.csv"
+    csv_path = Path(args.csv) if args.csv else ROOT / "results" / f"{slug[:90]}.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     cases = []
     for op in args.ops:
+        layouts = args.layouts if op == "acon_c" else ["contiguous"]
+        betas = args.betas if op == "acon_c" else ["-"]
         for dt in args.dtypes:
             for size in args.sizes:
-                layouts = args.layouts if op == "acon_c" else ["contiguous"]
-                betas = args.betas if op == "acon_c" else ["-"]
-                cases += [(op, dt, 1 << size, lay, b) for lay in layouts for b in betas]
+                cases += [(op, dt, 1 << size, lay, b, None) for lay in layouts for b in betas]
+            for shape in args.shapes:
+                cases += [(op, dt, math.prod(shape), lay, b, shape) for lay in layouts for b in betas]
     print(f"fusedact benchmark on {meta['device']}: torch {meta['torch']}, CUDA {meta['cuda'] or '-'}, "
-          f"triton {meta['triton'] or '-'}, fusedact {meta['fusedact']}; {len(cases)} cases", flush=True)
+          f"triton {meta['triton'] or '-'}, fusedact {meta['fusedact']}"
+          + (f"; instruction sets: {meta['isa']}" if meta["isa"] else "") + f"; {len(cases)} cases", flush=True)
     rows = []
     progress = Progress(len(cases))
     with open(csv_path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        for case in cases:
-            run_case(*case, args, device, meta, writer, rows, progress)
+        for *case, shape in cases:
+            run_case(*case, args, device, meta, writer, rows, progress, shape)
             fh.flush()
     print()
     print_table(rows)

@@ -25,6 +25,12 @@ def load(path):
         return [r for r in csv.DictReader(fh) if r["metric"] == "time" and r["status"] == "ok"]
 
 
+def where(rows) -> str:
+    """The device, and on the CPU the instruction sets both sides ran."""
+    isa = rows[0].get("isa") or ""
+    return rows[0]["device"] + (f"\n{isa}" if isa else "")
+
+
 def plot_sweeps(rows, out: Path) -> list[Path]:
     on_gpu = not rows[0]["device"].startswith("cpu")
     groups = defaultdict(list)
@@ -54,7 +60,7 @@ def plot_sweeps(rows, out: Path) -> list[Path]:
                 ax.set_ylabel("ns per element")
         axes[0].legend()
         extra = f", {layout}" + (f", beta per {beta}" if beta else "") if op == "acon_c" else ""
-        fig.suptitle(f"{op} {dtype}{extra} on {rows[0]['device']}")
+        fig.suptitle(f"{op} {dtype}{extra} on {where(rows)}")
         fig.tight_layout()
         name = f"{op}-{dtype}" + (f"-{layout}-{beta}" if op == "acon_c" else "") + ".png"
         fig.savefig(out / name, dpi=90)
@@ -63,11 +69,10 @@ def plot_sweeps(rows, out: Path) -> list[Path]:
     return written
 
 
-def plot_headline(rows, out: Path) -> Path:
+def plot_headline(rows, out: Path, numel: int, name: str) -> Path:
     """forward+backward speedup of native (and triton) over eager and torch.compile at
-    the largest size, per op and dtype."""
-    largest = max(int(r["numel"]) for r in rows)
-    sel = [r for r in rows if r["mode"] == "forward+backward" and int(r["numel"]) == largest
+    one size, per op and dtype."""
+    sel = [r for r in rows if r["mode"] == "forward+backward" and int(r["numel"]) == numel
            and r["provider"] in ("native", "triton") and (r["op"] != "acon_c" or (r["layout"], r["beta"]) in
                                                        (("contiguous", "channel"), ("", "")))]
     labels, vs_eager, vs_compile, provs = [], [], [], []
@@ -76,7 +81,7 @@ def plot_headline(rows, out: Path) -> Path:
         vs_eager.append(float(r["speedup_vs_eager"] or "nan"))
         vs_compile.append(float(r["speedup_vs_compile"] or "nan"))
         provs.append(r["provider"])
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(labels)), 4.4))
     xs = range(len(labels))
     ax.bar([x - 0.2 for x in xs], vs_eager, 0.4, label="vs eager")
     ax.bar([x + 0.2 for x in xs], vs_compile, 0.4, label="vs torch.compile")
@@ -84,13 +89,23 @@ def plot_headline(rows, out: Path) -> Path:
     ax.set_xticks(list(xs))
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("speedup (forward+backward)")
-    ax.set_title(f"fusedact at {largest} elements on {rows[0]['device']}")
+    shape = sel[0]["shape"] if sel else str(numel)
+    ax.set_title(f"fusedact at {numel} elements ({shape}) on {where(rows)}", fontsize=9)
     ax.legend()
     fig.tight_layout()
-    path = out / "headline.png"
+    path = out / name
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def plot_headlines(rows, out: Path) -> list[Path]:
+    """headline.png at the largest size, and headline-<numel>.png at every size of 2^20
+    elements or more."""
+    sizes = sorted({int(r["numel"]) for r in rows})
+    written = [plot_headline(rows, out, sizes[-1], "headline.png")]
+    written += [plot_headline(rows, out, n, f"headline-{n}.png") for n in sizes if n >= 2**20]
+    return written
 
 
 def main(argv=None):
@@ -104,7 +119,7 @@ def main(argv=None):
     rows = load(path)
     if not rows:
         raise SystemExit(f"{path}: no successful time measurements to plot")
-    written = plot_sweeps(rows, out) + [plot_headline(rows, out)]
+    written = plot_sweeps(rows, out) + plot_headlines(rows, out)
     print(f"plots: {out} ({len(written)} PNG files)")
     return out
 

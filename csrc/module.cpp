@@ -20,15 +20,14 @@ PYBIND11_MODULE(_C, m) {
 #endif
     d["cpu_isa"] = fusedact::cpu_isa_name(fusedact::cpu_isa());
     py::list available;
-    available.append("baseline");
-    if (fusedact::cpu_supports_avx2()) available.append("avx2");
+    for (auto isa : fusedact::cpu_isas_available()) available.append(fusedact::cpu_isa_name(isa));
     d["cpu_isa_available"] = available;
     return d;
   });
   m.def("set_cpu_isa", [](const std::string& name) {
-    TORCH_CHECK(name == "avx2" || name == "baseline",
-                "set_cpu_isa: name must be 'avx2' or 'baseline', got '", name, "'");
-    const auto isa = name == "avx2" ? fusedact::CpuIsa::Avx2 : fusedact::CpuIsa::Baseline;
+    fusedact::CpuIsa isa;
+    TORCH_CHECK(fusedact::cpu_isa_from_name(name, isa),
+                "set_cpu_isa: name must be 'avx512', 'avx2' or 'baseline', got '", name, "'");
     TORCH_CHECK(fusedact::set_cpu_isa(isa), "set_cpu_isa: this CPU cannot run ", name);
   });
   m.def("cpu_isa", [] { return fusedact::cpu_isa_name(fusedact::cpu_isa()); });

@@ -115,9 +115,13 @@ def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
 LAYOUTS = ["contiguous", "channels_last", "transposed", "strided"]
 
 
-@pytest.fixture(params=["avx2", "baseline"])
+CPU_ISAS = ["avx512", "avx2", "baseline"]
+
+
+@pytest.fixture(params=CPU_ISAS)
 def cpu_isa(request):
-    """Runs a test with each CPU instruction set this machine has."""
+    """Runs a test with each CPU instruction set of the native loops; the ones this
+    machine's CPU cannot run are skipped (`lscpu` says which it has)."""
     if request.param not in fusedact.build_info()["cpu_isa_available"]:
         pytest.skip(f"this CPU cannot run {request.param}")
     before = fusedact._C.cpu_isa()

@@ -228,3 +228,68 @@ def test_build_info():
     # CI builds with the CUDA kernels and says so; a plain checkout need not.
     if os.environ.get("FUSEDACT_EXPECT_CUDA") == "1":
         assert info["cuda"], "the CUDA kernels were expected to be compiled in"
+
+
+# ---- the CPU instruction set
+
+
+def cpuinfo_flags() -> set[str] | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return None
+
+
+def isa_subprocess(env_value: str | None) -> str:
+    env = dict(os.environ)
+    env.pop("FUSEDACT_CPU_ISA", None)
+    if env_value is not None:
+        env["FUSEDACT_CPU_ISA"] = env_value
+    out = subprocess.run([sys.executable, "-c", "import fusedact; print(fusedact.build_info()['cpu_isa'])"],
+                         env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(cpuinfo_flags() is None or os.uname().machine != "x86_64", reason="needs /proc/cpuinfo on x86-64")
+def test_cpu_isa_detection_matches_cpuinfo():
+    """The run-time choice offers exactly what the CPU has (/proc/cpuinfo's flags, as
+    lscpu shows them): AVX2 needs avx2 and fma; AVX-512 needs F, BW, DQ and VL, the
+    instruction sets of ATen's own AVX512 kernels."""
+    flags = cpuinfo_flags()
+    want = ["baseline"]
+    if {"avx2", "fma"} <= flags:
+        want.append("avx2")
+        if {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+            want.append("avx512")
+    info = fusedact.build_info()
+    assert info["cpu_isa_available"] == want
+    # the default is the best of them, unless FUSEDACT_CPU_ISA picked another
+    assert isa_subprocess(None) == want[-1]
+
+
+def test_cpu_isa_environment_variable():
+    available = fusedact.build_info()["cpu_isa_available"]
+    for isa in available:
+        assert isa_subprocess(isa) == isa
+    # an unknown name, or one this CPU cannot run, leaves the best one
+    assert isa_subprocess("sse9") == available[-1]
+    if "avx512" not in available:
+        assert isa_subprocess("avx512") == available[-1]
+
+
+def test_set_cpu_isa():
+    before = fusedact._C.cpu_isa()
+    try:
+        for isa in fusedact.build_info()["cpu_isa_available"]:
+            fusedact._C.set_cpu_isa(isa)
+            assert fusedact._C.cpu_isa() == isa == fusedact.build_info()["cpu_isa"]
+        with pytest.raises(RuntimeError, match="must be 'avx512', 'avx2' or 'baseline'"):
+            fusedact._C.set_cpu_isa("avx1024")
+        for isa in {"avx2", "avx512"} - set(fusedact.build_info()["cpu_isa_available"]):
+            with pytest.raises(RuntimeError, match="this CPU cannot run"):
+                fusedact._C.set_cpu_isa(isa)
+    finally:
+        fusedact._C.set_cpu_isa(before)

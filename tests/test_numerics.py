@@ -32,15 +32,28 @@ def run_forward(op, x, backend):
         p = [torch.tensor([v], dtype=x.dtype, device=x.device) for v in ACON_PARAMS]
         return fusedact.acon_c(xs, *p, backend=backend).reshape(-1), fusedact.reference.acon_c(
             xs.double(), *[q.double() for q in p]).reshape(-1)
+    if op == "silu":  # swish at beta = 1, which the native backend runs as its own loop
+        return fusedact.swish(x, 1.0, backend=backend), fusedact.reference.swish(x.double(), 1.0)
     f, r = op_fn(op, backend), ref_fn(op)
     return f(x), r(x.double())
 
 
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OPS + ["silu"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_every_half_value_within_2ulp(device, dtype, op, backend):
+    check_every_half_value(device, dtype, op, backend)
+
+
+@pytest.mark.parametrize("op", OPS + ["silu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_every_half_value_each_cpu_isa(dtype, op, cpu_isa):
+    """The same bar for the AVX-512, AVX2 and baseline builds of the CPU loops."""
+    check_every_half_value("cpu", dtype, op, "native")
+
+
+def check_every_half_value(device, dtype, op, backend):
     x = all_finite_values(dtype).to(device)
     y, ref64 = run_forward(op, x, backend)
     expected = ref64.to(dtype)  # correctly rounded

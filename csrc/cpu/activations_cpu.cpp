@@ -1,7 +1,8 @@
 // CPU backend: loops over activation_math.h, parallel with at::parallel_for. Each
-// chunk loop is compiled twice, for AVX2+FMA and for baseline x86-64, and the one the
-// CPU can run is picked at run time; the compiler vectorizes both (the math header
-// has no libm calls for float), `#pragma omp simd` telling it that it may.
+// chunk loop is compiled three times, for AVX-512, for AVX2+FMA and for baseline x86-64,
+// and the best the CPU can run is picked at run time (as ATen picks its kernels); the
+// compiler vectorizes each (the math header has no libm calls for float), `#pragma omp
+// simd` telling it that it may.
 //
 // Parameter gradients are deterministic: every task writes its opmath partial sums to
 // its own slot of a [N][K][C][NP] buffer, and a fixed-order pass adds them up, so the
@@ -13,6 +14,7 @@
 #include <array>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 #include <utility>
@@ -30,25 +32,80 @@ namespace fusedact {
 // ---- instruction set
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define FUSEDACT_AVX2_PATH 1
+#define FUSEDACT_X86_PATHS 1
 #define FUSEDACT_TARGET_AVX2 __attribute__((target("avx2,fma")))
+// AVX-512 with the 512-bit vectors (F for the arithmetic, BW for 16-bit lanes, DQ and VL
+// for the conversions and masked tails): the ISA of ATen's own AVX512 kernels.
+#define FUSEDACT_TARGET_AVX512 \
+  __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,prefer-vector-width=512")))
 #endif
 
-bool cpu_supports_avx2() {
-#ifdef FUSEDACT_AVX2_PATH
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  }();
-  return has;
-#else
-  return false;
+bool cpu_supports(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::Baseline:
+      return true;
+#ifdef FUSEDACT_X86_PATHS
+    case CpuIsa::Avx2: {
+      static const bool has = [] {
+        __builtin_cpu_init();
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+      }();
+      return has;
+    }
+    case CpuIsa::Avx512: {
+      // __builtin_cpu_supports also checks that the OS saves the 512-bit state.
+      static const bool has = [] {
+        __builtin_cpu_init();
+        return cpu_supports(CpuIsa::Avx2) && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+               __builtin_cpu_supports("avx512vl");
+      }();
+      return has;
+    }
 #endif
+    default:
+      return false;
+  }
+}
+
+std::vector<CpuIsa> cpu_isas_available() {
+  std::vector<CpuIsa> out;
+  for (CpuIsa isa : {CpuIsa::Baseline, CpuIsa::Avx2, CpuIsa::Avx512})
+    if (cpu_supports(isa)) out.push_back(isa);
+  return out;
+}
+
+std::string cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::Avx2: return "avx2";
+    case CpuIsa::Avx512: return "avx512";
+    default: return "baseline";
+  }
+}
+
+bool cpu_isa_from_name(const std::string& name, CpuIsa& isa) {
+  for (CpuIsa candidate : {CpuIsa::Baseline, CpuIsa::Avx2, CpuIsa::Avx512})
+    if (name == cpu_isa_name(candidate)) {
+      isa = candidate;
+      return true;
+    }
+  return false;
 }
 
 namespace {
+// The best the CPU runs, unless FUSEDACT_CPU_ISA names one it can run (a name it cannot
+// run, or an unknown one, is ignored: the library must load everywhere).
+CpuIsa initial_isa() {
+  CpuIsa isa = cpu_isas_available().back();
+  if (const char* env = std::getenv("FUSEDACT_CPU_ISA")) {
+    CpuIsa wanted;
+    if (cpu_isa_from_name(env, wanted) && cpu_supports(wanted)) isa = wanted;
+  }
+  return isa;
+}
+
 std::atomic<int>& isa_slot() {
-  static std::atomic<int> slot{static_cast<int>(cpu_supports_avx2() ? CpuIsa::Avx2 : CpuIsa::Baseline)};
+  static std::atomic<int> slot{static_cast<int>(initial_isa())};
   return slot;
 }
 }  // namespace
@@ -56,20 +113,23 @@ std::atomic<int>& isa_slot() {
 CpuIsa cpu_isa() { return static_cast<CpuIsa>(isa_slot().load(std::memory_order_relaxed)); }
 
 bool set_cpu_isa(CpuIsa isa) {
-  if (isa == CpuIsa::Avx2 && !cpu_supports_avx2()) return false;
+  if (!cpu_supports(isa)) return false;
   isa_slot().store(static_cast<int>(isa));
   return true;
 }
-
-std::string cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::Avx2 ? "avx2" : "baseline"; }
 
 namespace {
 
 #define FUSEDACT_ALWAYS_INLINE inline __attribute__((always_inline))
 
-// Kernel::run<kAvx2> is always inlined into these two, so its loops are compiled for
-// each target; nothing from ATen is inlined there.
-#ifdef FUSEDACT_AVX2_PATH
+// Kernel::run<kVector> is always inlined into these, so its loops are compiled for each
+// target; nothing from ATen is inlined there. kVector says that the target has AVX2
+// (the streaming stores' intrinsics), which AVX-512 includes.
+#ifdef FUSEDACT_X86_PATHS
+template <typename Kernel, typename... Args>
+FUSEDACT_TARGET_AVX512 void run_avx512(Args... args) {
+  Kernel::template run<true>(args...);
+}
 template <typename Kernel, typename... Args>
 FUSEDACT_TARGET_AVX2 void run_avx2(Args... args) {
   Kernel::template run<true>(args...);
@@ -81,8 +141,12 @@ void run_baseline(Args... args) {
 }
 template <typename Kernel, typename... Args>
 void run_chunk(Args... args) {
-#ifdef FUSEDACT_AVX2_PATH
-  if (cpu_isa() == CpuIsa::Avx2) return run_avx2<Kernel>(args...);
+#ifdef FUSEDACT_X86_PATHS
+  switch (cpu_isa()) {
+    case CpuIsa::Avx512: return run_avx512<Kernel>(args...);
+    case CpuIsa::Avx2: return run_avx2<Kernel>(args...);
+    default: break;
+  }
 #endif
   run_baseline<Kernel>(args...);
 }
@@ -134,7 +198,7 @@ constexpr bool kStreamBackward = false;
 template <typename T>
 constexpr bool kStreamBackward<math::HardSwish<T>> = true;
 
-#ifdef FUSEDACT_AVX2_PATH
+#ifdef FUSEDACT_X86_PATHS
 FUSEDACT_TARGET_AVX2 inline void stream_32B_blocks(void* dst, const void* src, int64_t bytes) {
   for (int64_t k = 0; k < bytes; k += 32)
     _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(dst) + k),
@@ -142,54 +206,76 @@ FUSEDACT_TARGET_AVX2 inline void stream_32B_blocks(void* dst, const void* src, i
 }
 #endif
 
-// out[i] = f(i) for i < n; with kAvx2 and `stream`, blocks computed into an aligned
-// buffer are written with non-temporal 32-byte stores.
-template <bool kAvx2, typename scalar_t, typename F>
+// dst[j] = f(i + j), rounded to scalar_t, for j < len (f gives opmath values). A
+// float16/bfloat16 result is computed into an opmath buffer and rounded in a second
+// loop: with the rounding in the same loop as the math, GCC interleaved 16- and 32-bit
+// lanes, and the AVX-512 bfloat16 loops ran 1.3x slower (hard_swish forward, 2^20).
+constexpr int64_t kBlockBytes = 1024;
+
+template <typename scalar_t, typename F>
+FUSEDACT_ALWAYS_INLINE void compute_block(scalar_t* dst, int64_t i, int64_t len, F& f) {
+  using T = opmath_t<scalar_t>;
+  if constexpr (std::is_same_v<scalar_t, T>) {
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) dst[j] = f(i + j);
+  } else {
+    constexpr int64_t kLen = kBlockBytes / sizeof(scalar_t);
+    alignas(64) T buf[kLen];
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) buf[j] = f(i + j);
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) dst[j] = to_scalar<scalar_t>(buf[j]);
+  }
+}
+
+// out[i] = f(i) for i < n, in blocks of kBlockBytes of output; with kVector and
+// `stream`, blocks computed into an aligned buffer are written with non-temporal
+// 32-byte stores.
+template <bool kVector, typename scalar_t, typename F>
 FUSEDACT_ALWAYS_INLINE void store_all(scalar_t* out, int64_t n, bool stream, F f) {
+  constexpr int64_t kBlock = kBlockBytes / sizeof(scalar_t);
   int64_t i = 0;
-#ifdef FUSEDACT_AVX2_PATH
-  if constexpr (kAvx2) {
+#ifdef FUSEDACT_X86_PATHS
+  if constexpr (kVector) {
     if (stream) {
-      constexpr int64_t kBlock = 1024 / sizeof(scalar_t);
       const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 32);
       const int64_t head = misalign % sizeof(scalar_t) ? n : std::min(n, ((32 - misalign) % 32) / int64_t(sizeof(scalar_t)));
-#pragma omp simd
-      for (int64_t j = 0; j < head; ++j) out[j] = f(j);
+      compute_block(out, 0, head, f);
       alignas(32) scalar_t buf[kBlock];
       for (i = head; i + kBlock <= n; i += kBlock) {
-#pragma omp simd
-        for (int64_t j = 0; j < kBlock; ++j) buf[j] = f(i + j);
+        compute_block(buf, i, kBlock, f);
         stream_32B_blocks(out + i, buf, sizeof buf);
       }
       _mm_sfence();
     }
   }
 #endif
-#pragma omp simd
-  for (int64_t j = i; j < n; ++j) out[j] = f(j);
+  if constexpr (std::is_same_v<scalar_t, opmath_t<scalar_t>>) {
+    compute_block(out + i, i, n - i, f);
+  } else {
+    for (; i < n; i += kBlock) compute_block(out + i, i, std::min(kBlock, n - i), f);
+  }
 }
 
 // ---- chunk loops
 
 template <class Op, typename scalar_t>
 struct ForwardLoop {
-  template <bool kAvx2>
+  template <bool kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t n, Op op, bool stream) {
     using T = opmath_t<scalar_t>;
-    store_all<kAvx2>(y, n, stream, [=](int64_t i) {
-      return to_scalar<scalar_t>(op.forward(static_cast<T>(x[i])));
-    });
+    store_all<kVector>(y, n, stream, [=](int64_t i) { return op.forward(static_cast<T>(x[i])); });
   }
 };
 
 template <class Op, typename scalar_t>
 struct BackwardLoop {
-  template <bool kAvx2>
+  template <bool kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
                                          int64_t n, Op op, bool stream) {
     using T = opmath_t<scalar_t>;
-    store_all<kAvx2>(dx, n, stream, [=](int64_t i) {
-      return to_scalar<scalar_t>(op.backward(static_cast<T>(g[i]), static_cast<T>(x[i])));
+    store_all<kVector>(dx, n, stream, [=](int64_t i) {
+      return op.backward(static_cast<T>(g[i]), static_cast<T>(x[i]));
     });
   }
 };
@@ -202,7 +288,7 @@ struct ReduceBackwardLoop {
   static constexpr int kLanes = 16;
   using T = opmath_t<scalar_t>;
 
-  template <bool kAvx2>
+  template <bool kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
                                          int64_t n, Op op, T* sums) {
     T acc[NP][kLanes] = {};
@@ -255,7 +341,7 @@ FUSEDACT_ALWAYS_INLINE OpT<T> op_at(const RowParams<P, NP>& rp, int64_t c) {
 
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct ChannelsForwardLoop {
-  template <bool kAvx2>
+  template <bool kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t C,
                                          ParamView<P, NP> pv, int64_t n) {
     using T = opmath_t<scalar_t>;
@@ -270,7 +356,7 @@ struct ChannelsForwardLoop {
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct ChannelsBackwardLoop {
   using T = opmath_t<scalar_t>;
-  template <bool kAvx2>
+  template <bool kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
                                          int64_t C, ParamView<P, NP> pv, int64_t n, T* acc) {
     const RowParams<P, NP> rp = row_params(pv, n);
