@@ -377,7 +377,7 @@ def parse_args(argv=None):
     ap.add_argument("--device", default="cuda" if gpu else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
     ap.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
-    ap.add_argument("--sizes", nargs="+", type=int, default=None, help="log2 of the element counts")
+    ap.add_argument("--sizes", nargs="*", type=int, default=None, help="log2 of the element counts")
     ap.add_argument("--shapes", nargs="*", default=None,
                     help="explicit NCHW shapes as well, e.g. 32x64x56x56 (acon_c's channels are dim 1)")
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")

@@ -315,6 +315,43 @@ struct ReduceBackwardLoop {
   }
 };
 
+// Runs of `inner` elements that share a channel (NCHW-like), rows [begin, end) of the
+// [N][R][C] runs taken in one call: with short maps (7x7, 14x14) a call per run cost more
+// than its math. Row `row` is of channel row % C and sample row / (R C).
+template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+struct RunsForwardLoop {
+  template <bool kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t inner, int64_t C,
+                                         int64_t RC, ParamView<P, NP> pv, int64_t begin,
+                                         int64_t end, bool stream) {
+    using T = opmath_t<scalar_t>;
+    for (int64_t row = begin; row < end; ++row) {
+      T v[NP];
+      pv.load(row / RC, row % C, v);
+      ForwardLoop<OpT<T>, scalar_t>::template run<kVector>(x + row * inner, y + row * inner, inner,
+                                                           OpT<T>::from(v), stream);
+    }
+  }
+};
+
+// The same rows backward; sums[(row - begin) * NP + j] gets the run's sum for parameter j.
+template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+struct RunsBackwardLoop {
+  using T = opmath_t<scalar_t>;
+  template <bool kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
+                                         int64_t inner, int64_t C, int64_t RC, ParamView<P, NP> pv,
+                                         int64_t begin, int64_t end, T* sums) {
+    for (int64_t row = begin; row < end; ++row) {
+      T v[NP];
+      pv.load(row / RC, row % C, v);
+      const int64_t off = row * inner;
+      ReduceBackwardLoop<OpT<T>, scalar_t>::template run<kVector>(
+          g + off, x + off, dx + off, inner, OpT<T>::from(v), sums + (row - begin) * NP);
+    }
+  }
+};
+
 // One row of C consecutive channels (channels_last, (N, L, C)): the parameters change
 // with every element. The op is built from NP scalar loads (row_params, op_at) and the
 // parameter terms are added with compile-time indices (for_each_param): an array
@@ -425,6 +462,15 @@ struct CpuBackend {
   static void channel_forward(const scalar_t* x, scalar_t* y, const ChannelGeometry& geo,
                               ParamView<P, NP> pv) {
     using T = opmath_t<scalar_t>;
+    if (geo.inner > 1 && geo.inner <= kSegment) {
+      const bool stream = stream_forward_output<scalar_t>(geo.N * geo.R * geo.C * geo.inner);
+      const int64_t runs = geo.N * geo.R * geo.C;
+      at::parallel_for(0, runs, std::max<int64_t>(1, kGrain / geo.inner), [&](int64_t b, int64_t e) {
+        run_chunk<RunsForwardLoop<OpT, scalar_t, P, NP>>(x, y, geo.inner, geo.C, geo.R * geo.C, pv,
+                                                          b, e, stream);
+      });
+      return;
+    }
     if (geo.inner > 1) {
       const bool stream = stream_forward_output<scalar_t>(geo.N * geo.R * geo.C * geo.inner);
       for_each_segment(geo, [&](int64_t n, int64_t, int64_t c, int64_t, int64_t, int64_t off,
@@ -456,6 +502,14 @@ struct CpuBackend {
     std::vector<T> partial;
     if (empty) {
       K = 0;
+    } else if (geo.inner > 1 && geo.inner <= kSegment) {
+      // One slot per run: slot r of (n, c) is run (n R + r) C + c, at partial[run * NP].
+      K = geo.R;
+      partial.resize(N * K * C * NP);
+      at::parallel_for(0, N * K * C, std::max<int64_t>(1, kGrain / geo.inner), [&](int64_t b, int64_t e) {
+        run_chunk<RunsBackwardLoop<OpT, scalar_t, P, NP>>(g, x, dx, geo.inner, C, geo.R * C, pv, b, e,
+                                                           &partial[b * NP]);
+      });
     } else if (geo.inner > 1) {
       const int64_t segs = ceil_div(geo.inner, kSegment);
       K = geo.R * segs;
