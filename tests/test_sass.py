@@ -115,7 +115,7 @@ def test_instruction_counting_on_a_known_listing():
     for line in listing.strip().splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
         k.insts.append((int(m.group(1), 16), m.group(2)))
-    assert k.body() == (0x10, 0x60)
+    assert k.body() == (0x10, 0x60, True)
     assert k.instructions_per_element() == (5 / 4, 5, 4)
     assert k.body_widths() == ({128}, {128})
     assert k.spill_code() == (0, 2)

@@ -15,10 +15,12 @@ misaligned tensors and its parameter loads), or when any kernel uses local memor
 stack (a register spill).
 
 Instructions per element: the streaming body is the loop (a backward branch) holding
-the kernel's widest global stores, or, for a kernel without such a loop, the straight
-code from the kernel's start to its last widest store. Its static instruction count
-(NOPs excluded) divided by the elements it stores: every element is stored once, so
-this is the work per element of one pass. Out-of-line subroutines (the slow path of an
+the kernel's widest global stores, or, for a kernel without such a loop (one tile per
+block), the code from its first 16-byte load to its last widest store, less any loop
+inside (a scalar fallback path). Its static instruction count (NOPs excluded) divided
+by the elements it stores: every element is stored once, so this is the work per
+element of one pass. Index setup before the first load is not counted, as it was not
+in a grid-stride loop's body. Out-of-line subroutines (the slow path of an
 IEEE division, taken only for denormal or huge operands) are not counted; the
 branches that skip code for saturated inputs are counted as if taken never, i.e. both
 sides are in the count. It is a static figure: a floor of the issue cost, read at
@@ -187,7 +189,9 @@ class Kernel:
         return out
 
     def body(self):
-        """The streaming body (lo, hi), or None when the kernel stores nothing wide."""
+        """The streaming body (lo, hi, loop) or None when the kernel stores nothing: the
+        loop holding its widest stores, else (a kernel that handles its packs without
+        a loop) the code from its first widest load to its last widest store."""
         stores = [(a, w) for a, w in self._stores()]
         if not stores:
             return None
@@ -200,9 +204,11 @@ class Kernel:
                 if best is None or nbytes > best[0] or (nbytes == best[0] and hi - lo < best[2] - best[1]):
                     best = (nbytes, lo, hi)
         if best:
-            return best[1], best[2]
+            return best[1], best[2], True
+        loads = [a for a, t in self.insts if re.search(r"\bLDG\S*\.128", t)] if widest == 128 else []
         last = max(a for a, w in stores if w == widest)
-        return 0, last
+        first = min(loads) if loads and min(loads) < last else 0
+        return first, last, False
 
     def _stores(self):
         for addr, text in self.insts:
@@ -211,17 +217,24 @@ class Kernel:
                 yield addr, width_bits(m.group(1) or "")
 
     def instructions_per_element(self) -> tuple[float, int, int] | None:
-        """(instructions / element, instructions, elements) of the streaming body."""
+        """(instructions / element, instructions, elements) of the streaming body. In a
+        body without a loop, loops inside it (a scalar fallback) are left out, and only
+        the widest stores count as elements."""
         s = self.scalar()
         if s is None or self.family == "finish_kernel":
             return None
         b = self.body()
         if b is None:
             return None
-        lo, hi = b
-        n = sum(1 for a, t in self.insts if lo <= a <= hi and not re.match(r"(@!?U?P\w+\s+)?NOP\b", t))
-        stored_bits = sum(w for a, w in self._stores() if lo <= a <= hi)
-        elements = stored_bits // (8 * SCALAR_BYTES[s])
+        lo, hi, is_loop = b
+        skip = [] if is_loop else [(a, z) for a, z in self.loops() if lo <= a and z <= hi]
+        n = sum(1 for a, t in self.insts if lo <= a <= hi
+                and not any(x <= a <= z for x, z in skip)
+                and not re.match(r"(@!?U?P\w+\s+)?NOP\b", t))
+        stores = [w for a, w in self._stores() if lo <= a <= hi]
+        if not is_loop and stores:
+            stores = [w for w in stores if w == max(stores)]
+        elements = sum(stores) // (8 * SCALAR_BYTES[s])
         if elements == 0:
             return None
         return n / elements, n, elements
@@ -257,7 +270,7 @@ class Kernel:
         b = self.body()
         if b is None:
             return set(), set()
-        ops = self.mem_ops(*b)
+        ops = self.mem_ops(b[0], b[1])
         return {w for k, w in ops if k == "LDG"}, {w for k, w in ops if k == "STG"}
 
 
