@@ -211,10 +211,15 @@ class Kernel:
         return first, last, False
 
     def _stores(self):
+        """The element stores: every global store, less the 32-bit ones of a float16 or
+        bfloat16 kernel, which are its float32 partial sums, not elements."""
+        half = SCALAR_BYTES.get(self.scalar() or "", 0) == 2
         for addr, text in self.insts:
             m = re.search(r"\bSTG(\.[A-Z0-9.]+)?\s", text + " ")
             if m:
-                yield addr, width_bits(m.group(1) or "")
+                w = width_bits(m.group(1) or "")
+                if not (half and w == 32):
+                    yield addr, w
 
     def instructions_per_element(self) -> tuple[float, int, int] | None:
         """(instructions / element, instructions, elements) of the streaming body. In a
