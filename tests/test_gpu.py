@@ -3,7 +3,8 @@ elements, CUDA-graph capture and replay, a non-default stream, views that start 
 element past a 16-byte boundary (the flat kernels' scalar head, the row kernels' and
 channels kernels' fallbacks), for every op. Skipped without a GPU. CUDA autocast and
 torch.compile with dynamic shapes (both backends, Triton's as triton_ops that inductor
-sees) are the cuda parametrisations of test_autocast.py and test_compile.py;
+sees) are the cuda parametrisations of test_autocast.py and test_compile.py, and the
+check that inductor's generated code holds the Triton kernels is here;
 tools/device_check.sh's `gpu` stage runs all of these, and `sanitize` runs the kernels
 under compute-sanitizer."""
 from __future__ import annotations
@@ -13,8 +14,9 @@ import math
 import pytest
 import torch
 
+import fusedact
 from fusedact import reference
-from conftest import DTYPES, FUSED_BACKENDS, HAS_CUDA, OPS, TOL, reduction_tol
+from conftest import DTYPES, FUSED_BACKENDS, HAS_CUDA, HAS_TRITON, OPS, TOL, reduction_tol
 from helpers import check_forward_backward, make_params, op_fn, param_terms_abs, rand_x, ref_fn
 
 pytestmark = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device or CUDA kernels not built")
@@ -181,3 +183,26 @@ def test_misaligned_views(op, dtype, layout, backend):
         x64 = x.double().requires_grad_()
         (dx64,) = torch.autograd.grad(ref_fn(op)(x64), x64, g.double())
         torch.testing.assert_close(dx.double(), dx64, **TOL[dtype])
+
+
+# ---- the Triton backend under torch.compile on a GPU: its ops are triton_ops, so
+# inductor puts their kernels into the code it generates (under the CPU interpreter they
+# are opaque custom ops), and dynamic shapes compile once.
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton unavailable")
+def test_triton_kernels_inside_inductor_code_with_dynamic_shapes():
+    from torch._inductor.utils import run_and_get_code
+
+    def f(x):
+        return fusedact.mish(x, backend="triton") * 2.0
+
+    compiled = torch.compile(f, dynamic=True, fullgraph=True)
+    x = torch.randn(1000, device="cuda")
+    y, code = run_and_get_code(compiled, x)
+    assert "_mish_fwd_kernel" in "\n".join(code), "inductor did not see the Triton kernel"
+    torch.testing.assert_close(y.double(), reference.mish(x.double()) * 2, **TOL[torch.float32])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for n in (1537, 4099):
+            x = torch.randn(n, device="cuda")
+            torch.testing.assert_close(compiled(x).double(), reference.mish(x.double()) * 2,
+                                       **TOL[torch.float32])

@@ -20,6 +20,7 @@ namespace part {
 
 constexpr int kThreads = 256;
 // Flat kernels: 16-byte packs in flight per thread, all loaded before any is computed.
+// 4 spilled (the SASS check: values live across the IEEE division's slow-path call).
 constexpr int kFlatPacks = 2;
 // Row segments (inner > 1): packs per thread, so a segment is kThreads * kRowPacks packs
 // (2048 fp32, 4096 bf16/fp16 elements: a 64x64 map is one full segment in bf16).
