@@ -56,8 +56,15 @@ def test_check_passes_on_the_built_extension():
     kernels = sass_report.read_kernels(so, "sm_90")
     assert sass_report.check(kernels) == []
     pack = [k for k in kernels if k.should_stream_packs()]
-    # every dtype of every flat op has a 16-byte kernel (3 ops x 4 dtypes x fwd/bwd x 2 index types)
-    assert len([k for k in pack if k.family == "elementwise_kernel"]) == 48
+    # every flat op has a 16-byte kernel for each dtype, direction and index type
+    flat = {k.op() for k in kernels if k.family == "elementwise_kernel"}
+    assert {"swish", "mish", "hard_swish"} <= flat
+    have = {(k.op(), k.scalar(), k.backward(), k.args[3]) for k in pack if k.family == "elementwise_kernel"}
+    for op in flat:
+        for dtype in sass_report.SCALAR_BYTES:
+            for bwd in (False, True):
+                for index in ("int", "long"):
+                    assert (op, dtype, bwd, index) in have, (op, dtype, bwd, index)
     for k in pack:
         ipe = k.instructions_per_element()
         assert ipe is not None and 3 < ipe[0] < 400, (k.short(), ipe)

@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 SCALAR_BYTES = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2}
 SCALAR_NAME = {"float": "fp32", "double": "fp64", "c10::Half": "fp16", "c10::BFloat16": "bf16"}
-OP_NAME = {"Swish": "swish", "Mish": "mish", "HardSwish": "hard_swish", "AconC": "acon_c"}
+OP_NAME = {"Swish": "swish", "Silu": "silu", "Mish": "mish", "HardSwish": "hard_swish", "AconC": "acon_c"}
 
 
 def find_tool(name: str) -> str:
