@@ -13,12 +13,13 @@ export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= $(shell nproc)
 
-.PHONY: venv build test bench example clean
+.PHONY: venv build test bench example sass clean
 
 venv: $(VENV)/.ready
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q nvidia-cuda-cuobjdump  # cuobjdump, for tools/sass_report.py (make sass, CI)
 	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" ninja pybind11 pytest pytest-xdist numpy expecttest \
 		setuptools wheel matplotlib timm scikit-learn
 	touch $@
@@ -41,6 +42,10 @@ test: build
 # with one), its CSV under benchmarks/results/ and the plots beside it.
 bench: build
 	$(PY) benchmarks/bench.py --plot
+
+# The machine code of the CUDA kernels (no GPU needed): the report, and the check CI runs.
+sass: build
+	$(PY) tools/sass_report.py --check --markdown benchmarks/results/sass-sm90/report.md
 
 # The training example: fused and eager activations side by side on sklearn's digits.
 example: build

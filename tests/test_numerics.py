@@ -73,6 +73,34 @@ def check_every_half_value(device, dtype, op, backend):
     )
 
 
+@pytest.mark.parametrize("op", ["swish", "mish", "hard_swish"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_every_half_value_backward_within_2ulp(device, dtype, op, backend):
+    """dy/dx (g = 1) for every finite half value, as the forward: the backward's
+    arithmetic (mish's one shared reciprocal) must stay within one rounding of the
+    dtype. Where dy/dx is infinite or NaN in float64 both must agree on it."""
+    x = all_finite_values(dtype).to(device)
+    f, r = op_fn(op, backend), ref_fn(op)
+    xg = x.clone().requires_grad_()
+    (dx,) = torch.autograd.grad(f(xg), xg, torch.ones_like(x))
+    x64 = x.double().requires_grad_()
+    (d64,) = torch.autograd.grad(r(x64), x64, torch.ones_like(x64))
+    expected = d64.to(dtype)
+    finite = torch.isfinite(expected)
+    assert torch.equal(torch.isfinite(dx), finite)
+    dist = (ordered(dx) - ordered(expected)).abs()
+    flushed = (d64.abs() < 1e-33) & (dx == 0)
+    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
+        flushed |= (d64.abs() < torch.finfo(torch.float32).tiny) & (dx.double().abs() < 1e-33)
+    bad = (dist > 2) & ~flushed & finite
+    assert not bad.any(), (
+        f"{int(bad.sum())} values off by more than 2 ulp, e.g. x={x[bad][:4].tolist()} "
+        f"got {dx[bad][:4].tolist()} want {expected[bad][:4].tolist()}"
+    )
+
+
 def special_values(dtype):
     fi = torch.finfo(dtype)
     vals = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 88.0, -88.0, 100.0, -100.0,

@@ -2,7 +2,13 @@
 # Everything the GPU machine checks, in one call: build, the whole test suite with CUDA,
 # then (optional stages) the sanitizers and the benchmarks. Logs go to $OUT (or ./device-logs).
 #   bash tools/device_check.sh [stage ...]
-# stages: env build test crash probe bench (default: env build test)
+# stages: env build test gpu sanitize crash probe bench (default: env build test)
+# The first GPU minute (issue 12), one call under 10 minutes:
+#   bash tools/device_check.sh env build gpu sanitize
+# gpu: the tests only a GPU runs (tests/test_gpu.py: over 2^31 elements, CUDA graphs, a
+# side stream, misaligned views) and the CUDA cases of autocast and torch.compile with
+# dynamic shapes (native and Triton); sanitize: compute-sanitizer memcheck and racecheck
+# over every kernel (tools/sanitize_kernels.py), without the caching allocator.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-device-logs}; mkdir -p "$OUT"
@@ -24,6 +30,17 @@ for s in $stages; do
       $PY -c "import fusedact; print(fusedact.build_info())" ;;
     test)
       $PY -m pytest -q -n 12 -p no:cacheprovider -W ignore::RuntimeWarning tests 2>&1 | tee "$OUT/test.log" | tail -60 ;;
+    gpu)
+      $PY -m pytest -q -p no:cacheprovider -W ignore::RuntimeWarning tests/test_gpu.py 2>&1 | tee "$OUT/gpu.log" | tail -30
+      $PY -m pytest -q -n 8 -p no:cacheprovider -W ignore::RuntimeWarning -k cuda \
+        tests/test_autocast.py tests/test_compile.py 2>&1 | tee -a "$OUT/gpu.log" | tail -30 ;;
+    sanitize)
+      SAN=${CUDA_HOME}/bin/compute-sanitizer
+      for tool in memcheck racecheck; do
+        PYTORCH_NO_CUDA_MEMORY_CACHING=1 $SAN --tool $tool --error-exitcode 1 --print-limit 20 \
+          $PY tools/sanitize_kernels.py > "$OUT/sanitize-$tool.log" 2>&1
+        echo "$tool: exit $? ($(grep -c '========= ' "$OUT/sanitize-$tool.log") sanitizer lines)"; tail -5 "$OUT/sanitize-$tool.log"
+      done ;;
     crash)  # where a failing argument check crashed (torch 2.11 there): a backtrace
       cuda-gdb -batch -ex run -ex bt --args $PY -c "import torch, fusedact; x = torch.randn(2, 3); torch.ops.fusedact.mish_backward(torch.randn(3, 2), x)" 2>&1 | tail -40 | tee "$OUT/crash.log"
       $PY -c "import torch; torch.ops.aten.mish_backward(torch.randn(3, 2), torch.randn(2, 3))" 2>&1 | tail -3 ;;

@@ -22,6 +22,7 @@
 #include <type_traits>
 
 #include "../ops_impl.h"
+#include "partition.h"
 
 namespace fusedact {
 namespace {
@@ -29,13 +30,19 @@ namespace {
 template <typename scalar_t>
 using opmath_t = at::opmath_type<scalar_t>;
 
-constexpr int kThreads = 256;
-constexpr int kPacksPerThread = 4;  // a row segment is kThreads * kPacksPerThread packs
-constexpr int64_t kRowsPerBlock = 64;  // channels-last: rows summed by one block
+using part::kThreads;
 
 template <typename scalar_t>
 constexpr int vec_size() {
   return 16 / static_cast<int>(sizeof(scalar_t));
+}
+
+// The channels kernel's pack: 16 bytes, but 8 for float16, whose 8-channel backward
+// (8 x 3 parameters and 8 x 3 sums in registers) ptxas compiled with a spill (the SASS
+// check), while bfloat16's did not.
+template <typename scalar_t>
+constexpr int channels_vec_size() {
+  return std::is_same_v<scalar_t, c10::Half> ? 4 : vec_size<scalar_t>();
 }
 
 template <typename scalar_t, int VEC>
@@ -43,12 +50,9 @@ struct alignas(sizeof(scalar_t) * VEC) Pack {
   scalar_t v[VEC];
 };
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-__host__ __device__ inline bool aligned16(const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; }
-
-// A grid-stride launch needs no more than this many blocks: 32 per SM. The SM count
-// is asked once per device (a benign race: every writer stores the same value).
+// The int64 grid-stride launch (tensors over 2^31 elements) needs no more blocks than
+// fill the GPU: 8 resident blocks of kThreads per SM. The SM count is asked once per
+// device (a benign race: every writer stores the same value).
 int max_blocks() {
   static std::atomic<int> sm_count[C10_COMPILE_TIME_MAX_GPUS] = {};
   const int dev = c10::cuda::current_device();
@@ -57,61 +61,97 @@ int max_blocks() {
     C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     sm_count[dev].store(sms, std::memory_order_relaxed);
   }
-  return sms * 32;
+  return sms * 8;
 }
 
-// ---- flat elementwise: y = op.forward(x), or dx = op.backward(g, x)
+// ---- flat elementwise: y = op.forward(x), or dx = op.backward(g, x). The partition
+// (partition.h's Flat): kFlatPacks packs per thread, all loaded before any is computed;
+// one tile per block with int32 indices, a grid-stride loop over tiles with int64.
+
+template <class Op, typename scalar_t, int VEC, typename index_t, bool kBackward>
+__device__ __forceinline__ void flat_tile(const scalar_t* __restrict__ g,
+                                          const scalar_t* __restrict__ x,
+                                          scalar_t* __restrict__ out,
+                                          const part::Flat<index_t>& f, index_t tile, Op op) {
+  using T = opmath_t<scalar_t>;
+  using V = Pack<scalar_t, VEC>;
+  constexpr int P = part::kFlatPacks;
+  const int t = threadIdx.x;
+  index_t at[P];
+  V xv[P], gv[P];
+#pragma unroll
+  for (int k = 0; k < P; ++k) {
+    const index_t p = f.pack(tile, k, t, kThreads);
+    at[k] = p < 0 ? index_t(-1) : f.pack_start(p);
+    if (p >= 0) {
+      xv[k] = *reinterpret_cast<const V*>(x + at[k]);
+      if constexpr (kBackward) gv[k] = *reinterpret_cast<const V*>(g + at[k]);
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < P; ++k) {
+    if (at[k] < 0) continue;
+    V ov;
+#pragma unroll
+    for (int v = 0; v < VEC; ++v) {
+      if constexpr (kBackward)
+        ov.v[v] = static_cast<scalar_t>(
+            op.backward(static_cast<T>(gv[k].v[v]), static_cast<T>(xv[k].v[v])));
+      else
+        ov.v[v] = static_cast<scalar_t>(op.forward(static_cast<T>(xv[k].v[v])));
+    }
+    *reinterpret_cast<V*>(out + at[k]) = ov;
+  }
+  const index_t e = f.extra(tile, t);
+  if (e >= 0) {
+    if constexpr (kBackward)
+      out[e] = static_cast<scalar_t>(op.backward(static_cast<T>(g[e]), static_cast<T>(x[e])));
+    else
+      out[e] = static_cast<scalar_t>(op.forward(static_cast<T>(x[e])));
+  }
+}
 
 template <class Op, typename scalar_t, int VEC, typename index_t, bool kBackward>
 __global__ void __launch_bounds__(kThreads)
 elementwise_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                   scalar_t* __restrict__ out, index_t n, Op op) {
-  using T = opmath_t<scalar_t>;
-  using V = Pack<scalar_t, VEC>;
-  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
-  const index_t tid = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  const index_t nvec = n / VEC;
-  for (index_t i = tid; i < nvec; i += stride) {
-    const V xv = reinterpret_cast<const V*>(x)[i];
-    V gv, ov;
-    if constexpr (kBackward) gv = reinterpret_cast<const V*>(g)[i];
-#pragma unroll
-    for (int k = 0; k < VEC; ++k) {
-      if constexpr (kBackward)
-        ov.v[k] = static_cast<scalar_t>(
-            op.backward(static_cast<T>(gv.v[k]), static_cast<T>(xv.v[k])));
-      else
-        ov.v[k] = static_cast<scalar_t>(op.forward(static_cast<T>(xv.v[k])));
-    }
-    reinterpret_cast<V*>(out)[i] = ov;
+                   scalar_t* __restrict__ out, part::Flat<index_t> f, Op op) {
+  if constexpr (std::is_same_v<index_t, int32_t>) {
+    flat_tile<Op, scalar_t, VEC, index_t, kBackward>(g, x, out, f, index_t(blockIdx.x), op);
+  } else {
+    const index_t tiles = f.tiles(kThreads);
+    for (index_t tile = blockIdx.x; tile < tiles; tile += gridDim.x)
+      flat_tile<Op, scalar_t, VEC, index_t, kBackward>(g, x, out, f, tile, op);
   }
-  for (index_t i = nvec * VEC + tid; i < n; i += stride) {
-    if constexpr (kBackward)
-      out[i] = static_cast<scalar_t>(op.backward(static_cast<T>(g[i]), static_cast<T>(x[i])));
-    else
-      out[i] = static_cast<scalar_t>(op.forward(static_cast<T>(x[i])));
-  }
+}
+
+template <typename scalar_t>
+__host__ __device__ inline int head16(const scalar_t* p) {
+  return part::head_to_align16(reinterpret_cast<uintptr_t>(p), sizeof(scalar_t));
 }
 
 template <bool kBackward, class Op, typename scalar_t>
 void launch_elementwise(const scalar_t* g, const scalar_t* x, scalar_t* out, int64_t n, Op op) {
   constexpr int V = vec_size<scalar_t>();
-  const bool vec = aligned16(x) && aligned16(out) && (!kBackward || aligned16(g));
-  const int64_t work = vec ? ceil_div(n, V) : n;
-  const int blocks = static_cast<int>(std::min<int64_t>(ceil_div(work, kThreads), max_blocks()));
+  // Packs when x, out (and g) are equally far from a 16-byte boundary: a view that
+  // starts at element 1 runs its first V - 1 elements as scalars, the rest in packs.
+  const int head = head16(x);
+  const bool vec = head16(out) == head && (!kBackward || head16(g) == head);
+  const part::FlatLaunch l = part::flat_launch(n, head, vec ? V : 1, max_blocks());
+  const unsigned blocks = static_cast<unsigned>(l.blocks);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  // 32-bit indices while i + stride cannot overflow them.
-  const bool small = n <= std::numeric_limits<int32_t>::max() / 2;
-  if (vec && small)
-    elementwise_kernel<Op, scalar_t, V, int32_t, kBackward>
-        <<<blocks, kThreads, 0, stream>>>(g, x, out, static_cast<int32_t>(n), op);
+  using part::Flat;
+  if (vec && l.int32)
+    elementwise_kernel<Op, scalar_t, V, int32_t, kBackward><<<blocks, kThreads, 0, stream>>>(
+        g, x, out, Flat<int32_t>::make(static_cast<int32_t>(n), head, V, part::kFlatPacks), op);
   else if (vec)
-    elementwise_kernel<Op, scalar_t, V, int64_t, kBackward><<<blocks, kThreads, 0, stream>>>(g, x, out, n, op);
-  else if (small)
-    elementwise_kernel<Op, scalar_t, 1, int32_t, kBackward>
-        <<<blocks, kThreads, 0, stream>>>(g, x, out, static_cast<int32_t>(n), op);
+    elementwise_kernel<Op, scalar_t, V, int64_t, kBackward><<<blocks, kThreads, 0, stream>>>(
+        g, x, out, Flat<int64_t>::make(n, head, V, part::kFlatPacks), op);
+  else if (l.int32)
+    elementwise_kernel<Op, scalar_t, 1, int32_t, kBackward><<<blocks, kThreads, 0, stream>>>(
+        g, x, out, Flat<int32_t>::make(static_cast<int32_t>(n), 0, 1, part::kFlatPacks), op);
   else
-    elementwise_kernel<Op, scalar_t, 1, int64_t, kBackward><<<blocks, kThreads, 0, stream>>>(g, x, out, n, op);
+    elementwise_kernel<Op, scalar_t, 1, int64_t, kBackward><<<blocks, kThreads, 0, stream>>>(
+        g, x, out, Flat<int64_t>::make(n, 0, 1, part::kFlatPacks), op);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -139,26 +179,21 @@ __device__ void block_sum(T (&v)[NP]) {
   }
 }
 
-// ---- channel runs (inner > 1): one block per (row, segment), parameters fixed.
-// Backward writes the segment's sums to partial[((n * K + r * segs + s) * C + c) * NP + j].
+// ---- channel runs (inner > 1): one block per (n, r, c, segment), parameters fixed
+// (partition.h's row_launch / row_block / row_segment). Backward writes the segment's
+// sums to partial[rb.slot * NP + j].
 
 template <template <typename> class OpT, typename scalar_t, typename P, int NP, bool kBackward>
 __global__ void __launch_bounds__(kThreads)
 row_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
            scalar_t* __restrict__ out, ChannelGeometry geo, ParamView<P, NP> pv,
-           int64_t seg_len, int64_t segs, opmath_t<scalar_t>* __restrict__ partial) {
+           part::RowLaunch l, opmath_t<scalar_t>* __restrict__ partial) {
   using T = opmath_t<scalar_t>;
   constexpr int VEC = vec_size<scalar_t>();
   using V = Pack<scalar_t, VEC>;
-  const int64_t t = blockIdx.x;
-  const int64_t s = t % segs, row = t / segs;
-  const int64_t c = row % geo.C, nr = row / geo.C;
-  const int64_t n = nr / geo.R, r = nr % geo.R;
-  const int64_t begin = s * seg_len;
-  const int64_t len = min(seg_len, geo.inner - begin);
-  const int64_t off = row * geo.inner + begin;
+  const part::RowBlock rb = part::row_block(l, geo.R, geo.C, geo.inner, blockIdx.x);
   T v[NP];
-  pv.load(n, c, v);
+  pv.load(rb.n, rb.c, v);
   const auto op = OpT<T>::from(v);
   T acc[NP];
 #pragma unroll
@@ -176,80 +211,117 @@ row_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
     }
   };
 
-  const scalar_t* xs = x + off;
-  const scalar_t* gs = kBackward ? g + off : nullptr;
-  scalar_t* os = out + off;
-  int64_t done = 0;
-  if (aligned16(xs) && aligned16(os) && (!kBackward || aligned16(gs))) {
-    const int64_t nv = len / VEC;
-    for (int64_t i = threadIdx.x; i < nv; i += blockDim.x) {
-      const V xv = reinterpret_cast<const V*>(xs)[i];
-      V gv, ov;
-      if constexpr (kBackward) gv = reinterpret_cast<const V*>(gs)[i];
+  const scalar_t* xs = x + rb.off;
+  const scalar_t* gs = kBackward ? g + rb.off : nullptr;
+  scalar_t* os = out + rb.off;
+  const int head = head16(xs);
+  const bool packed = head16(os) == head && (!kBackward || head16(gs) == head);
+  const auto f = part::row_segment(rb, head, packed, VEC);
+  const int t = threadIdx.x;
+  if (packed) {
+    // One pack at a time: with both packs' values live across the division's
+    // slow-path call, ptxas spilled (the SASS check caught it).
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) ov.v[k] = one(kBackward ? gv.v[k] : scalar_t(0), xv.v[k]);
-      reinterpret_cast<V*>(os)[i] = ov;
+    for (int k = 0; k < part::kRowPacks; ++k) {
+      const int64_t p = f.pack(0, k, t, blockDim.x);
+      if (p < 0) continue;
+      const int64_t at = f.pack_start(p);
+      const V xv = *reinterpret_cast<const V*>(xs + at);
+      V gv, ov;
+      if constexpr (kBackward) gv = *reinterpret_cast<const V*>(gs + at);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) ov.v[e] = one(kBackward ? gv.v[e] : scalar_t(0), xv.v[e]);
+      *reinterpret_cast<V*>(os + at) = ov;
     }
-    done = nv * VEC;
+  } else {
+#pragma unroll 4
+    for (int k = 0; k < f.ppt; ++k) {
+      const int64_t p = f.pack(0, k, t, blockDim.x);
+      if (p >= 0) os[p] = one(kBackward ? gs[p] : scalar_t(0), xs[p]);
+    }
   }
-  for (int64_t i = done + threadIdx.x; i < len; i += blockDim.x)
-    os[i] = one(kBackward ? gs[i] : scalar_t(0), xs[i]);
+  const int64_t e = f.extra(0, t);
+  if (e >= 0) os[e] = one(kBackward ? gs[e] : scalar_t(0), xs[e]);
 
   if constexpr (kBackward) {
     block_sum(acc);
     if (threadIdx.x == 0) {
-      const int64_t K = geo.R * segs;
-      T* slot = partial + ((n * K + r * segs + s) * geo.C + c) * NP;
 #pragma unroll
-      for (int j = 0; j < NP; ++j) slot[j] = acc[j];
+      for (int j = 0; j < NP; ++j) partial[rb.slot * NP + j] = acc[j];
     }
   }
 }
 
-// ---- rows of C channels (inner == 1: channels_last, (N, L, C)): a 32 x 8 block
-// covers 32 channels (coalesced) and kRowsPerBlock rows of one sample.
+// ---- channels innermost (inner == 1: channels_last, (N, L, C)): each thread takes VEC
+// adjacent channels (one 16-byte pack per row when C % VEC == 0 and every pointer is
+// aligned, else VEC = 1) down its rows; partition.h's channels_launch / channels_thread.
 
-template <template <typename> class OpT, typename scalar_t, typename P, int NP, bool kBackward>
+template <template <typename> class OpT, typename scalar_t, typename P, int NP, int VEC,
+          bool kBackward>
 __global__ void __launch_bounds__(kThreads)
 channels_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                scalar_t* __restrict__ out, ChannelGeometry geo, ParamView<P, NP> pv, int64_t K,
-                opmath_t<scalar_t>* __restrict__ partial) {
+                scalar_t* __restrict__ out, ChannelGeometry geo, ParamView<P, NP> pv,
+                part::ChannelsLaunch l, opmath_t<scalar_t>* __restrict__ partial) {
   using T = opmath_t<scalar_t>;
-  const int64_t c = static_cast<int64_t>(blockIdx.y) * 32 + threadIdx.x;
-  const int64_t t = blockIdx.x;
-  const int64_t n = t / K, k = t % K;
-  const int64_t r_end = min(geo.R, (k + 1) * kRowsPerBlock);
-  T acc[NP];
+  using V = Pack<scalar_t, VEC>;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const part::ChannelsThread th = part::channels_thread(l, geo.R, blockIdx.x, blockIdx.y, tx, ty);
+  T acc[NP][VEC];
 #pragma unroll
-  for (int j = 0; j < NP; ++j) acc[j] = T(0);
-  if (c < geo.C) {
-    T v[NP];
-    pv.load(n, c, v);
-    const auto op = OpT<T>::from(v);
-    for (int64_t r = k * kRowsPerBlock + threadIdx.y; r < r_end; r += blockDim.y) {
-      const int64_t i = (n * geo.R + r) * geo.C + c;
-      if constexpr (kBackward) {
-        T dp[NP];
-        out[i] = static_cast<scalar_t>(op.backward(static_cast<T>(g[i]), static_cast<T>(x[i]), dp));
+  for (int j = 0; j < NP; ++j)
 #pragma unroll
-        for (int j = 0; j < NP; ++j) acc[j] += dp[j];
-      } else {
-        out[i] = static_cast<scalar_t>(op.forward(static_cast<T>(x[i])));
+    for (int e = 0; e < VEC; ++e) acc[j][e] = T(0);
+  if (th.c0 < geo.C) {
+    T pvals[VEC][NP];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) pv.load(th.n, th.c0 + e, pvals[e]);
+#pragma unroll 1
+    for (int64_t r = th.r_begin; r < th.r_end; r += l.ty) {
+      const int64_t i = part::channels_index(geo.R, geo.C, th.n, r, th.c0);
+      const V xv = *reinterpret_cast<const V*>(x + i);
+      V gv, ov;
+      if constexpr (kBackward) gv = *reinterpret_cast<const V*>(g + i);
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const auto op = OpT<T>::from(pvals[e]);
+        if constexpr (kBackward) {
+          T dp[NP];
+          ov.v[e] = static_cast<scalar_t>(
+              op.backward(static_cast<T>(gv.v[e]), static_cast<T>(xv.v[e]), dp));
+#pragma unroll
+          for (int j = 0; j < NP; ++j) acc[j][e] += dp[j];
+        } else {
+          ov.v[e] = static_cast<scalar_t>(op.forward(static_cast<T>(xv.v[e])));
+        }
       }
+      *reinterpret_cast<V*>(out + i) = ov;
     }
   }
   if constexpr (kBackward) {
-    __shared__ T sh[NP][8][33];
+    // Sum over ty by a fixed tree (blockDim.y is a power of two), then row 0 writes.
+    __shared__ T sh[NP][kThreads * VEC];
+    const int lane = (ty * blockDim.x + tx) * VEC;
 #pragma unroll
-    for (int j = 0; j < NP; ++j) sh[j][threadIdx.y][threadIdx.x] = acc[j];
+    for (int j = 0; j < NP; ++j)
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) sh[j][lane + e] = acc[j][e];
     __syncthreads();
-    if (threadIdx.y == 0 && c < geo.C) {
+    for (int s = blockDim.y / 2; s > 0; s /= 2) {
+      if (ty < s) {
+        const int other = lane + s * blockDim.x * VEC;
 #pragma unroll
-      for (int j = 0; j < NP; ++j) {
-        T sum = 0;
-        for (int y = 0; y < 8; ++y) sum += sh[j][y][threadIdx.x];
-        partial[((n * K + k) * geo.C + c) * NP + j] = sum;
+        for (int j = 0; j < NP; ++j)
+#pragma unroll
+          for (int e = 0; e < VEC; ++e) sh[j][lane + e] += sh[j][other + e];
       }
+      __syncthreads();
+    }
+    if (ty == 0 && th.c0 < geo.C) {
+#pragma unroll
+      for (int e = 0; e < VEC; ++e)
+#pragma unroll
+        for (int j = 0; j < NP; ++j)
+          partial[part::channels_slot(l, geo.C, th.n, th.k, th.c0 + e) * NP + j] = sh[j][lane + e];
     }
   }
 }
@@ -261,14 +333,10 @@ __global__ void __launch_bounds__(kThreads)
 finish_kernel(const T* __restrict__ partial, int64_t N, int64_t K, int64_t C, int j,
               bool per_sample, T* __restrict__ out) {
   const int64_t b = blockIdx.x;
-  const int64_t c = b % C;
-  const int64_t n0 = per_sample ? b / C : 0;
-  const int64_t items = per_sample ? K : N * K;  // (n, k) pairs, n from n0
+  const int64_t items = part::finish_items(N, K, per_sample);
   T sum[1] = {T(0)};
-  for (int64_t i = threadIdx.x; i < items; i += blockDim.x) {
-    const int64_t nk = n0 * K + i;
-    sum[0] += partial[(nk * C + c) * NP + j];
-  }
+  for (int64_t i = threadIdx.x; i < items; i += blockDim.x)
+    sum[0] += partial[part::finish_slot(K, C, per_sample, b, i) * NP + j];
   block_sum(sum);
   if (threadIdx.x == 0) out[b] = sum[0];
 }
@@ -292,25 +360,33 @@ struct CudaBackend {
     auto stream = c10::cuda::getCurrentCUDAStream();
     constexpr int VEC = vec_size<scalar_t>();
     if (geo.inner > 1) {
-      const int64_t seg_len = int64_t(kThreads) * kPacksPerThread * VEC;
-      const int64_t segs = ceil_div(geo.inner, seg_len);
-      if (dry_run) return geo.R * segs;
-      const int64_t blocks = geo.N * geo.R * geo.C * segs;
-      // A short run gets a narrower block (a multiple of a warp).
-      const int64_t need = ceil_div(std::min(geo.inner, seg_len), VEC);
-      const int threads = static_cast<int>(std::min<int64_t>(kThreads, ceil_div(need, 32) * 32));
+      const part::RowLaunch l = part::row_launch(geo.N, geo.R, geo.C, geo.inner, VEC);
+      // row_block divides the block index in 32 bits: it must stay below 2^31.
+      TORCH_CHECK(l.blocks <= std::numeric_limits<int32_t>::max(), "fusedact: ", l.blocks,
+                  " row segments (runs of ", geo.inner, " elements) exceed the CUDA grid");
+      if (dry_run) return l.K;
       row_kernel<OpT, scalar_t, P, NP, kBackward>
-          <<<static_cast<unsigned>(blocks), threads, 0, stream>>>(g, x, out, geo, pv, seg_len, segs, partial);
+          <<<static_cast<unsigned>(l.blocks), l.threads, 0, stream>>>(g, x, out, geo, pv, l, partial);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      return geo.R * segs;
+      return l.K;
     }
-    const int64_t K = ceil_div(geo.R, kRowsPerBlock);
-    if (dry_run) return K;
-    const dim3 grid(static_cast<unsigned>(geo.N * K), static_cast<unsigned>(ceil_div(geo.C, 32)));
-    channels_kernel<OpT, scalar_t, P, NP, kBackward>
-        <<<grid, dim3(32, 8), 0, stream>>>(g, x, out, geo, pv, K, partial);
+    constexpr int CVEC = channels_vec_size<scalar_t>();
+    const bool aligned = head16(x) == 0 && head16(out) == 0 && (!kBackward || head16(g) == 0);
+    const int vec = part::channels_vec(geo.C, CVEC, aligned);
+    const part::ChannelsLaunch l = part::channels_launch(geo.N, geo.R, geo.C, vec);
+    TORCH_CHECK(l.grid_x <= std::numeric_limits<int32_t>::max() && l.grid_y <= 65535,
+                "fusedact: ", geo.C, " channels by ", geo.N * geo.R, " rows exceed the CUDA grid");
+    if (dry_run) return l.K;
+    const dim3 grid(static_cast<unsigned>(l.grid_x), static_cast<unsigned>(l.grid_y));
+    const dim3 block(l.tx, l.ty);
+    if (vec == CVEC)
+      channels_kernel<OpT, scalar_t, P, NP, CVEC, kBackward>
+          <<<grid, block, 0, stream>>>(g, x, out, geo, pv, l, partial);
+    else
+      channels_kernel<OpT, scalar_t, P, NP, 1, kBackward>
+          <<<grid, block, 0, stream>>>(g, x, out, geo, pv, l, partial);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    return K;
+    return l.K;
   }
 
   template <template <typename> class OpT, typename scalar_t, typename P, int NP>

@@ -125,7 +125,9 @@ def _mish_fwd(x):
 
 @triton.jit
 def _mish_bwd(g, x):
-    # dy/dx = t + x (1 - t^2) s(x), 1 - t^2 = 2 (q + n) / q^2 with q = n + 2
+    # dy/dx = t + x (1 - t^2) s(x), 1 - t^2 = 2 (q + n) / q^2 with q = n + 2; one
+    # division, r = 1 / ((1 + e) q), for 1 / q = (1 + e) r and s = e / (1 + e) = e q r
+    # (activation_math.h's Mish::backward)
     if x.dtype == tl.float64:
         big = x >= 40.0
     else:
@@ -133,9 +135,12 @@ def _mish_bwd(g, x):
     e = _exp(tl.where(big, 0.0, x))
     n = e * (e + 2.0)
     q = n + 2.0
-    t = tl.where(big, 1.0, n / q)
-    one_minus_t2 = tl.where(big, 0.0, 2.0 * (q + n) / (q * q))
-    s = e / (1.0 + e)
+    p = 1.0 + e
+    r = 1.0 / (p * q)
+    inv_q = p * r
+    t = tl.where(big, 1.0, n * inv_q)
+    one_minus_t2 = tl.where(big, 0.0, (2.0 * (q + n) * inv_q) * inv_q)
+    s = e * (q * r)
     return g * (t + x * one_minus_t2 * s)
 
 
