@@ -8,6 +8,7 @@ import fusedact
 from fusedact import reference
 
 from conftest import TOL, is_dense, reduction_tol
+from fusedact.testing import check_no_less_accurate  # noqa: F401  (the one rule, shared with users)
 
 
 def op_fn(op: str, backend: str | None = None, channel_dim: int = 1):
@@ -162,13 +163,3 @@ def outputs_and_grads(model, x, *, with_x=True, autocast_dtype=None):
         y = model(x)
     g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64, device=y.device).reshape(y.shape).to(y.dtype)
     return [y] + list(torch.autograd.grad(y, ([x] if with_x else []) + list(model.parameters()), g))
-
-
-def check_no_less_accurate(named, slack):
-    """For each (name, actual, baseline, truth64): the relative error (2-norm) of actual
-    against the float64 truth is at most twice the baseline's, plus ``slack``."""
-    for name, actual, baseline, truth in named:
-        scale = truth.norm().clamp_min(1e-30)
-        err = ((actual.double() - truth).norm() / scale).item()
-        err_baseline = ((baseline.double() - truth).norm() / scale).item()
-        assert err <= 2 * err_baseline + slack, f"{name}: relative error {err:.3g}, baseline's {err_baseline:.3g}"
