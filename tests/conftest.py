@@ -77,3 +77,26 @@ def cpu_isa(request):
     fusedact._C.set_cpu_isa(request.param)
     yield request.param
     fusedact._C.set_cpu_isa(before)
+
+
+# ---- the `install` marker: the subset that .ci/install_paths.sh runs against torch 2.13
+# (CPU only) after the whole suite has run on the main install. Whole files that touch
+# every layer: the API and its argument checks, numerics (every float16/bfloat16 value),
+# autograd, opcheck, double backward and torch.compile, conversion, fusedact.testing and
+# the selftest; of the parity grid, the CPU native cases in contiguous and channels_last.
+INSTALL_FILES = {"test_api.py", "test_numerics.py", "test_autograd_and_ops.py", "test_compile.py",
+                 "test_convert.py", "test_testing.py", "test_selftest.py"}
+
+
+def _in_install_subset(item) -> bool:
+    if item.path.name in INSTALL_FILES:
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return (item.path.name == "test_parity.py" and params.get("device") == "cpu"
+            and params.get("backend") == "native" and params.get("layout", "contiguous") in ("contiguous", "channels_last"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _in_install_subset(item):
+            item.add_marker(pytest.mark.install)
