@@ -81,3 +81,33 @@ def test_a_bad_call_that_raises_nothing_fails(tmp_path):
     rows = selftest._bad_call_rows("cpu", cmd=cmd)
     assert [r["status"] for r in rows] == ["FAIL", "FAIL"]  # the call, and 1 of 11 calls run
     assert rows[0]["detail"] == "no error raised"
+
+
+def test_public_api_rejects_bad_arguments_before_any_op_runs():
+    """The bad calls of the public API raise in Python, before a fused op is dispatched,
+    so no C++ exception is involved (the H100 machine's SIGSEGV came from those)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    public = [(name, call) for name, call in selftest._bad_calls("cpu") if not name.startswith("op ")]
+    assert len(public) == 5
+    for name, call in public:
+        with Record() as rec:
+            try:
+                call()
+            except RuntimeError:
+                pass
+            else:
+                raise AssertionError(f"{name}: no error")
+        assert not [op for op in rec.ops if "fusedact" in op], (name, rec.ops)
+    with Record() as rec:  # the recorder does see the fused ops of a good call
+        fusedact.mish(torch.randn(3))
+    assert any("fusedact" in op for op in rec.ops), rec.ops
