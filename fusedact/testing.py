@@ -255,10 +255,11 @@ def assert_parity(
     The rule, per tensor: its relative error (2-norm) against the float64 truth is at
     most twice the eager model's in the same dtype, plus ``slack_for(dtype)``: half an
     ulp of float16/bfloat16 (one rounding from float32), 4 ulp of float32/float64 (the
-    kernels' own arithmetic). In
-    float64 the eager copy *is* the truth, so its error is estimated from a float32 run:
-    rounding errors are first-order linear in the unit roundoff, so a model's float64
-    error is its float32 error times eps64 / eps32.
+    kernels' own arithmetic). In float64 the eager copy *is* the truth, so its error is
+    estimated from a float32 run: rounding errors are first-order linear in the unit
+    roundoff, so a model's float64 error is its float32 error times eps64 / eps32. A
+    tensor that the eager model gets no digit of right is reported, not judged
+    (``ParityRow.judged``).
 
     Returns the ParityReport (one row per tensor) on success; on failure raises an
     AssertionError with the worst tensors (name, errors, bound).
