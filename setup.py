@@ -21,6 +21,19 @@ if "CUDA_HOME" not in os.environ and Path("/usr/local/cuda/bin/nvcc").exists():
     os.environ["CUDA_HOME"] = "/usr/local/cuda"
 
 import torch  # noqa: E402
+
+# The supported torch range: from the oldest torch CI tests (.ci/install_paths.sh) on.
+# FUSEDACT_ALLOW_UNTESTED_TORCH=1 builds against an older one anyway (e.g. to reproduce
+# a problem seen there).
+TORCH_MIN = (2, 13)
+_torch_version = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+if _torch_version < TORCH_MIN and os.environ.get("FUSEDACT_ALLOW_UNTESTED_TORCH") != "1":
+    raise RuntimeError(
+        f"fusedact needs torch >= {'.'.join(map(str, TORCH_MIN))} (the oldest torch it is tested "
+        f"with); this build would use torch {torch.__version__} from {os.path.dirname(torch.__file__)}. "
+        "Install a newer torch, or set FUSEDACT_ALLOW_UNTESTED_TORCH=1 to build anyway."
+    )
+
 from torch.utils.cpp_extension import (  # noqa: E402
     CUDA_HOME,
     BuildExtension,
@@ -84,6 +97,6 @@ setup(
     ],
     cmdclass={"build_ext": BuildExtension},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4"],
+    install_requires=[f"torch>={'.'.join(map(str, TORCH_MIN))}"],
     zip_safe=False,
 )

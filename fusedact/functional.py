@@ -2,10 +2,13 @@
 
 ``backend``: ``None`` or ``"native"`` runs the fused C++/CUDA kernels (torch.ops.fusedact),
 ``"triton"`` the Triton kernels (torch.ops.fusedact_triton; a clear error where triton
-is missing), ``"eager"`` the reference implementations (fusedact.reference). The native path checks
-its arguments in C++ (and in the fakes under torch.compile), so a call costs one op
-dispatch; the checks below serve the eager backend and the fakes, with the same
-messages.
+is missing), ``"eager"`` the reference implementations (fusedact.reference). Every
+backend checks its arguments here, in Python, before any op runs: a user's bad argument
+then raises a RuntimeError whatever the C++ build does with an exception (on one
+machine, torch 2.11 with its own compiler, the C++ checks' exceptions crashed the
+process with SIGSEGV; `python -m fusedact.selftest` runs those calls in a child process
+to tell). The ops check again in C++ (and in the fakes under torch.compile), with the
+same messages.
 """
 from __future__ import annotations
 
@@ -150,10 +153,10 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, backend: str | N
     ``beta``: a Python float, or a one-element tensor, which then gets a gradient.
     """
     backend = _backend(backend)
+    check_x("fusedact.swish", x)
+    if isinstance(beta, torch.Tensor):
+        check_swish_beta("fusedact.swish", beta, x)
     if backend == "eager":
-        check_x("fusedact.swish", x)
-        if isinstance(beta, torch.Tensor):
-            check_swish_beta("fusedact.swish", beta, x)
         return reference.swish(x, beta)
     fn = _functions(backend).SwishFunction
     if isinstance(beta, torch.Tensor):
@@ -164,8 +167,8 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, backend: str | N
 def mish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Mish, ``x * tanh(softplus(x))``."""
     backend = _backend(backend)
+    check_x("fusedact.mish", x)
     if backend == "eager":
-        check_x("fusedact.mish", x)
         return reference.mish(x)
     return _functions(backend).MishFunction.apply(x)
 
@@ -173,8 +176,8 @@ def mish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
 def hard_swish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Hard-Swish, ``x * relu6(x + 3) / 6`` (x itself for x >= 3)."""
     backend = _backend(backend)
+    check_x("fusedact.hard_swish", x)
     if backend == "eager":
-        check_x("fusedact.hard_swish", x)
         return reference.hard_swish(x)
     return _functions(backend).HardSwishFunction.apply(x)
 
@@ -195,7 +198,7 @@ def acon_c(
     (1 for NCHW, -1 for (N, L, C)).
     """
     backend = _backend(backend)
+    check_acon_args("fusedact.acon_c", x, p1, p2, beta, channel_dim)
     if backend == "eager":
-        check_acon_args("fusedact.acon_c", x, p1, p2, beta, channel_dim)
         return reference.acon_c(x, p1, p2, beta, channel_dim=channel_dim)
     return _functions(backend).AconCFunction.apply(x, p1, p2, beta, channel_dim)

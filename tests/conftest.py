@@ -1,7 +1,6 @@
 """Devices, dtypes, layouts and the tolerance table shared by the tests."""
 from __future__ import annotations
 
-import math
 import os
 
 import pytest
@@ -14,6 +13,7 @@ if not torch.cuda.is_available():
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 import fusedact  # noqa: E402
+from fusedact.testing import TOL, is_dense, opmath_eps, reduction_tol  # noqa: E402,F401  (shared with the selftest)
 
 HAS_CUDA = torch.cuda.is_available() and fusedact.build_info()["cuda"]
 HAS_TRITON = fusedact.triton.available()
@@ -41,53 +41,6 @@ def _skip_backend_device_mismatch(request):
         pytest.skip("TRITON_INTERPRET=1: Triton kernels run on the CPU only")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OPS = ["swish", "mish", "hard_swish", "acon_c"]
-
-# Elementwise tolerance per output dtype: torch.testing's defaults. Every kernel computes
-# in float32 (float64 for float64) with a few ulp of error, then rounds once: the error
-# is at most 0.5 ulp of the dtype plus a few float32 ulp. That is within rtol for
-# float16 (0.5 ulp = 4.9e-4 < 1e-3) and bfloat16 (3.9e-3 < 1.6e-2), and float32's
-# rtol of 1.3e-6 is 11 ulp; atol covers results that cancel to near zero (the backward
-# of swish at x = -1.28, acon_c where d s + p2 = 0), where the error is a few ulp of the
-# terms' size rather than of the result.
-TOL = {
-    torch.float32: dict(rtol=1.3e-6, atol=1e-5),
-    torch.float64: dict(rtol=1e-7, atol=1e-7),
-    torch.float16: dict(rtol=1e-3, atol=1e-5),
-    torch.bfloat16: dict(rtol=1.6e-2, atol=1e-5),
-}
-
-
-def opmath_eps(dtype: torch.dtype) -> float:
-    return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-
-
-def reduction_tol(terms_abs_sum: torch.Tensor, n_terms: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
-                  ref: torch.Tensor) -> torch.Tensor:
-    """Bound on the error of a parameter gradient: a sum of n_terms products computed in
-    opmath. Each term carries a few opmath ulp (8 allowed); rounding errors in a sum
-    of n terms accumulate like a random walk, ~sqrt(n) ulp of the running magnitude,
-    itself at most sum|terms|; the result is then rounded once to the parameter dtype.
-    The float64 reference has its own error: eager autograd forms differences such as
-    x - x h that cancel in float64 too, about one float64 ulp of the parts (8 eps64).
-    The final rounding is half an ulp of the result, or of the subnormal spacing
-    (tiny * eps) below the normal range.
-    """
-    eps = opmath_eps(x_dtype)
-    eps64 = torch.finfo(torch.float64).eps
-    fp = torch.finfo(p_dtype)
-    rounding = fp.eps * torch.maximum(ref.abs(), torch.full_like(ref, fp.tiny))
-    return (eps * (8 + math.sqrt(n_terms)) + 8 * eps64) * terms_abs_sum + rounding
-
-
-def is_dense(x: torch.Tensor) -> bool:
-    """x's elements fill one block of memory with no gaps or overlaps (any order)."""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
 
 def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     """x's values in the given memory layout (a view or a copy; same values)."""
@@ -128,3 +81,26 @@ def cpu_isa(request):
     fusedact._C.set_cpu_isa(request.param)
     yield request.param
     fusedact._C.set_cpu_isa(before)
+
+
+# ---- the `install` marker: the subset that .ci/install_paths.sh runs against torch 2.13
+# (CPU only) after the whole suite has run on the main install. Whole files that touch
+# every layer: the API and its argument checks, numerics (every float16/bfloat16 value),
+# autograd, opcheck, double backward and torch.compile, conversion, fusedact.testing and
+# the selftest; of the parity grid, the CPU native cases in contiguous and channels_last.
+INSTALL_FILES = {"test_api.py", "test_numerics.py", "test_autograd_and_ops.py", "test_compile.py",
+                 "test_convert.py", "test_testing.py", "test_selftest.py"}
+
+
+def _in_install_subset(item) -> bool:
+    if item.path.name in INSTALL_FILES:
+        return True
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return (item.path.name == "test_parity.py" and params.get("device") == "cpu"
+            and params.get("backend") == "native" and params.get("layout", "contiguous") in ("contiguous", "channels_last"))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _in_install_subset(item):
+            item.add_marker(pytest.mark.install)

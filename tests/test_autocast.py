@@ -39,7 +39,9 @@ def make_model(backend, channels=16):
 @pytest.mark.parametrize("device,dtype", CASES)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_autocast_matches_eager_accuracy(backend, device, dtype):
-    # a fixed input: drawn from the global generator, x depended on the tests run before
+    # A fixed input, from its own generator: drawn from the global one, x depended on the
+    # tests run before, and the check of MetaAconC's fc1.bias gradient (a small sum that
+    # cancels) failed for about 1 input in 12 on the CPU, 3.8-5x eager's error.
     x = torch.randn(8, 3, 12, 12, generator=torch.Generator().manual_seed(0)).to(device)
     fused, eager = make_model(backend).to(device), make_model("eager").to(device)
     truth = make_model("eager").to(device).double()  # the same weights, float64, no autocast

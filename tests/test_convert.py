@@ -1,8 +1,10 @@
 """fusedact.convert: real timm models and the ACON code's modules, converted in place,
-compute the same outputs and gradients (to float32 rounding) with the same parameters."""
+compute the same outputs and gradients (to float32 rounding) with the same parameters.
+The numbers are checked with fusedact.testing.assert_parity, the users' own check: the
+fused kernels and ATen's round differently (a few ulp), so "the same" means at most
+twice the eager model's error against a float64 copy, plus 4 float32 ulp."""
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -11,18 +13,7 @@ from torch import nn
 
 import fusedact
 from conftest import FUSED_BACKENDS
-from helpers import check_no_less_accurate, outputs_and_grads
-
-EPS32 = torch.finfo(torch.float32).eps
-
-
-def check_same_to_rounding(before, after, truth):
-    """after (converted) against float64: relative error (2-norm) at most twice that of
-    before (the original modules), plus 4 float32 ulp, the accuracy SPEC.md asks of a
-    float32 kernel. The fused kernels and ATen's round differently (a few ulp), so
-    "identical" means the same to float32 rounding, not bit for bit."""
-    named = [(f"tensor {k}", b, a, c) for k, (a, b, c) in enumerate(zip(before, after, truth))]
-    check_no_less_accurate(named, slack=4 * EPS32)
+from fusedact.testing import assert_parity
 
 
 def count(model, types):
@@ -44,19 +35,15 @@ def test_convert_timm_model(name, kwargs, act, fused):
     model = timm.create_model(name, pretrained=False, num_classes=10, **kwargs).eval()
     n_act = count(model, act)
     assert n_act > 0
-    truth_model = copy.deepcopy(model).double()
     params_before = list(model.parameters())
     keys_before = list(model.state_dict())
-    x = torch.randn(4, 3, 64, 64)
-    before = outputs_and_grads(model, x)
+    report = assert_parity(model, torch.randn(4, 3, 64, 64))
+    assert len(report) == 2 + len(params_before)  # output, dx, every parameter
 
     assert fusedact.convert(model) is model
     assert count(model, act) == 0 and count(model, fused) == n_act
     assert all(a is b for a, b in zip(model.parameters(), params_before))
     assert list(model.state_dict()) == keys_before
-
-    after = outputs_and_grads(model, x)
-    check_same_to_rounding(before, after, outputs_and_grads(truth_model, x.double()))
 
 
 # ---- the ACON code's modules, written from the paper's formula in the forms its
@@ -173,11 +160,11 @@ ACON_TYPES = (AconC, AconCSeq, MetaAconC, MetaAconCBN, MetaAconCSigmoid, MetaAco
 def test_convert_acon_modules(backend, training):
     torch.manual_seed(0)
     model = AconNet().train(training)
-    truth_model = copy.deepcopy(model).double()
     params_before = list(model.parameters())
     keys_before = list(model.state_dict())
-    x = torch.randn(4, 3, 8, 8)
-    before = outputs_and_grads(model, x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert_parity(model, torch.randn(4, 3, 8, 8), backend=backend)
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # every ACON form is recognised: no "left as it is"
@@ -189,9 +176,6 @@ def test_convert_acon_modules(backend, training):
     assert all(a is b for a, b in zip(model.parameters(), params_before))
     assert list(model.state_dict()) == keys_before
     assert all(m.training == training for m in model.modules())
-
-    after = outputs_and_grads(model, x)
-    check_same_to_rounding(before, after, outputs_and_grads(truth_model, x.double()))
 
 
 def test_convert_keeps_optimizer_and_sharing():
