@@ -55,6 +55,18 @@ def make_params(op, x, *, channel_dim=1, per_sample=False, module_layout=False, 
     return [p1, p2, beta]
 
 
+def every_module_cnn(backend, c_in: int = 3, width: int = 8, r: int = 4):
+    """Convolutions with every fusedact module between them (float32, CPU); callers add a head."""
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(c_in, width, 3, padding=1), fusedact.nn.AconC(width, backend=backend),
+        nn.Conv2d(width, width, 3, padding=1), fusedact.nn.MetaAconC(width, r=r, backend=backend),
+        fusedact.nn.Swish(1.3, learnable=True, backend=backend), fusedact.nn.Mish(backend=backend),
+        fusedact.nn.HardSwish(backend=backend),
+    )
+
+
 def rand_x(shape, dtype, device, seed=0, scale=3.0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype).to(device)
