@@ -10,6 +10,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.fusedact.*)
 from . import _ops  # noqa: F401  (fakes for torch.compile)
+from . import onnx as _onnx
 from .functions import register_autograd as _register_autograd
 from . import nn, reference
 from ._build_config import CUDA_ARCH_LIST as _CUDA_ARCH_LIST
@@ -19,6 +20,7 @@ from .functional import BACKENDS, acon_c, hard_swish, mish, swish
 from . import triton  # noqa: E402  (never fails without triton)
 
 _register_autograd("fusedact")  # torch.ops.fusedact.* differentiable by themselves
+_onnx.install("fusedact")  # torch.onnx.export turns the ops into standard ONNX operators
 
 __all__ = ["swish", "mish", "hard_swish", "acon_c", "convert", "nn", "reference", "build_info", "BACKENDS"]
 

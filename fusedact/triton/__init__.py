@@ -42,6 +42,9 @@ def _load() -> None:
         _error = f"the Triton kernels could not be loaded: {e}"
         return
     register_autograd("fusedact_triton", prefix="Triton")
+    from .. import onnx
+
+    onnx.install("fusedact_triton")
     _ops = torch.ops.fusedact_triton
 
 
