@@ -20,7 +20,7 @@ venv: $(VENV)/.ready
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" ninja pybind11 pytest pytest-xdist numpy expecttest \
-		setuptools wheel matplotlib timm scikit-learn onnx onnxscript onnxruntime
+		setuptools wheel matplotlib timm scikit-learn onnx onnxscript onnxruntime ultralytics
 	touch $@
 
 # --no-build-isolation: build against the torch in the venv (torch is not a build
