@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+import fusedact
 from conftest import FUSED_BACKENDS, TOL
 from helpers import every_module_cnn, make_params, op_fn, rand_x
 
@@ -142,3 +143,12 @@ def test_deepcopy_pickle_state_dict(backend):
     for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m)), fresh):
         for a, b in zip(expected, grads_of(other, x)):
             assert torch.equal(a, b)
+
+
+def test_swish_loads_a_zero_dim_beta():
+    """Swish's learnable beta is (1,) (FSDP2 shards no 0-dim parameter); a state dict
+    with the earlier 0-dim beta loads into it."""
+    sw = fusedact.nn.Swish(1.0, learnable=True)
+    assert sw.beta.shape == (1,)
+    sw.load_state_dict({"beta": torch.tensor(1.7)})
+    assert sw.beta.shape == (1,) and sw.beta.item() == pytest.approx(1.7)
