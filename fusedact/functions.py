@@ -30,11 +30,21 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-from torch.autograd import Function
+from torch.autograd import Function, forward_ad
 
 from . import reference
 
-__all__ = ["register_autograd", "function_of"]
+__all__ = ["register_autograd", "invoke"]
+
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_any_requires_grad = torch._C._any_requires_grad
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _differentiating(args) -> bool:
+    """A gradient is wanted: backward (grad mode and an input that requires grad), or
+    forward AD (a dual level is open: its dual tensors do not require grad)."""
+    return (torch.is_grad_enabled() and _any_requires_grad(*args)) or forward_ad._current_level >= 0
 
 
 @dataclass(frozen=True)
@@ -107,15 +117,46 @@ def _first_order(ref: Callable) -> Callable:
     return first
 
 
+def _jvp(fn: Callable, primals: tuple, tangents: tuple):
+    """The JVP of the eager ``fn`` at ``primals``: torch.func.jvp inside a transform;
+    outside one (torch.autograd.forward_ad, whose dual level is open and cannot nest)
+    the double-VJP: the VJP at u is linear in u, and its gradient in u along the
+    tangents is the JVP."""
+    if _functorch_active():
+        return torch.func.jvp(fn, primals, tangents)[1]
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_() for p in primals]
+        out = fn(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        us = [torch.zeros_like(o, requires_grad=True) for o in outs]
+        vjps = torch.autograd.grad(outs, leaves, us, create_graph=True, allow_unused=True)
+        used = [(v, t) for v, t in zip(vjps, tangents) if v is not None]
+        jvps = torch.autograd.grad([v for v, _ in used], us, [t for _, t in used], allow_unused=True)
+    jvps = tuple(j if j is not None else torch.zeros_like(o) for j, o in zip(jvps, outs))
+    return jvps if isinstance(out, tuple) else jvps[0]
+
+
 def _present(spec: OpSpec, args) -> list[int]:
     """The slots holding a tensor in this call (swish's beta_tensor may be None)."""
     return [s for s in spec.slots if args[s] is not None]
 
 
 def _function_class(name, doc, forward, setup_context, backward, jvp, vmap) -> type:
+    """The Function for torch.func (``setup_context``, ``vmap``), with ``.plain``: the same
+    Function in the older form, ``forward(ctx, *args)``, for plain autograd. Applying a
+    Function with ``setup_context`` binds its arguments with inspect.signature on every
+    call (about 15 us here); the older form does not, and plain autograd needs no more."""
     methods = dict(forward=forward, setup_context=setup_context, backward=backward, jvp=jvp, vmap=vmap)
-    return type(name, (Function,), {"__doc__": doc, "__module__": __name__,
-                                    **{k: staticmethod(v) for k, v in methods.items()}})
+    cls = type(name, (Function,), {"__doc__": doc, "__module__": __name__,
+                                   **{k: staticmethod(v) for k, v in methods.items()}})
+
+    def plain_forward(ctx, *args):
+        setup_context(ctx, args, None)  # saves the inputs only: the output is not used
+        return forward(*args)
+
+    cls.plain = type(name, (Function,), {"__doc__": doc, "__module__": __name__, "forward": staticmethod(plain_forward),
+                                         "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
+    return cls
 
 
 def _forward_function(spec: OpSpec, ops, forward_op, vmap, name: str) -> type:
@@ -123,7 +164,8 @@ def _forward_function(spec: OpSpec, ops, forward_op, vmap, name: str) -> type:
         return _as_tuple(invoke(ops, f"{spec.name}_backward", *args))
 
     def forward(*args):
-        return forward_op(*args)
+        with _below_autograd():  # what the op's Autograd kernel would do here, minus the round trip
+            return forward_op(*args)
 
     def setup_context(ctx, inputs, output):
         _save(ctx, inputs)
@@ -148,7 +190,7 @@ def _forward_function(spec: OpSpec, ops, forward_op, vmap, name: str) -> type:
             ref = spec.reference(args)
             primals = tuple(args[s] for s in params)
             dirs = tuple(tangents[s] if tangents[s] is not None else torch.zeros_like(args[s]) for s in params)
-            _, part = torch.func.jvp(lambda *p: ref(x, *p), primals, dirs)
+            part = _jvp(lambda *p: ref(x.detach(), *p), primals, dirs)
             out = part if out is None else out + part
         return out if out is not None else torch.zeros_like(x)
 
@@ -158,7 +200,8 @@ def _forward_function(spec: OpSpec, ops, forward_op, vmap, name: str) -> type:
 
 def _backward_function(spec: OpSpec, backward_op, vmap, name: str) -> type:
     def forward(grad, *args):
-        return backward_op(grad, *args)
+        with _below_autograd():
+            return backward_op(grad, *args)
 
     def setup_context(ctx, inputs, output):
         _save(ctx, inputs)
@@ -185,7 +228,7 @@ def _backward_function(spec: OpSpec, backward_op, vmap, name: str) -> type:
         # forward AD's dual tensors may not overlap themselves: a stride-0 grad (of a
         # sum) or tangent is made dense first
         dense = tuple(t.contiguous() for t in (grad, *primals)), tuple(t.contiguous() for t in dirs)
-        _, out_t = torch.func.jvp(_first_order(spec.reference(args)), *dense)
+        out_t = _jvp(_first_order(spec.reference(args)), *dense)
         out_t = list(out_t)
         outs = []
         for slot in spec.slots:  # the backward op's outputs: one per slot
@@ -206,11 +249,9 @@ _FUNCTORCH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicL
 def _autograd_kernel(function: type, op) -> Callable:
     """The op's Autograd kernel: the Function when a gradient is wanted, else the kernel."""
     after_autograd = torch._C._after_autograd_keyset
-    any_requires_grad = torch._C._any_requires_grad
-    below_autograd = torch._C._AutoDispatchBelowAutograd
 
     def kernel(keyset, *args):
-        if torch._C._are_functorch_transforms_active():
+        if _functorch_active():
             # A user's direct call of the op inside a torch.func transform: the
             # dispatcher reaches this kernel from inside the transform's layer, which has
             # excluded the functorch keys, where applying the Function fails. It is
@@ -219,36 +260,43 @@ def _autograd_kernel(function: type, op) -> Callable:
             with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
                                                  torch._C._dispatch_tls_local_exclude_set() - _FUNCTORCH_KEYS):
                 return function.apply(*args)
-        if torch.is_grad_enabled() and any_requires_grad(*args):
-            return function.apply(*args)
-        with below_autograd():
+        if _differentiating(args):
+            return function.plain.apply(*args)
+        with _below_autograd():
             return op.redispatch(keyset & after_autograd, *args)
 
     return kernel
 
 
 _LIBRARIES = []  # the registrations live as long as these do
-_FUNCTIONS: dict[str, dict[str, type]] = {}  # namespace -> op name -> Function
-
-
-def function_of(ops, op: str) -> type:
-    """The autograd.Function of ``op`` (e.g. "mish_forward") in the namespace ``ops``."""
-    return _FUNCTIONS[ops.name][op]
+_FUNCTIONS: dict[str, dict[str, tuple]] = {}  # namespace -> op name -> (OpOverload, Function)
 
 
 def invoke(ops, op: str, *args):
     """``torch.ops.<ns>.<op>(*args)``, for fusedact's own calls (the functional API, the
-    Functions' backward and jvp, the vmap rules). Inside a torch.func transform the
-    op's Function is applied from Python instead, where the transform sees it whole:
-    the Autograd kernel is reached from inside the transform's layer (see _autograd_kernel)."""
-    if torch._C._are_functorch_transforms_active():
-        return _FUNCTIONS[ops.name][op].apply(*args)
-    return getattr(ops, op)(*args)
+    Functions' backward and jvp, the vmap rules), by the shortest way to the same result:
+    - under torch.compile, the op itself (Dynamo records it; AOT autograd reaches its
+      Autograd kernel);
+    - inside a torch.func transform, or when a gradient is wanted, the op's Function,
+      applied from Python: a transform sees it whole there (the Autograd kernel is
+      reached from inside the transform's layer, see _autograd_kernel), and it skips
+      the round trip through the dispatcher into the Python Autograd kernel;
+    - otherwise the kernel below autograd, which the Autograd kernel would pick anyway.
+    """
+    overload, function = _FUNCTIONS[ops.name][op]
+    if torch.compiler.is_compiling():
+        return overload(*args)
+    if _functorch_active():
+        return function.apply(*args)
+    if _differentiating(args):
+        return function.plain.apply(*args)
+    with _below_autograd():
+        return overload(*args)
 
 
 def register_autograd(namespace: str, prefix: str = "") -> dict[str, type]:
     """Registers the Autograd kernels of every op in ``torch.ops.<namespace>``; returns
-    their Functions (``MishFunction``, ``MishBackwardFunction``, ...) by op name."""
+    their Functions by name (``MishFunction``, ``MishBackwardFunction``, ...)."""
     from ._vmap import vmap_rules
 
     ops = getattr(torch.ops, namespace)
@@ -266,8 +314,9 @@ def register_autograd(namespace: str, prefix: str = "") -> dict[str, type]:
         lib.impl(f"{spec.name}_backward", _autograd_kernel(bwd, backward_op), "Autograd", with_keyset=True)
         for op in (f"{spec.name}_forward", f"{spec.name}_backward"):  # the ops called directly under vmap
             torch.library.register_vmap(f"{namespace}::{op}", op_rules[op], lib=lib)
-        functions[f"{spec.name}_forward"] = fwd
-        functions[f"{spec.name}_backward"] = bwd
+        functions[fwd.__name__] = fwd
+        functions[bwd.__name__] = bwd
+        _FUNCTIONS.setdefault(namespace, {}).update({
+            f"{spec.name}_forward": (forward_op, fwd), f"{spec.name}_backward": (backward_op, bwd)})
     _LIBRARIES.append(lib)
-    _FUNCTIONS[namespace] = functions
     return functions

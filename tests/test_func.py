@@ -169,3 +169,24 @@ def test_per_sample_gradients_of_a_model(backend):
     ((fused(x) - target) ** 2).sum().backward()
     for k, p in fused.named_parameters():
         torch.testing.assert_close(gf[k].sum(0), p.grad, **TIGHT)
+
+
+@pytest.mark.parametrize("case", CASES, ids=ids)
+def test_forward_ad_without_torch_func(case):
+    """torch.autograd.forward_ad (dual tensors, no torch.func): the tangent of the
+    output equals the eager one, through the functional API and the op itself."""
+    import torch.autograd.forward_ad as fwAD
+
+    x, params, _ = case_inputs(case, shape=(2, 3, 2, 2))
+    f, e = fn_pair(case, "native")
+    tangents = [rand_x(t.shape, torch.float64, "cpu", seed=21 + i) for i, t in enumerate((x, *params))]
+    results = []
+    for g in (f, e):
+        with fwAD.dual_level():
+            duals = [fwAD.make_dual(t, d) for t, d in zip((x, *params), tangents)]
+            results.append(fwAD.unpack_dual(g(*duals)).tangent)
+    torch.testing.assert_close(results[0], results[1], **TIGHT)
+    if case[0] == "mish":
+        with fwAD.dual_level():
+            out = torch.ops.fusedact.mish_forward(fwAD.make_dual(x, tangents[0]))
+            torch.testing.assert_close(fwAD.unpack_dual(out).tangent, results[1], **TIGHT)
