@@ -21,7 +21,7 @@ $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q nvidia-cuda-cuobjdump  # cuobjdump, for tools/sass_report.py (make sass, CI)
 	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" ninja pybind11 pytest pytest-xdist numpy expecttest \
-		setuptools wheel matplotlib timm scikit-learn
+		setuptools wheel matplotlib timm scikit-learn onnx onnxscript onnxruntime ultralytics
 	touch $@
 
 # --no-build-isolation: build against the torch in the venv (torch is not a build

@@ -343,6 +343,81 @@ def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, write
     progress.step(f"{op} {dtype_name} {layout} {beta_kind} " + "x".join(map(str, shape)))
 
 
+# ---- call overhead: small tensors, one thread
+
+
+OVERHEAD_SIZES = [8, 12, 16]
+OVERHEAD_MODES = ["forward (no grad)", "forward+backward"]
+
+
+def overhead_case(op, numel):
+    """x (and g, params) for the overhead case: 1-D for the unary ops, (4, 16, L) with
+    per-channel (16,) parameters for acon_c."""
+    gen = torch.Generator().manual_seed(0)
+    shape = (4, 16, max(1, numel // 64)) if op == "acon_c" else (numel,)
+    x = torch.randn(shape, generator=gen) * 3
+    params = []
+    if op == "acon_c":
+        params = [torch.randn(1, 16, 1, generator=gen), torch.randn(1, 16, 1, generator=gen), 1 + 0.5 * torch.rand(1, 16, 1, generator=gen)]
+    return x, torch.randn(shape, generator=gen), params
+
+
+def run_overhead(args, meta, writer, rows):
+    """No-grad forward and forward+backward of tiny tensors on one thread: what a call
+    costs beyond its kernel, fused against eager (F.silu, F.mish, F.hardswish, the
+    ACON-C module's five ops)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for op in args.ops:
+            all_fns = fns(op)
+            for size in args.sizes:
+                x, g, params = overhead_case(op, 1 << size)
+                if op == "acon_c":  # fusedact takes (C,) parameters for channel_dim=1 on any rank
+                    native = lambda x, p1, p2, b: fusedact.acon_c(x, p1.reshape(-1), p2.reshape(-1), b.reshape(-1))  # noqa: E731
+                else:
+                    native = all_fns["native"]
+                funcs = {"eager": all_fns["eager"], "native": native}
+                for p, f in funcs.items():  # checked against float64 before it is timed
+                    status = check(op, p, x, g, params, f)
+                    if status:
+                        raise RuntimeError(status)
+                xl = x.requires_grad_()
+                leaves = [p.requires_grad_() for p in params]
+                runs = {}
+                for p, f in funcs.items():
+                    runs[(p, OVERHEAD_MODES[0])] = lambda f=f: _no_grad_call(f, x, params)
+                    runs[(p, OVERHEAD_MODES[1])] = lambda f=f: torch.autograd.grad(f(xl, *leaves), [xl] + leaves, g)
+                times = bench_cpu(runs, args.min_run_time, args.rounds)
+                for mode in OVERHEAD_MODES:
+                    for p in funcs:
+                        t50, t20, t80 = times[(p, mode)]
+                        row = dict(meta, op=op, dtype="float32", layout="contiguous", beta="channel" if op == "acon_c" else "",
+                                   numel=x.numel(), shape="x".join(map(str, x.shape)), provider=p,
+                                   mode=f"overhead: {mode}, 1 thread", metric="time", unit="ms",
+                                   p50=f"{t50:.5f}", p20=f"{t20:.5f}", p80=f"{t80:.5f}", status="ok")
+                        if p != "eager":
+                            row["speedup_vs_eager"] = f"{times[('eager', mode)][0] / t50:.3f}"
+                        writer.writerow(row)
+                        rows.append(row)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _no_grad_call(f, x, params):
+    with torch.no_grad():
+        return f(x, *params)
+
+
+def print_overhead_table(rows, out=sys.stdout):
+    print(f"{'op':<11}{'numel':>8}  {'mode':<38}{'eager us':>10}{'native us':>11}{'native/eager':>14}", file=out)
+    by_key = {}
+    for r in rows:
+        by_key.setdefault((r["op"], int(r["numel"]), r["mode"]), {})[r["provider"]] = float(r["p50"]) * 1e3
+    for (op, n, mode), t in by_key.items():
+        print(f"{op:<11}{n:>8}  {mode:<38}{t['eager']:>10.2f}{t['native']:>11.2f}{t['native'] / t['eager']:>13.2f}x", file=out)
+
+
 def print_table(rows, out=sys.stdout):
     """time, GB/s, % of copy and speedups, one line per (case, mode, provider)."""
     hdr = f"{'op':<10} {'dtype':<8} {'layout':<13} {'beta':<7} {'numel':>10} {'mode':<16} {'provider':<8} " \
@@ -390,12 +465,19 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="a few sizes, float32 and bfloat16, per-channel beta")
     ap.add_argument("--csv", default=None, help="where the CSV goes (default benchmarks/results/<device>.csv)")
     ap.add_argument("--plot", action="store_true", help="then run benchmarks/plot.py on the CSV")
+    ap.add_argument("--overhead", action="store_true",
+                    help="the call-overhead case instead: tensors of 2^8, 2^12, 2^16 elements (or --sizes), "
+                         "one thread, CPU, no-grad forward and forward+backward, native against eager")
     ap.add_argument("--warmup-ms", type=float, default=10.0)
     ap.add_argument("--rep-ms", type=float, default=60.0)
     ap.add_argument("--min-run-time", type=float, default=0.6, help="CPU: seconds per provider and case")
     ap.add_argument("--rounds", type=int, default=3, help="CPU: alternating rounds")
     args = ap.parse_args(argv)
     on_gpu = args.device == "cuda"
+    if args.overhead:
+        if on_gpu:
+            ap.error("--overhead times the CPU: use --device cpu")
+        args.sizes = args.sizes or OVERHEAD_SIZES
     if args.sizes is None:
         args.sizes = ([16, 20, 24, 26] if not args.quick else [20, 26]) if on_gpu else ([12, 16, 20] if not args.quick else [20])
     if args.shapes is None:
@@ -418,8 +500,18 @@ def main(argv=None):
     slug = "".join(ch if ch.isalnum() else "-" for ch in (meta["device"] + " " + meta["isa"]).lower()).strip("-")
     while "--" in slug:
         slug = slug.replace("--", "-")
-    csv_path = Path(args.csv) if args.csv else ROOT / "results" / f"{slug[:90]}.csv"
+    suffix = "-overhead" if args.overhead else ""
+    csv_path = Path(args.csv) if args.csv else ROOT / "results" / f"{slug[:90]}{suffix}.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)
+    if args.overhead:
+        rows = []
+        with open(csv_path, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+            writer.writeheader()
+            run_overhead(args, meta, writer, rows)
+        print_overhead_table(rows)
+        print(f"\nCSV: {csv_path}")
+        return csv_path
     cases = []
     for op in args.ops:
         layouts = args.layouts if op == "acon_c" else ["contiguous"]

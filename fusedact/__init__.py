@@ -10,12 +10,17 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.fusedact.*)
 from . import _ops  # noqa: F401  (fakes for torch.compile)
+from . import onnx as _onnx
+from .functions import register_autograd as _register_autograd
 from . import nn, reference
 from ._build_config import CUDA_ARCH_LIST as _CUDA_ARCH_LIST
 from ._build_config import VERSION as __version__
 from .conversion import convert
 from .functional import BACKENDS, acon_c, hard_swish, mish, swish
-from . import triton  # noqa: E402  (after functional; never fails without triton)
+from . import triton  # noqa: E402  (never fails without triton)
+
+_register_autograd("fusedact")  # torch.ops.fusedact.* differentiable by themselves
+_onnx.install("fusedact")  # torch.onnx.export turns the ops into standard ONNX operators
 
 __all__ = ["swish", "mish", "hard_swish", "acon_c", "convert", "nn", "reference", "build_info", "BACKENDS"]
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.library import register_fake
 
-from .functional import check_acon_args, check_grad, check_swish_beta, check_x
+from .checks import check_acon_args, check_grad, check_swish_beta, check_x
 
 
 def dense_like(x: torch.Tensor) -> torch.Tensor:

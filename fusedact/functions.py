@@ -1,143 +1,322 @@
-"""autograd.Functions over the fused ops.
+"""Autograd of the fused ops, registered on the ops themselves.
 
-Each forward saves its inputs only (x and the parameters) and each backward calls the
-fused backward op, which recomputes what it needs: no intermediate tensor is kept
-alive between forward and backward.
+Every ``<ns>::<act>_forward`` and ``<act>_backward`` op (ns: ``fusedact`` for the
+C++/CUDA kernels, ``fusedact_triton`` for Triton) gets an Autograd kernel that applies
+an ``autograd.Function`` when a gradient is wanted and otherwise goes straight to the
+backend kernel. So ``torch.ops.fusedact.*`` are differentiable by themselves, and the
+functional API, the modules, opcheck, torch.compile, torch.export and the torch.func
+transforms all go through one path.
 
-Second derivatives (``create_graph=True``, e.g. a gradient penalty): the first backward
-still runs the fused backward op, wrapped in ``FusedBackward``, a Function of
-(grad, x, params) whose own backward is the vector-Jacobian product of the eager
-reference's first derivatives, taken with ``torch.func`` (partial derivatives, so a
-parameter computed from x, as in Meta-ACON, is handled) and differentiable again, so
-every higher order works too. Without ``create_graph`` the plain op runs and nothing
-more is recorded.
-
-The same Functions serve every backend whose ops have the native schemas
-(torch.ops.fusedact for the C++/CUDA kernels, torch.ops.fusedact_triton for Triton):
-``make_functions(ops)`` builds them over one such op namespace.
+- The forward Functions save their inputs only (x and the parameters); their backward
+  is the fused backward op, which recomputes what it needs.
+- The backward ops are differentiable too (second derivatives, ``create_graph=True``):
+  their Function's backward is the vector-Jacobian product of the eager reference's
+  first derivatives, taken with ``torch.func`` (partial derivatives, so a parameter
+  computed from x, as in Meta-ACON, is handled), itself differentiable again. Without
+  ``create_graph`` the backward op runs the kernel and records nothing.
+- torch.func: the Functions define ``setup_context`` and a ``vmap`` rule
+  (fusedact/_vmap.py) that runs the fused kernels on the batched tensor; the same
+  rules are the ops' own (``torch.library.register_vmap``). Inside a transform,
+  fusedact applies the Functions from Python (``invoke``).
+- Forward-mode AD (``jvp``): an elementwise op's Jacobian in x is diagonal, so its JVP
+  in x is the fused backward op applied to the tangent; the parameters' part (few
+  values, reduced in the backward) is the JVP of the eager reference in the
+  parameters alone. The backward ops' JVP (forward-over-reverse, e.g. ``hessian``) is
+  the reference's.
 """
 from __future__ import annotations
 
-from types import SimpleNamespace
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch.autograd import Function, forward_ad
 
 from . import reference
+
+__all__ = ["register_autograd", "invoke"]
+
+_below_autograd = torch._C._AutoDispatchBelowAutograd
+_any_requires_grad = torch._C._any_requires_grad
+_functorch_active = torch._C._are_functorch_transforms_active
+
+
+def _differentiating(args) -> bool:
+    """A gradient is wanted: backward (grad mode and an input that requires grad), or
+    forward AD (a dual level is open: its dual tensors do not require grad)."""
+    return (torch.is_grad_enabled() and _any_requires_grad(*args)) or forward_ad._current_level >= 0
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """An activation's ops. ``slots``: the positions of the forward's (optional) Tensor
+    arguments, one gradient each from the backward op, in order. ``reference(args)``:
+    the eager forward as a function of the tensors given at those slots, with the other
+    arguments of ``args`` fixed."""
+
+    name: str
+    slots: tuple[int, ...]
+    reference: Callable
+
+
+def _swish_ref(args):
+    beta = args[1]
+    return lambda x, beta_tensor=None: reference.swish(x, beta if beta_tensor is None else beta_tensor)
+
+
+def _acon_c_ref(args):
+    cd = args[4]
+    return lambda x, p1, p2, beta: reference.acon_c(x, p1, p2, beta, channel_dim=cd)
+
+
+SPECS = (
+    OpSpec("swish", (0, 2), _swish_ref),
+    OpSpec("mish", (0,), lambda args: reference.mish),
+    OpSpec("hard_swish", (0,), lambda args: reference.hard_swish),
+    OpSpec("acon_c", (0, 1, 2, 3), _acon_c_ref),
+)
+
+
+_TENSOR = object()
+
+
+def _fill(template: list, tensors) -> list:
+    """The tensors put back where ``template`` has a _TENSOR mark (see _save)."""
+    it = iter(tensors)
+    return [next(it) if a is _TENSOR else a for a in template]
+
+
+def _save(ctx, args: tuple) -> None:
+    """Saves the tensors of args (for backward and forward AD) and the rest as they are."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    ctx.template = [_TENSOR if isinstance(a, torch.Tensor) else a for a in args]
+    ctx.save_for_backward(*tensors)
+    ctx.save_for_forward(*tensors)
+
+
+def _saved_args(ctx) -> list:
+    return _fill(ctx.template, ctx.saved_tensors)
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, tuple) else (out,)
 
 
 def _reference_second_order(ref: Callable, grad: torch.Tensor, primals: tuple, cotangents: tuple) -> tuple:
     """The VJP, at ``cotangents``, of first(grad, *primals) = the VJP of ``ref`` at
     ``primals`` with ``grad``: the gradients of (grad, *primals) in a double backward."""
+    _, vjp = torch.func.vjp(_first_order(ref), grad, *primals)
+    return vjp(tuple(cotangents))
 
+
+def _first_order(ref: Callable) -> Callable:
     def first(g, *p):
         _, vjp = torch.func.vjp(ref, *p)
         return vjp(g)
 
-    _, vjp = torch.func.vjp(first, grad, *primals)
-    return vjp(tuple(cotangents))
+    return first
 
 
-class FusedBackward(torch.autograd.Function):
-    """``fused(grad, x, *params) -> (dx, *dparams)`` as a differentiable function:
-    forward runs the fused op; backward (the second derivative) follows ``ref(x, *params)``,
-    the eager reference of the same forward."""
+def _jvp(fn: Callable, primals: tuple, tangents: tuple):
+    """The JVP of the eager ``fn`` at ``primals``: torch.func.jvp inside a transform;
+    outside one (torch.autograd.forward_ad, whose dual level is open and cannot nest)
+    the double-VJP: the VJP at u is linear in u, and its gradient in u along the
+    tangents is the JVP."""
+    if _functorch_active():
+        return torch.func.jvp(fn, primals, tangents)[1]
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_() for p in primals]
+        out = fn(*leaves)
+        outs = out if isinstance(out, tuple) else (out,)
+        us = [torch.zeros_like(o, requires_grad=True) for o in outs]
+        vjps = torch.autograd.grad(outs, leaves, us, create_graph=True, allow_unused=True)
+        used = [(v, t) for v, t in zip(vjps, tangents) if v is not None]
+        jvps = torch.autograd.grad([v for v, _ in used], us, [t for _, t in used], allow_unused=True)
+    jvps = tuple(j if j is not None else torch.zeros_like(o) for j, o in zip(jvps, outs))
+    return jvps if isinstance(out, tuple) else jvps[0]
 
-    @staticmethod
-    def forward(ctx, fused, ref, grad, x, *params):
-        ctx.ref = ref
-        ctx.save_for_backward(grad, x, *params)
-        return tuple(fused(grad, x, *params))
 
-    @staticmethod
+def _present(spec: OpSpec, args) -> list[int]:
+    """The slots holding a tensor in this call (swish's beta_tensor may be None)."""
+    return [s for s in spec.slots if args[s] is not None]
+
+
+def _function_class(name, doc, forward, setup_context, backward, jvp, vmap) -> type:
+    """The Function for torch.func (``setup_context``, ``vmap``), with ``.plain``: the same
+    Function in the older form, ``forward(ctx, *args)``, for plain autograd. Applying a
+    Function with ``setup_context`` binds its arguments with inspect.signature on every
+    call (about 15 us here); the older form does not, and plain autograd needs no more."""
+    methods = dict(forward=forward, setup_context=setup_context, backward=backward, jvp=jvp, vmap=vmap)
+    cls = type(name, (Function,), {"__doc__": doc, "__module__": __name__,
+                                   **{k: staticmethod(v) for k, v in methods.items()}})
+
+    def plain_forward(ctx, *args):
+        setup_context(ctx, args, None)  # saves the inputs only: the output is not used
+        return forward(*args)
+
+    cls.plain = type(name, (Function,), {"__doc__": doc, "__module__": __name__, "forward": staticmethod(plain_forward),
+                                         "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
+    return cls
+
+
+def _forward_function(spec: OpSpec, ops, forward_op, vmap, name: str) -> type:
+    def fused_backward(*args):
+        return _as_tuple(invoke(ops, f"{spec.name}_backward", *args))
+
+    def forward(*args):
+        with _below_autograd():  # what the op's Autograd kernel would do here, minus the round trip
+            return forward_op(*args)
+
+    def setup_context(ctx, inputs, output):
+        _save(ctx, inputs)
+
+    def backward(ctx, grad):
+        args = _saved_args(ctx)
+        outs = fused_backward(grad, *args)
+        grads = [None] * len(args)
+        for slot, g in zip(spec.slots, outs):
+            if args[slot] is not None:
+                grads[slot] = g
+        return tuple(grads)
+
+    def jvp(ctx, *tangents):
+        args = _saved_args(ctx)
+        x = args[0]
+        out = None
+        if tangents[0] is not None:
+            out = fused_backward(tangents[0], *args)[0]
+        params = [s for s in _present(spec, args) if s != 0]
+        if any(tangents[s] is not None for s in params):
+            ref = spec.reference(args)
+            primals = tuple(args[s] for s in params)
+            dirs = tuple(tangents[s] if tangents[s] is not None else torch.zeros_like(args[s]) for s in params)
+            part = _jvp(lambda *p: ref(x.detach(), *p), primals, dirs)
+            out = part if out is None else out + part
+        return out if out is not None else torch.zeros_like(x)
+
+    return _function_class(name, f"{spec.name}'s forward op with autograd: saves its inputs, backward is the "
+                           "fused backward op.", forward, setup_context, backward, jvp, vmap)
+
+
+def _backward_function(spec: OpSpec, backward_op, vmap, name: str) -> type:
+    def forward(grad, *args):
+        with _below_autograd():
+            return backward_op(grad, *args)
+
+    def setup_context(ctx, inputs, output):
+        _save(ctx, inputs)
+
+    def primals_of(args):
+        present = _present(spec, args)
+        return present, tuple(args[s] for s in present)
+
     def backward(ctx, *cotangents):
-        grad, x, *params = ctx.saved_tensors
-        return (None, None, *_reference_second_order(ctx.ref, grad, (x, *params), cotangents))
+        grad, *args = _saved_args(ctx)
+        present, primals = primals_of(args)
+        cots = tuple(c for slot, c in zip(spec.slots, cotangents) if args[slot] is not None)
+        ggrad, *gprimals = _reference_second_order(spec.reference(args), grad, primals, cots)
+        grads = [None] * len(args)
+        for slot, g in zip(present, gprimals):
+            grads[slot] = g
+        return (ggrad, *grads)
+
+    def jvp(ctx, grad_t, *tangents):
+        grad, *args = _saved_args(ctx)
+        present, primals = primals_of(args)
+        dirs = tuple(t if t is not None else torch.zeros_like(p)
+                     for t, p in zip([grad_t] + [tangents[s] for s in present], (grad, *primals)))
+        # forward AD's dual tensors may not overlap themselves: a stride-0 grad (of a
+        # sum) or tangent is made dense first
+        dense = tuple(t.contiguous() for t in (grad, *primals)), tuple(t.contiguous() for t in dirs)
+        out_t = _jvp(_first_order(spec.reference(args)), *dense)
+        out_t = list(out_t)
+        outs = []
+        for slot in spec.slots:  # the backward op's outputs: one per slot
+            outs.append(out_t.pop(0) if args[slot] is not None else None)
+        if len(outs) == 1:
+            return outs[0]
+        # swish without beta_tensor returns an empty second output: its tangent is empty too
+        return tuple(o if o is not None else grad.new_empty((0,)) for o in outs)
+
+    return _function_class(name, f"{spec.name}'s backward op, differentiable: the second derivative follows "
+                           "the reference.", forward, setup_context, backward, jvp, vmap)
 
 
-def _first_backward(fused: Callable, ref: Callable, grad: torch.Tensor, x: torch.Tensor, *params) -> tuple:
-    """(dx, *dparams) from the fused op; recorded for a second derivative only when the
-    backward itself is differentiated (grad mode is on in a backward only with
-    create_graph=True)."""
-    if torch.is_grad_enabled():
-        return FusedBackward.apply(fused, ref, grad, x, *params)
-    return tuple(fused(grad, x, *params))
+_FUNCTORCH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode) | torch._C.DispatchKeySet(
+    torch._C.DispatchKey.FuncTorchBatched) | torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
 
 
-def make_functions(ops, prefix: str = "") -> SimpleNamespace:
-    """SwishFunction, MishFunction, HardSwishFunction and AconCFunction over ``ops``."""
+def _autograd_kernel(function: type, op) -> Callable:
+    """The op's Autograd kernel: the Function when a gradient is wanted, else the kernel."""
+    after_autograd = torch._C._after_autograd_keyset
 
-    class SwishFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, beta, beta_tensor):
-            ctx.beta = beta
-            ctx.save_for_backward(x, beta_tensor)
-            return ops.swish_forward(x, beta, beta_tensor)
+    def kernel(keyset, *args):
+        if _functorch_active():
+            # A user's direct call of the op inside a torch.func transform: the
+            # dispatcher reaches this kernel from inside the transform's layer, which has
+            # excluded the functorch keys, where applying the Function fails. It is
+            # applied with them included again, as if called from Python: enough for
+            # grad, vjp, jacrev and vmap; fusedact's own calls go through invoke().
+            with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
+                                                 torch._C._dispatch_tls_local_exclude_set() - _FUNCTORCH_KEYS):
+                return function.apply(*args)
+        if _differentiating(args):
+            return function.plain.apply(*args)
+        with _below_autograd():
+            return op.redispatch(keyset & after_autograd, *args)
 
-        @staticmethod
-        def backward(ctx, grad):
-            x, beta_tensor = ctx.saved_tensors
-            beta = ctx.beta
-            if beta_tensor is None:
-                (dx,) = _first_backward(lambda g, x: ops.swish_backward(g, x, beta, None)[:1],
-                                        lambda x: reference.swish(x, beta), grad, x)
-                return dx, None, None
-            dx, dbeta = _first_backward(lambda g, x, b: ops.swish_backward(g, x, beta, b),
-                                        reference.swish, grad, x, beta_tensor)
-            return dx, None, dbeta
-
-    def unary(name: str):
-        forward_op, backward_op = getattr(ops, f"{name}_forward"), getattr(ops, f"{name}_backward")
-        ref = getattr(reference, name)
-
-        def fused(g, x):
-            return (backward_op(g, x),)
-
-        class UnaryFunction(torch.autograd.Function):
-            @staticmethod
-            def forward(ctx, x):
-                ctx.save_for_backward(x)
-                return forward_op(x)
-
-            @staticmethod
-            def backward(ctx, grad):
-                (x,) = ctx.saved_tensors
-                (dx,) = _first_backward(fused, ref, grad, x)
-                return dx
-
-        return UnaryFunction
-
-    MishFunction = unary("mish")
-    MishFunction.__name__ = "MishFunction"
-    HardSwishFunction = unary("hard_swish")
-    HardSwishFunction.__name__ = "HardSwishFunction"
-
-    class AconCFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x, p1, p2, beta, channel_dim):
-            ctx.channel_dim = channel_dim
-            ctx.save_for_backward(x, p1, p2, beta)
-            return ops.acon_c_forward(x, p1, p2, beta, channel_dim)
-
-        @staticmethod
-        def backward(ctx, grad):
-            x, p1, p2, beta = ctx.saved_tensors
-            cd = ctx.channel_dim
-            dx, dp1, dp2, dbeta = _first_backward(
-                lambda g, x, p1, p2, b: ops.acon_c_backward(g, x, p1, p2, b, cd),
-                lambda x, p1, p2, b: reference.acon_c(x, p1, p2, b, channel_dim=cd),
-                grad, x, p1, p2, beta)
-            return dx, dp1, dp2, dbeta, None
-
-    classes = (SwishFunction, MishFunction, HardSwishFunction, AconCFunction)
-    for cls in classes:
-        cls.__name__ = cls.__qualname__ = prefix + cls.__name__
-        cls.__module__ = __name__
-    return SimpleNamespace(**{cls.__name__[len(prefix):]: cls for cls in classes})
+    return kernel
 
 
-_native = make_functions(torch.ops.fusedact)
-SwishFunction = _native.SwishFunction
-MishFunction = _native.MishFunction
-HardSwishFunction = _native.HardSwishFunction
-AconCFunction = _native.AconCFunction
+_LIBRARIES = []  # the registrations live as long as these do
+_FUNCTIONS: dict[str, dict[str, tuple]] = {}  # namespace -> op name -> (OpOverload, Function)
+
+
+def invoke(ops, op: str, *args):
+    """``torch.ops.<ns>.<op>(*args)``, for fusedact's own calls (the functional API, the
+    Functions' backward and jvp, the vmap rules), by the shortest way to the same result:
+    - under torch.compile, the op itself (Dynamo records it; AOT autograd reaches its
+      Autograd kernel);
+    - inside a torch.func transform, or when a gradient is wanted, the op's Function,
+      applied from Python: a transform sees it whole there (the Autograd kernel is
+      reached from inside the transform's layer, see _autograd_kernel), and it skips
+      the round trip through the dispatcher into the Python Autograd kernel;
+    - otherwise the kernel below autograd, which the Autograd kernel would pick anyway.
+    """
+    overload, function = _FUNCTIONS[ops.name][op]
+    if torch.compiler.is_compiling():
+        return overload(*args)
+    if _functorch_active():
+        return function.apply(*args)
+    if _differentiating(args):
+        return function.plain.apply(*args)
+    with _below_autograd():
+        return overload(*args)
+
+
+def register_autograd(namespace: str, prefix: str = "") -> dict[str, type]:
+    """Registers the Autograd kernels of every op in ``torch.ops.<namespace>``; returns
+    their Functions by name (``MishFunction``, ``MishBackwardFunction``, ...)."""
+    from ._vmap import vmap_rules
+
+    ops = getattr(torch.ops, namespace)
+    rules = vmap_rules(ops, invoke)
+    op_rules = vmap_rules(ops, lambda ops, name, *args: getattr(ops, name)(*args))
+    lib = torch.library.Library(namespace, "FRAGMENT")
+    functions = {}
+    for spec in SPECS:
+        forward_op = getattr(ops, f"{spec.name}_forward").default
+        backward_op = getattr(ops, f"{spec.name}_backward").default
+        camel = prefix + "".join(part.capitalize() for part in spec.name.split("_"))
+        fwd = _forward_function(spec, ops, forward_op, rules[f"{spec.name}_forward"], f"{camel}Function")
+        bwd = _backward_function(spec, backward_op, rules[f"{spec.name}_backward"], f"{camel}BackwardFunction")
+        lib.impl(f"{spec.name}_forward", _autograd_kernel(fwd, forward_op), "Autograd", with_keyset=True)
+        lib.impl(f"{spec.name}_backward", _autograd_kernel(bwd, backward_op), "Autograd", with_keyset=True)
+        for op in (f"{spec.name}_forward", f"{spec.name}_backward"):  # the ops called directly under vmap
+            torch.library.register_vmap(f"{namespace}::{op}", op_rules[op], lib=lib)
+        functions[fwd.__name__] = fwd
+        functions[bwd.__name__] = bwd
+        _FUNCTIONS.setdefault(namespace, {}).update({
+            f"{spec.name}_forward": (forward_op, fwd), f"{spec.name}_backward": (backward_op, bwd)})
+    _LIBRARIES.append(lib)
+    return functions

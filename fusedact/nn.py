@@ -14,22 +14,31 @@ __all__ = ["Swish", "Mish", "HardSwish", "AconC", "MetaAconC"]
 
 
 class Swish(nn.Module):
-    """Swish-beta; ``learnable=True`` makes beta a parameter (a 0-dim tensor)."""
+    """Swish-beta; ``learnable=True`` makes beta a parameter of shape (1,): one dimension,
+    because FSDP2's fully_shard cannot shard a 0-dim parameter. A state dict saved with
+    the earlier 0-dim beta still loads."""
 
     def __init__(self, beta: float = 1.0, learnable: bool = False, *, backend: str | None = None):
         super().__init__()
         self.backend = backend
         if learnable:
-            self.beta = nn.Parameter(torch.tensor(float(beta)))
+            self.beta = nn.Parameter(torch.tensor([float(beta)]))
         else:
             self.beta = float(beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.swish(x, self.beta, backend=self.backend)
 
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        key = prefix + "beta"
+        if isinstance(self.beta, torch.Tensor) and key in state_dict and state_dict[key].dim() == 0:
+            state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
     def extra_repr(self) -> str:
         learnable = isinstance(self.beta, torch.Tensor)
-        return f"beta={float(self.beta):g}, learnable={learnable}"
+        beta = self.beta.detach().item() if learnable else self.beta
+        return f"beta={beta:g}, learnable={learnable}"
 
 
 class Mish(nn.Module):

@@ -18,6 +18,19 @@ from fusedact.testing import (  # noqa: F401
 )
 
 
+def every_module_cnn(backend, c_in: int = 3, width: int = 8, r: int = 4):
+    """Convolutions with every fusedact module between them (float32, CPU); callers add a head."""
+    import fusedact
+    from torch import nn
+
+    return nn.Sequential(
+        nn.Conv2d(c_in, width, 3, padding=1), fusedact.nn.AconC(width, backend=backend),
+        nn.Conv2d(width, width, 3, padding=1), fusedact.nn.MetaAconC(width, r=r, backend=backend),
+        fusedact.nn.Swish(1.3, learnable=True, backend=backend), fusedact.nn.Mish(backend=backend),
+        fusedact.nn.HardSwish(backend=backend),
+    )
+
+
 def outputs_and_grads(model, x, *, with_x=True, autocast_dtype=None):
     """[output, dx (when with_x), d every parameter] of a model for a fixed cotangent (a
     ramp from -1 to 1), the forward under torch.autocast when autocast_dtype is given."""

@@ -1,5 +1,6 @@
-"""DistributedDataParallel: a small CNN of fusedact modules trained by 2 processes on
-the gloo backend ends with the parameters that one process gets on the full batch."""
+"""DistributedDataParallel and FSDP2 (fully_shard): a small CNN of fusedact modules
+trained by 2 processes on the gloo backend ends with the parameters that one process
+gets on the full batch."""
 from __future__ import annotations
 
 import os
@@ -50,23 +51,46 @@ def train(model, x, y, rank=0, world=1):
         opt.step()
 
 
-def _worker(rank, backend, init_file, out_file):
+def _wrap(model, wrapper):
+    """The model under DDP, or sharded by FSDP2: each conv + activation block its own
+    unit, then the whole model (the parameters of fusedact modules are sharded too)."""
+    if wrapper == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    for block in (model[0:2], model[2:4]):
+        for m in block:
+            fully_shard(m, mesh=mesh)
+    return fully_shard(model, mesh=mesh)
+
+
+def _full_state(model, wrapper):
+    if wrapper == "ddp":
+        return model.module.state_dict()
+    return {k: v.full_tensor() for k, v in model.state_dict().items()}  # a collective: every rank
+
+
+def _worker(rank, backend, wrapper, init_file, out_file):
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
-        model = nn.parallel.DistributedDataParallel(make_model(backend))
+        model = _wrap(make_model(backend), wrapper)
         train(model, *make_data(), rank=rank, world=WORLD)
+        state = _full_state(model, wrapper)
         if rank == 0:
-            torch.save(model.module.state_dict(), out_file)
+            torch.save(state, out_file)
     finally:
         dist.destroy_process_group()
 
 
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp2"])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_ddp_gloo_matches_single_process(backend, tmp_path):
+def test_distributed_gloo_matches_single_process(backend, wrapper, tmp_path):
     out = tmp_path / "ddp_state.pt"
-    mp.spawn(_worker, args=(backend, str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(backend, wrapper, str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
     ddp_state = torch.load(out)
 
     model = make_model(backend)
@@ -78,7 +102,7 @@ def test_ddp_gloo_matches_single_process(backend, tmp_path):
     for name, value in single_state.items():
         assert not torch.equal(value, initial[name]), f"{name} did not train"
         # float32: the two runs differ only in the order of the gradient sums (per rank,
-        # then across ranks), a few float32 ulp (1.2e-7 relative) per step, carried through
+        # then across ranks; FSDP2's reduce-scatter averages like DDP's all-reduce), a few float32 ulp (1.2e-7 relative) per step, carried through
         # STEPS SGD steps: 7.5e-9 at most here (6e-8 of the largest value). rtol 1.3e-6
         # (torch.testing's float32 default) and atol 1e-7 keep a 10x margin on that; a
         # missing or double-counted gradient is off by O(lr * grad), about 1e-2.

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 MIN_TRITON = (3, 0)
 
-_functions = None
+_ops = None
 _error: str | None = None
 
 
@@ -22,7 +22,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 
 def _load() -> None:
-    global _functions, _error
+    global _ops, _error
     try:
         import triton
     except ImportError as e:
@@ -36,24 +36,28 @@ def _load() -> None:
         import torch
         from torch.library import triton_op  # noqa: F401  (torch >= 2.6)
 
-        from ..functions import make_functions
+        from ..functions import register_autograd
         from . import ops  # noqa: F401  (registers torch.ops.fusedact_triton.*)
     except (ImportError, AttributeError) as e:
         _error = f"the Triton kernels could not be loaded: {e}"
         return
-    _functions = make_functions(torch.ops.fusedact_triton, prefix="Triton")
+    register_autograd("fusedact_triton", prefix="Triton")
+    from .. import onnx
+
+    onnx.install("fusedact_triton")
+    _ops = torch.ops.fusedact_triton
 
 
 def available() -> bool:
     """Whether backend="triton" can run here."""
-    return _functions is not None
+    return _ops is not None
 
 
-def functions():
-    """The autograd.Functions over the Triton ops; a clear error when triton is unusable."""
-    if _functions is None:
+def namespace():
+    """torch.ops.fusedact_triton; a clear error when triton is unusable."""
+    if _ops is None:
         raise RuntimeError(f"fusedact: backend='triton' is unavailable: {_error}")
-    return _functions
+    return _ops
 
 
 _load()

@@ -23,7 +23,7 @@ import triton
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.library import custom_op, triton_op, wrap_triton
 
-from ..functional import check_acon_args, check_grad, check_swish_beta, check_x
+from ..checks import check_acon_args, check_grad, check_swish_beta, check_x
 from . import kernels as k
 
 __all__ = []
@@ -46,8 +46,8 @@ def _op(name: str):
 def _launch(kernel, grid, *args, **meta) -> None:
     if not INTERPRET:
         wrap_triton(kernel)[grid](*args, **meta)
-    elif not any(isinstance(a, FakeTensor) for a in args):  # a fake run only wants the outputs
-        kernel[grid](*args, **meta)
+    elif not any(isinstance(a, FakeTensor) or (isinstance(a, torch.Tensor) and a.is_meta) for a in args):
+        kernel[grid](*args, **meta)  # a fake or meta run only wants the outputs
 
 
 def _is_dense(x: torch.Tensor) -> bool:

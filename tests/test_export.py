@@ -1,0 +1,83 @@
+"""torch.export of a model with every fusedact module: the fused ops stay in the graph
+(static and with a dynamic batch), the ExportedProgram round-trips through
+torch.export.save/load in a fresh process that imports fusedact, and the AOTInductor
+package of it runs there too (CPU) and gives the eager model's outputs."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fusedact
+from conftest import FUSED_BACKENDS, TOL
+from helpers import every_module_cnn, rand_x
+
+FUSED_OPS = ("acon_c_forward", "swish_forward", "mish_forward", "hard_swish_forward")
+ROOT = Path(fusedact.__file__).resolve().parent.parent
+
+
+def fused_targets(ep, namespace="fusedact"):
+    return {n.target.name().split("::")[1].split(".")[0] for n in ep.graph.nodes
+            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+            and n.target.namespace == namespace}
+
+
+def model_and_inputs(backend="native"):
+    torch.manual_seed(0)
+    model = every_module_cnn(backend).eval()
+    return model, rand_x((2, 3, 6, 6), torch.float32, "cpu", scale=1.0), rand_x((5, 3, 6, 6), torch.float32, "cpu", seed=5, scale=1.0)
+
+
+@pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-batch"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_export_keeps_the_fused_ops(backend, dynamic):
+    model, x, x5 = model_and_inputs(backend)
+    shapes = ({0: torch.export.Dim("batch", min=1, max=64)},) if dynamic else None
+    ep = torch.export.export(model, (x,), dynamic_shapes=shapes)
+    namespace = "fusedact" if backend == "native" else "fusedact_triton"
+    assert fused_targets(ep, namespace) == set(FUSED_OPS)
+    with torch.no_grad():
+        for xb in ((x, x5) if dynamic else (x,)):
+            assert torch.equal(ep.module()(xb), model(xb))  # the same kernels on the same inputs
+
+
+def run_fresh(tmp_path: Path, code: str) -> None:
+    """Runs code in a new Python process that imports fusedact (and nothing of this one)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    script = tmp_path / "fresh.py"
+    script.write_text("import torch\nimport fusedact\n" + code)
+    subprocess.run([sys.executable, str(script)], check=True, env=env, cwd=tmp_path, timeout=900)
+
+
+def test_save_load_in_a_fresh_process(tmp_path):
+    model, x, x5 = model_and_inputs()
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    torch.export.save(ep, tmp_path / "model.pt2")
+    torch.save(x5, tmp_path / "x.pt")
+    run_fresh(tmp_path, (
+        "ep = torch.export.load('model.pt2')\n"
+        "assert {str(n.target) for n in ep.graph.nodes} >= {'fusedact.acon_c_forward.default', 'fusedact.mish_forward.default'}\n"
+        "with torch.no_grad():\n"
+        "    torch.save(ep.module()(torch.load('x.pt')), 'y.pt')\n"))
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt"), model(x5))
+
+
+def test_aoti_compile_and_package_cpu(tmp_path):
+    """AOTInductor compiles the model to a package whose fused ops are calls of our C++
+    ops (through the dispatcher); a fresh process that imports fusedact runs it."""
+    model, x, x5 = model_and_inputs()
+    ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "model_aoti.pt2"))
+    torch.save(x5, tmp_path / "x.pt")
+    run_fresh(tmp_path, (
+        f"runner = torch._inductor.aoti_load_package({path!r})\n"
+        "with torch.no_grad():\n"
+        "    torch.save(runner(torch.load('x.pt')), 'y.pt')\n"))
+    with torch.no_grad():
+        # inductor compiles the convolutions and means itself: same math, other rounding
+        torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x5), **TOL[torch.float32])
