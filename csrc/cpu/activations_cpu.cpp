@@ -212,25 +212,28 @@ FUSEDACT_TARGET_AVX2 inline void stream_32B_blocks(void* dst, const void* src, i
 // lanes, and the AVX-512 bfloat16 loops ran 1.3x slower (hard_swish forward, 2^20).
 constexpr int64_t kBlockBytes = 1024;
 
-template <typename scalar_t, typename F>
+// kLen > 0: a block of exactly kLen elements (len is ignored), which the compiler unrolls.
+template <int64_t kLen, typename scalar_t, typename F>
 FUSEDACT_ALWAYS_INLINE void compute_block(scalar_t* dst, int64_t i, int64_t len, F& f) {
   using T = opmath_t<scalar_t>;
+  const int64_t m = kLen > 0 ? kLen : len;
   if constexpr (std::is_same_v<scalar_t, T>) {
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j) dst[j] = f(i + j);
+    for (int64_t j = 0; j < m; ++j) dst[j] = f(i + j);
   } else {
-    constexpr int64_t kLen = kBlockBytes / sizeof(scalar_t);
-    alignas(64) T buf[kLen];
+    constexpr int64_t kBuf = kBlockBytes / sizeof(scalar_t);
+    alignas(64) T buf[kBuf];
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j) buf[j] = f(i + j);
+    for (int64_t j = 0; j < m; ++j) buf[j] = f(i + j);
 #pragma omp simd
-    for (int64_t j = 0; j < len; ++j) dst[j] = to_scalar<scalar_t>(buf[j]);
+    for (int64_t j = 0; j < m; ++j) dst[j] = to_scalar<scalar_t>(buf[j]);
   }
 }
 
-// out[i] = f(i) for i < n, in blocks of kBlockBytes of output; with kVector and
-// `stream`, blocks computed into an aligned buffer are written with non-temporal
-// 32-byte stores.
+// out[i] = f(i) for i < n, the half types in blocks of kBlockBytes of output (float and
+// double in one loop: blocks of four vectors measured slower there, the compiler checking
+// for aliasing in every block). With kVector and `stream`, blocks computed into an
+// aligned buffer are written with non-temporal 32-byte stores.
 template <bool kVector, typename scalar_t, typename F>
 FUSEDACT_ALWAYS_INLINE void store_all(scalar_t* out, int64_t n, bool stream, F f) {
   constexpr int64_t kBlock = kBlockBytes / sizeof(scalar_t);
@@ -240,21 +243,20 @@ FUSEDACT_ALWAYS_INLINE void store_all(scalar_t* out, int64_t n, bool stream, F f
     if (stream) {
       const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 32);
       const int64_t head = misalign % sizeof(scalar_t) ? n : std::min(n, ((32 - misalign) % 32) / int64_t(sizeof(scalar_t)));
-      compute_block(out, 0, head, f);
+      compute_block<0>(out, 0, head, f);
       alignas(32) scalar_t buf[kBlock];
       for (i = head; i + kBlock <= n; i += kBlock) {
-        compute_block(buf, i, kBlock, f);
+        compute_block<kBlock>(buf, i, kBlock, f);
         stream_32B_blocks(out + i, buf, sizeof buf);
       }
       _mm_sfence();
     }
   }
 #endif
-  if constexpr (std::is_same_v<scalar_t, opmath_t<scalar_t>>) {
-    compute_block(out + i, i, n - i, f);
-  } else {
-    for (; i < n; i += kBlock) compute_block(out + i, i, std::min(kBlock, n - i), f);
+  if constexpr (!std::is_same_v<scalar_t, opmath_t<scalar_t>>) {
+    for (; i + kBlock <= n; i += kBlock) compute_block<kBlock>(out + i, i, kBlock, f);
   }
+  compute_block<0>(out + i, i, n - i, f);
 }
 
 // ---- chunk loops
