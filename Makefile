@@ -19,7 +19,7 @@ venv: $(VENV)/.ready
 
 $(VENV)/.ready:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q nvidia-cuda-cuobjdump  # cuobjdump, for tools/sass_report.py (make sass, CI)
+	$(PY) -m pip install -q nvidia-cuda-cuobjdump nvidia-cuda-nvdisasm  # for tools/sass_report.py (make sass, CI)
 	$(PY) -m pip install -q "$(TORCH)" "$(TORCHVISION)" ninja pybind11 pytest pytest-xdist numpy expecttest \
 		setuptools wheel matplotlib timm scikit-learn onnx onnxscript onnxruntime ultralytics
 	touch $@

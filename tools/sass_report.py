@@ -26,7 +26,7 @@ branches that skip code for saturated inputs are counted as if taken never, i.e.
 sides are in the count. It is a static figure: a floor of the issue cost, read at
 2 us per instruction per element for 2^26 elements on an H100 (benchmarks/NOTES.md).
 
-cuobjdump comes from PATH, $CUDA_HOME/bin, or the pip package nvidia-cuda-cuobjdump
+cuobjdump (and the nvdisasm it runs) come from PATH, $CUDA_HOME/bin, or the pip packages nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm
 (the CUDA toolkit's headers-only install on the CI machine has none); c++filt from
 binutils demangles.
 """
@@ -61,8 +61,16 @@ def find_tool(name: str) -> str:
     for c in cands:
         if c.is_file() and os.access(c, os.X_OK):
             return str(c)
-    sys.exit(f"sass_report: {name} not found (pip install nvidia-cuda-cuobjdump, or put the "
+    sys.exit(f"sass_report: {name} not found (pip install nvidia-cuda-{name}, or put the "
              f"CUDA toolkit's bin on PATH)")
+
+
+def cuobjdump_env() -> dict:
+    """The environment for cuobjdump: its -sass runs nvdisasm, which it looks for on PATH
+    (the pip package nvidia-cuda-nvdisasm puts it in site-packages, not on PATH)."""
+    env = dict(os.environ)
+    env["PATH"] = os.path.dirname(find_tool("nvdisasm")) + os.pathsep + env.get("PATH", "")
+    return env
 
 
 def default_input() -> str:
@@ -288,8 +296,9 @@ def width_bits(suffix: str) -> int:
 
 def read_kernels(path: str, arch: str) -> list[Kernel]:
     cuobjdump = find_tool("cuobjdump")
+    env = cuobjdump_env()
     sass = subprocess.run([cuobjdump, "-sass", "-arch", arch, path], capture_output=True,
-                          text=True)
+                          text=True, env=env)
     if sass.returncode != 0 or "Function :" not in sass.stdout:
         sys.exit(f"sass_report: no {arch} SASS in {path}: {sass.stderr.strip()[:400]}")
     kernels: dict[str, Kernel] = {}
@@ -303,7 +312,7 @@ def read_kernels(path: str, arch: str) -> list[Kernel]:
         if m and cur is not None:
             cur.insts.append((int(m.group(1), 16), m.group(2)))
     res = subprocess.run([cuobjdump, "-res-usage", "-arch", arch, path], capture_output=True,
-                         text=True, check=True).stdout
+                         text=True, check=True, env=env).stdout
     fn = None
     for line in res.splitlines():
         m = re.search(r"Function (\S+):", line)
