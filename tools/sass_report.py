@@ -405,6 +405,7 @@ def main(argv=None) -> int:
     kernels = read_kernels(path, a.arch)
     text = report(kernels, path, a.arch)
     if a.markdown:
+        Path(a.markdown).parent.mkdir(parents=True, exist_ok=True)  # build/ is not there on a clean clone
         Path(a.markdown).write_text(text)
     if not a.check or not a.markdown:
         print(text, end="")
