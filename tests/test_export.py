@@ -48,6 +48,10 @@ def test_export_keeps_the_fused_ops(backend, dynamic):
 def run_fresh(tmp_path: Path, code: str) -> None:
     """Runs code in a new Python process that imports fusedact (and nothing of this one)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    # This process's thread count: the convolutions' results depend on it, and importing
+    # ultralytics (tests/test_ultralytics.py, earlier in the same worker) sets
+    # OMP_NUM_THREADS=1 in os.environ, which a new process would inherit.
+    env["OMP_NUM_THREADS"] = str(torch.get_num_threads())
     script = tmp_path / "fresh.py"
     script.write_text("import torch\nimport fusedact\n" + code)
     subprocess.run([sys.executable, str(script)], check=True, env=env, cwd=tmp_path, timeout=900)
