@@ -52,7 +52,7 @@ def _pairs() -> tuple[list[tuple[str, str]], list[dict]]:
 
 def _triton_error() -> str:
     try:
-        fusedact.triton.functions()
+        fusedact.triton.namespace()  # raises, saying why, where the Triton backend cannot run
     except RuntimeError as e:
         return str(e)
     return ""

@@ -111,3 +111,13 @@ def test_public_api_rejects_bad_arguments_before_any_op_runs():
     with Record() as rec:  # the recorder does see the fused ops of a good call
         fusedact.mish(torch.randn(3))
     assert any("fusedact" in op for op in rec.ops), rec.ops
+
+
+def test_without_triton_the_triton_rows_say_why(monkeypatch):
+    """Where triton cannot run (torch 2.13's CPU venv in CI has none), the selftest skips
+    the Triton backend with the reason fusedact.triton gives, and runs the rest."""
+    monkeypatch.setattr(fusedact.triton, "_ops", None)
+    monkeypatch.setattr(fusedact.triton, "_error", "triton is not installed (test)")
+    pairs, skipped = selftest._pairs()
+    assert all(backend != "triton" for _, backend in pairs)
+    assert any(r["backend"] == "triton" and "triton is not installed (test)" in r["detail"] for r in skipped)
