@@ -18,6 +18,8 @@ import torch
 from . import reference
 from .checks import check_acon_args, check_swish_beta, check_x
 from .functions import invoke
+from .onnx import _DECOMPOSITIONS as _ONNX_FORMS
+from .onnx import exporting as _onnx_exporting
 
 __all__ = ["swish", "mish", "hard_swish", "acon_c", "BACKENDS"]
 
@@ -45,6 +47,15 @@ def _ops(backend: str):
     return _NATIVE
 
 
+def _run(backend: str, name: str, *args):
+    """The fused op ``name`` of ``backend``; while ``torch.onnx.export(..., dynamo=True)``
+    traces the model, the op's eager form instead (aten.mish, aten.hardswish, sigmoid and
+    mul), which the exporter translates into ONNX operators (fusedact/onnx.py)."""
+    if _onnx_exporting():
+        return _ONNX_FORMS[name](*args)
+    return invoke(_ops(backend), name, *args)
+
+
 # ---- the API
 
 
@@ -60,8 +71,8 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, backend: str | N
     if backend == "eager":
         return reference.swish(x, beta)
     if isinstance(beta, torch.Tensor):
-        return invoke(_ops(backend), "swish_forward", x, 1.0, beta)
-    return invoke(_ops(backend), "swish_forward", x, float(beta), None)
+        return _run(backend, "swish_forward", x, 1.0, beta)
+    return _run(backend, "swish_forward", x, float(beta), None)
 
 
 def mish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -70,7 +81,7 @@ def mish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     check_x("fusedact.mish", x)
     if backend == "eager":
         return reference.mish(x)
-    return invoke(_ops(backend), "mish_forward", x)
+    return _run(backend, "mish_forward", x)
 
 
 def hard_swish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -79,7 +90,7 @@ def hard_swish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     check_x("fusedact.hard_swish", x)
     if backend == "eager":
         return reference.hard_swish(x)
-    return invoke(_ops(backend), "hard_swish_forward", x)
+    return _run(backend, "hard_swish_forward", x)
 
 
 def acon_c(
@@ -101,4 +112,4 @@ def acon_c(
     check_acon_args("fusedact.acon_c", x, p1, p2, beta, channel_dim)
     if backend == "eager":
         return reference.acon_c(x, p1, p2, beta, channel_dim=channel_dim)
-    return invoke(_ops(backend), "acon_c_forward", x, p1, p2, beta, channel_dim)
+    return _run(backend, "acon_c_forward", x, p1, p2, beta, channel_dim)

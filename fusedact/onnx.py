@@ -1,11 +1,15 @@
 """ONNX export of the fused ops as standard ONNX operators, installed by ``import fusedact``.
 
-- ``torch.onnx.export(..., dynamo=True)``: the exporter decomposes every op without an
-  ONNX translation through ``torch._decomp.decomposition_table``; each fused forward op
-  is registered there as its eager form (aten.mish, aten.hardswish, sigmoid and mul),
-  which the exporter's own translations turn into ONNX's Mish (opset 18+), HardSwish,
-  Sigmoid, Mul, Sub, Add. Only that table is touched: torch.compile's and
-  torch.export's default decompositions keep the fused ops.
+- ``torch.onnx.export(..., dynamo=True)``: while the exporter traces the model
+  (``exporting()``), fusedact's functions and modules run their eager forms
+  (fusedact.reference: aten.mish, aten.hardswish, sigmoid and mul), which the exporter's
+  own translations turn into ONNX's Mish (opset 18+), HardSwish, Sigmoid, Mul, Sub, Add.
+  A graph that already holds the fused ops (an ExportedProgram from torch.export, or
+  direct ``torch.ops.fusedact.*`` calls) is decomposed first:
+  ``ep.run_decompositions(fusedact.onnx.decompositions())``.
+  Nothing goes into ``torch._decomp.decomposition_table``: Inductor refuses, under a
+  ``CI`` environment variable (GitHub Actions sets it), to compile an op that has a
+  global decomposition but no lowering ("make_fallback(...): a decomposition exists").
 - ``dynamo=False`` (TorchScript): symbolic functions for every forward op, for opset
   9 and later (Mish from opset 18, HardSwish from 14, their eager forms below that).
 ACON-C's parameters become initializers (or graph inputs' arithmetic, for Meta-ACON's
@@ -14,11 +18,26 @@ computed beta), reshaped to broadcast against x.
 from __future__ import annotations
 
 import torch
+import torch.onnx
 import torch.nn.functional as F
 
 from . import reference
 
-__all__ = ["install"]
+__all__ = ["install", "decompositions", "exporting"]
+
+try:  # the flag torch.onnx.export(dynamo=True) sets while it runs; a module attribute read
+    from torch.onnx._internal.exporter import _flags as _export_flags
+except ImportError:  # pragma: no cover  (a torch without it: the public, slower question)
+    _export_flags = None
+
+
+def exporting() -> bool:
+    """Whether ``torch.onnx.export(..., dynamo=True)`` is running. (The public
+    ``torch.onnx.is_in_onnx_export()`` costs about 0.9 us a call, a quarter of an op
+    call; this reads the flag it reads.)"""
+    if _export_flags is None:
+        return torch.onnx.is_in_onnx_export()
+    return _export_flags._is_onnx_exporting
 
 _FORWARD_OPS = ("swish_forward", "mish_forward", "hard_swish_forward", "acon_c_forward")
 
@@ -126,13 +145,17 @@ _SYMBOLICS = {
 }
 
 
+def decompositions(namespace: str = "fusedact") -> dict:
+    """``{op overload: eager form}`` for ``namespace``'s forward ops ("fusedact", or
+    "fusedact_triton"), for ``ExportedProgram.run_decompositions`` before
+    ``torch.onnx.export`` of a graph that holds the fused ops."""
+    ops = getattr(torch.ops, namespace)
+    return {getattr(ops, name).default: _DECOMPOSITIONS[name] for name in _FORWARD_OPS}
+
+
 def install(namespace: str) -> None:
-    """Registers the decompositions and symbolic functions of ``namespace``'s forward ops."""
+    """Registers the TorchScript exporter's symbolic functions of ``namespace``'s forward ops."""
     import torch.onnx
 
-    ops = getattr(torch.ops, namespace)
     for name in _FORWARD_OPS:
-        overload = getattr(ops, name).default
-        if overload not in torch._decomp.decomposition_table:
-            torch._decomp.register_decomposition(overload)(_DECOMPOSITIONS[name])
         torch.onnx.register_custom_op_symbolic(f"{namespace}::{name}", _SYMBOLICS[name], 9)

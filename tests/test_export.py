@@ -45,9 +45,10 @@ def test_export_keeps_the_fused_ops(backend, dynamic):
             assert torch.equal(ep.module()(xb), model(xb))  # the same kernels on the same inputs
 
 
-def run_fresh(tmp_path: Path, code: str) -> None:
+def run_fresh(tmp_path: Path, code: str, env_extra: dict | None = None) -> None:
     """Runs code in a new Python process that imports fusedact (and nothing of this one)."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, **(env_extra or {})}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     # This process's thread count: the convolutions' results depend on it, and importing
     # ultralytics (tests/test_ultralytics.py, earlier in the same worker) sets
     # OMP_NUM_THREADS=1 in os.environ, which a new process would inherit.
@@ -69,6 +70,28 @@ def test_save_load_in_a_fresh_process(tmp_path):
         "    torch.save(ep.module()(torch.load('x.pt')), 'y.pt')\n"))
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "y.pt"), model(x5))
+
+
+def test_inductor_compiles_under_ci(tmp_path):
+    """Inductor, in a fresh process with CI=1 (GitHub Actions sets CI), compiles a model
+    with every fused op: with an entry in torch._decomp's global table and no lowering,
+    Inductor raises "make_fallback(fusedact...): a decomposition exists" there (it did,
+    when fusedact.onnx registered its ONNX decompositions globally)."""
+    code = (
+        "from helpers import every_module_cnn\n"
+        "torch.manual_seed(0)\n"
+        "model = every_module_cnn('native')\n"
+        "compiled = torch.compile(model)\n"
+        "x = torch.randn(2, 3, 6, 6, requires_grad=True)\n"
+        "compiled(x).sum().backward()  # a training graph: forward and backward\n"
+        "g = x.grad\n"
+        "x.grad = None\n"
+        "model(x).sum().backward()\n"
+        "torch.testing.assert_close(g, x.grad)\n"
+        "with torch.no_grad():  # an inference graph\n"
+        "    torch.testing.assert_close(compiled(x), model(x))\n")
+    env_ci = {"CI": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
+    run_fresh(tmp_path, code, env_ci)
 
 
 def test_aoti_compile_and_package_cpu(tmp_path):

@@ -88,10 +88,43 @@ def test_onnx_export_runs_in_onnxruntime(tmp_path, backend, dynamo, opset):
 
 
 def test_export_keeps_other_decompositions_fused():
-    """The ONNX decompositions sit in torch._decomp's table only: torch.export's default
-    decompositions still keep the fused ops."""
+    """Nothing of fusedact's sits in torch._decomp's global table (Inductor refuses an op
+    with a global decomposition and no lowering when CI is set: see test_export's
+    test_inductor_compiles_under_ci): torch.export's default decompositions keep the
+    fused ops."""
+    for namespace in ("fusedact", "fusedact_triton"):
+        if hasattr(torch.ops, namespace):
+            ops = getattr(torch.ops, namespace)
+            for name in ("swish_forward", "mish_forward", "hard_swish_forward", "acon_c_forward"):
+                assert getattr(ops, name).default not in torch._decomp.decomposition_table
     model = every_module_cnn("native").eval()
     ep = torch.export.export(model, (torch.randn(2, 3, 6, 6),)).run_decompositions()
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
     assert {"fusedact.acon_c_forward.default", "fusedact.swish_forward.default", "fusedact.mish_forward.default",
             "fusedact.hard_swish_forward.default"} <= targets
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_onnx_export_of_an_exported_program(tmp_path, backend):
+    """A graph that already holds the fused ops (torch.export's ExportedProgram) goes to
+    ONNX after ``run_decompositions(fusedact.onnx.decompositions(namespace))``; without it
+    the exporter has no translation for them and fails."""
+    torch.manual_seed(0)
+    model = EveryModule(backend).eval()
+    x = rand_x((2, 3, 6, 6), torch.float32, "cpu", scale=1.0)
+    ep = torch.export.export(model, (x,))
+    namespace = "fusedact_triton" if backend == "triton" else "fusedact"
+    assert any(str(n.target).startswith(namespace + ".") for n in ep.graph.nodes)
+    with pytest.raises(Exception):  # the check below can fail: the raw graph does not export
+        torch.onnx.export(ep, (x,), str(tmp_path / "raw.onnx"), dynamo=True)
+    ep = ep.run_decompositions(fusedact.onnx.decompositions(namespace))
+    assert not any(str(n.target).startswith(namespace + ".") for n in ep.graph.nodes)
+    torch.onnx.export(ep, (x,), str(tmp_path / "m.onnx"), dynamo=True)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert all((n.domain or "ai.onnx") == "ai.onnx" for n in proto.graph.node)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        want = model(x)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(torch.from_numpy(g), w, **TOL[torch.float32])
