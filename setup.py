@@ -58,7 +58,7 @@ def use_cuda() -> bool:
 
 
 with_cuda = use_cuda()
-sources = ["csrc/ops.cpp", "csrc/module.cpp", "csrc/cpu/activations_cpu.cpp"]
+sources = ["csrc/ops.cpp", "csrc/module.cpp", "csrc/fast_path.cpp", "csrc/cpu/activations_cpu.cpp"]
 # -fopenmp: at::parallel_for is inline OpenMP in the ATen headers, serial without it
 #   (the libgomp.so.1 it links is the one torch has already loaded).
 # -fno-trapping-math: lets the compiler if-convert the selects (x <= -3 ? ...) and so

@@ -1,5 +1,6 @@
 // The Python module fusedact._C: loading it registers the ops; it also tells what the binary
-// was built with and lets tests pick the CPU instruction set.
+// was built with, lets tests pick the CPU instruction set, and holds the functional API's
+// short way to the ops (_C.fast, fast_path.cpp).
 #include <pybind11/pybind11.h>
 #include <c10/util/Exception.h>
 #include <torch/version.h>
@@ -8,6 +9,10 @@
 
 
 namespace py = pybind11;
+
+namespace fusedact {
+void register_fast_path(py::module& m);  // fast_path.cpp: _C.fast
+}
 
 PYBIND11_MODULE(_C, m) {
   m.def("build_info", [] {
@@ -31,4 +36,5 @@ PYBIND11_MODULE(_C, m) {
     TORCH_CHECK(fusedact::set_cpu_isa(isa), "set_cpu_isa: this CPU cannot run ", name);
   });
   m.def("cpu_isa", [] { return fusedact::cpu_isa_name(fusedact::cpu_isa()); });
+  fusedact::register_fast_path(m);
 }

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
-from .checks import check_acon_args, check_swish_beta, check_x
+from . import _C, reference
+from .checks import FLOAT_DTYPES, check_acon_args, check_swish_beta, check_x
 from .functions import invoke
 from .onnx import _DECOMPOSITIONS as _ONNX_FORMS
 from .onnx import exporting as _onnx_exporting
@@ -48,12 +48,29 @@ def _ops(backend: str):
 
 
 def _run(backend: str, name: str, *args):
-    """The fused op ``name`` of ``backend``; while ``torch.onnx.export(..., dynamo=True)``
-    traces the model, the op's eager form instead (aten.mish, aten.hardswish, sigmoid and
-    mul), which the exporter translates into ONNX operators (fusedact/onnx.py)."""
+    """The fused op ``name`` of ``backend``, with its own autograd (fusedact/functions.py);
+    while ``torch.onnx.export(..., dynamo=True)`` traces the model, the op's eager form
+    instead (aten.mish, aten.hardswish, sigmoid and mul), which the exporter translates
+    into ONNX operators (fusedact/onnx.py)."""
     if _onnx_exporting():
         return _ONNX_FORMS[name](*args)
     return invoke(_ops(backend), name, *args)
+
+
+# The native ops' short way (csrc/fast_path.cpp): the op below autograd when no gradient
+# is wanted, else a C++ autograd Function, for the calls that make up a small tensor's
+# cost (about 0.3 us a call here, against 3 us through torch.ops and 7-9 us more for a
+# Python autograd.Function's forward and backward). Taken outside ONNX export,
+# torch.compile (Dynamo records the op itself) and __torch_function__ overrides; it
+# returns None inside a torch.func transform or for a forward-AD dual tensor, and the
+# call goes the op's own way. Bad arguments go the long way, where Python checks them.
+_fast = _C.fast
+_is_compiling = torch.compiler.is_compiling
+_has_torch_function = torch._C._has_torch_function
+
+
+def _short_way(tensors: tuple) -> bool:
+    return not (_onnx_exporting() or _is_compiling() or _has_torch_function(tensors))
 
 
 # ---- the API
@@ -64,6 +81,18 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, backend: str | N
 
     ``beta``: a Python float, or a one-element tensor, which then gets a gradient.
     """
+    if (backend is None or backend == "native") and x.dtype in FLOAT_DTYPES:
+        if not isinstance(beta, torch.Tensor):
+            if _short_way((x,)):
+                y = _fast.swish_forward(x, float(beta), None)
+                if y is not None:
+                    return y
+        else:
+            check_swish_beta("fusedact.swish", beta, x)
+            if _short_way((x, beta)):
+                y = _fast.swish_forward(x, 1.0, beta)
+                if y is not None:
+                    return y
     backend = _backend(backend)
     check_x("fusedact.swish", x)
     if isinstance(beta, torch.Tensor):
@@ -77,6 +106,10 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, backend: str | N
 
 def mish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Mish, ``x * tanh(softplus(x))``."""
+    if (backend is None or backend == "native") and x.dtype in FLOAT_DTYPES and _short_way((x,)):
+        y = _fast.mish_forward(x)
+        if y is not None:
+            return y
     backend = _backend(backend)
     check_x("fusedact.mish", x)
     if backend == "eager":
@@ -86,6 +119,10 @@ def mish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
 
 def hard_swish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Hard-Swish, ``x * relu6(x + 3) / 6`` (x itself for x >= 3)."""
+    if (backend is None or backend == "native") and x.dtype in FLOAT_DTYPES and _short_way((x,)):
+        y = _fast.hard_swish_forward(x)
+        if y is not None:
+            return y
     backend = _backend(backend)
     check_x("fusedact.hard_swish", x)
     if backend == "eager":
@@ -110,6 +147,10 @@ def acon_c(
     """
     backend = _backend(backend)
     check_acon_args("fusedact.acon_c", x, p1, p2, beta, channel_dim)
+    if backend == "native" and _short_way((x, p1, p2, beta)):
+        y = _fast.acon_c_forward(x, p1, p2, beta, channel_dim)
+        if y is not None:
+            return y
     if backend == "eager":
         return reference.acon_c(x, p1, p2, beta, channel_dim=channel_dim)
     return _run(backend, "acon_c_forward", x, p1, p2, beta, channel_dim)

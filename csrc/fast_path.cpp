@@ -1,0 +1,213 @@
+// The functional API's short way to the native ops (fusedact/functional.py, `_run`), for
+// the two calls that dominate a small tensor's cost: the no-grad forward and the plain
+// autograd forward+backward. Same ops, same kernels, same results; only the trip there is
+// shorter than torch.ops.fusedact.* from Python (argument parsing against the schema, the
+// Python Autograd kernel, an autograd.Function applied from Python and its Python
+// backward: about 3 us a forward and 7-9 us a forward+backward, more than the kernel
+// below 2^16 elements).
+//
+//   no_grad(...)   the op below autograd, through the dispatcher (CPU or CUDA kernel,
+//                  and any mode or subclass that sits below autograd)
+//   autograd(...)  a C++ autograd Function: saves the inputs only; its backward is the
+//                  fused backward op, called below autograd, or through the op's own
+//                  Autograd kernel when a graph of the backward is wanted
+//                  (create_graph=True: the second derivatives are the Python Functions'
+//                  in fusedact/functions.py)
+//
+// Python takes this way outside torch.compile, ONNX export and __torch_function__
+// overrides; here it returns None inside a torch.func transform or for a dual tensor
+// (forward-mode AD), and Python then goes the op's own way.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <tuple>
+
+namespace fusedact {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using OptTensor = c10::optional<Tensor>;
+
+using SwishFwd = Tensor(const Tensor&, double, const OptTensor&);
+using SwishBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, double, const OptTensor&);
+using UnaryFwd = Tensor(const Tensor&);
+using UnaryBwd = Tensor(const Tensor&, const Tensor&);
+using AconFwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t);
+using AconBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                           const Tensor&, const Tensor&, int64_t);
+
+template <class Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+// Looked up once, on first use (the schemas are registered when _C loads).
+struct Ops {
+  c10::TypedOperatorHandle<SwishFwd> swish_fwd = op<SwishFwd>("fusedact::swish_forward");
+  c10::TypedOperatorHandle<SwishBwd> swish_bwd = op<SwishBwd>("fusedact::swish_backward");
+  c10::TypedOperatorHandle<UnaryFwd> mish_fwd = op<UnaryFwd>("fusedact::mish_forward");
+  c10::TypedOperatorHandle<UnaryBwd> mish_bwd = op<UnaryBwd>("fusedact::mish_backward");
+  c10::TypedOperatorHandle<UnaryFwd> hard_swish_fwd = op<UnaryFwd>("fusedact::hard_swish_forward");
+  c10::TypedOperatorHandle<UnaryBwd> hard_swish_bwd = op<UnaryBwd>("fusedact::hard_swish_backward");
+  c10::TypedOperatorHandle<AconFwd> acon_fwd = op<AconFwd>("fusedact::acon_c_forward");
+  c10::TypedOperatorHandle<AconBwd> acon_bwd = op<AconBwd>("fusedact::acon_c_backward");
+};
+
+const Ops& ops() {
+  static const Ops instance;
+  return instance;
+}
+
+// The op below autograd: what its Autograd kernel does when no gradient is wanted.
+template <class Sig, class... A>
+auto below_autograd(const c10::TypedOperatorHandle<Sig>& h, const A&... a) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return h.call(a...);
+}
+
+// A backward op from a C++ Function's backward: below autograd, unless the engine runs
+// with create_graph=True (grad mode on), where the op's Autograd kernel records its
+// differentiable Function.
+template <class Sig, class... A>
+auto backward_op(const c10::TypedOperatorHandle<Sig>& h, const A&... a) {
+  if (at::GradMode::is_enabled()) return h.call(a...);
+  return below_autograd(h, a...);
+}
+
+}  // namespace
+
+// The C++ autograd Functions, named in grad_fn: CppNode<fusedact::MishFunction>.
+struct SwishFunction : torch::autograd::Function<SwishFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, double beta) {
+    ctx->save_for_backward({x});
+    ctx->saved_data["beta"] = beta;
+    return below_autograd(ops().swish_fwd, x, beta, OptTensor());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const Tensor x = ctx->get_saved_variables()[0];
+    const double beta = ctx->saved_data["beta"].toDouble();
+    return {std::get<0>(backward_op(ops().swish_bwd, grads[0], x, beta, OptTensor())), Tensor()};
+  }
+};
+
+struct SwishTensorFunction : torch::autograd::Function<SwishTensorFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& beta) {
+    ctx->save_for_backward({x, beta});
+    return below_autograd(ops().swish_fwd, x, 1.0, OptTensor(beta));
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    auto [dx, dbeta] = backward_op(ops().swish_bwd, grads[0], saved[0], 1.0, OptTensor(saved[1]));
+    return {dx, dbeta};
+  }
+};
+
+// Mish and HardSwish: Self supplies fwd() and bwd(), the ops' handles.
+template <class Self>
+struct UnaryFunction : torch::autograd::Function<Self> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x) {
+    ctx->save_for_backward({x});
+    return below_autograd(Self::fwd(), x);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {backward_op(Self::bwd(), grads[0], ctx->get_saved_variables()[0])};
+  }
+};
+
+struct MishFunction : UnaryFunction<MishFunction> {
+  static const auto& fwd() { return ops().mish_fwd; }
+  static const auto& bwd() { return ops().mish_bwd; }
+};
+
+struct HardSwishFunction : UnaryFunction<HardSwishFunction> {
+  static const auto& fwd() { return ops().hard_swish_fwd; }
+  static const auto& bwd() { return ops().hard_swish_bwd; }
+};
+
+struct AconCFunction : torch::autograd::Function<AconCFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& p1, const Tensor& p2,
+                        const Tensor& beta, int64_t channel_dim) {
+    ctx->save_for_backward({x, p1, p2, beta});
+    ctx->saved_data["channel_dim"] = channel_dim;
+    return below_autograd(ops().acon_fwd, x, p1, p2, beta, channel_dim);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const int64_t cd = ctx->saved_data["channel_dim"].toInt();
+    auto [dx, dp1, dp2, dbeta] = backward_op(ops().acon_bwd, grads[0], s[0], s[1], s[2], s[3], cd);
+    return {dx, dp1, dp2, dbeta, Tensor()};
+  }
+};
+
+namespace {
+
+bool wants_grad(std::initializer_list<const Tensor*> ts) {
+  if (!at::GradMode::is_enabled()) return false;
+  for (const Tensor* t : ts)
+    if (t->defined() && t->requires_grad()) return true;
+  return false;
+}
+
+// Whether the short way applies: no torch.func transform (functorch's layers are in the
+// thread's included dispatch keys, what torch._C._are_functorch_transforms_active reads)
+// and no dual tensor of forward-mode AD (a tangent at level 0, the only level
+// torch.autograd.forward_ad opens). The C++ Functions have no vmap rule and no JVP; the
+// Python Functions do.
+bool short_way(std::initializer_list<const Tensor*> ts) {
+  const auto included = c10::impl::tls_local_dispatch_key_set().included_;
+  if (included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
+      included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode))
+    return false;
+  for (const Tensor* t : ts)
+    if (t->defined() && t->_fw_grad(/*level=*/0).defined()) return false;
+  return true;
+}
+
+// Each returns None where the short way does not apply; Python then calls the op.
+using Result = c10::optional<Tensor>;
+
+Result swish(const Tensor& x, double beta, const OptTensor& beta_tensor) {
+  if (beta_tensor.has_value()) {
+    if (!short_way({&x, &*beta_tensor})) return c10::nullopt;
+    if (wants_grad({&x, &*beta_tensor})) return SwishTensorFunction::apply(x, *beta_tensor);
+  } else {
+    if (!short_way({&x})) return c10::nullopt;
+    if (wants_grad({&x})) return SwishFunction::apply(x, beta);
+  }
+  return below_autograd(ops().swish_fwd, x, beta, beta_tensor);
+}
+
+Result mish(const Tensor& x) {
+  if (!short_way({&x})) return c10::nullopt;
+  if (wants_grad({&x})) return MishFunction::apply(x);
+  return below_autograd(ops().mish_fwd, x);
+}
+
+Result hard_swish(const Tensor& x) {
+  if (!short_way({&x})) return c10::nullopt;
+  if (wants_grad({&x})) return HardSwishFunction::apply(x);
+  return below_autograd(ops().hard_swish_fwd, x);
+}
+
+Result acon_c(const Tensor& x, const Tensor& p1, const Tensor& p2, const Tensor& beta, int64_t channel_dim) {
+  if (!short_way({&x, &p1, &p2, &beta})) return c10::nullopt;
+  if (wants_grad({&x, &p1, &p2, &beta})) return AconCFunction::apply(x, p1, p2, beta, channel_dim);
+  return below_autograd(ops().acon_fwd, x, p1, p2, beta, channel_dim);
+}
+
+}  // namespace
+
+void register_fast_path(pybind11::module& m) {
+  auto fast = m.def_submodule("fast", "The functional API's short way to the native ops (csrc/fast_path.cpp).");
+  fast.def("swish_forward", &swish);
+  fast.def("mish_forward", &mish);
+  fast.def("hard_swish_forward", &hard_swish);
+  fast.def("acon_c_forward", &acon_c);
+}
+
+}  // namespace fusedact

@@ -1,0 +1,203 @@
+"""The native ops' short way from the functional API (csrc/fast_path.cpp): taken for the
+no-grad call and plain autograd, it gives the op's results bit for bit (forward, first
+and second derivatives), declines inside torch.func transforms and for forward-AD dual
+tensors, and leaves __torch_function__ overrides and dispatch modes their view of the
+op. Speed is the benchmark's (``bench.py --overhead``), never asserted here."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.autograd import forward_ad
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fusedact
+from fusedact import _C
+from helpers import make_params, rand_x
+
+CASES = ["silu", "swish", "swish-tensor", "mish", "hard_swish", "acon_c", "meta_acon"]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16]
+FN = {"swish": ("SwishFunction", "SwishTensorFunction"), "mish": ("MishFunction",),
+      "hard_swish": ("HardSwishFunction",), "acon_c": ("AconCFunction",)}
+
+
+def on_short_way(y, op) -> bool:
+    """y's node is one of op's C++ Functions (csrc/fast_path.cpp)."""
+    return y.grad_fn.name() in {f"torch::autograd::CppNode<fusedact::{fn}>" for fn in FN[op]}
+
+
+def case_args(case, dtype, seed=0):
+    """(op, x, params, functional(x, *params), the op's call(x, *params))."""
+    x = rand_x((2, 5, 3, 4), dtype, "cpu", seed=seed)
+    op = case.split("-")[0]
+    if case == "silu":
+        return "swish", x, [], (lambda x: fusedact.swish(x)), (lambda x: torch.ops.fusedact.swish_forward(x, 1.0, None))
+    if case == "swish":
+        return op, x, [], (lambda x: fusedact.swish(x, 1.7)), (lambda x: torch.ops.fusedact.swish_forward(x, 1.7, None))
+    if case == "swish-tensor":
+        params = make_params("swish", x, param_dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+        return op, x, params, fusedact.swish, (lambda x, b: torch.ops.fusedact.swish_forward(x, 1.0, b))
+    if case in ("acon_c", "meta_acon"):
+        params = make_params("acon_c", x, per_sample=case == "meta_acon",
+                             param_dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+        return "acon_c", x, params, fusedact.acon_c, (lambda x, *p: torch.ops.fusedact.acon_c_forward(x, *p, 1))
+    ops = getattr(torch.ops.fusedact, f"{op}_forward")
+    return op, x, [], getattr(fusedact, op), ops
+
+
+def fast_call(op, x, params):
+    """_C.fast's own answer: a tensor, or None where it declines."""
+    if op == "swish":
+        return _C.fast.swish_forward(x, 1.0, params[0]) if params else _C.fast.swish_forward(x, 1.0, None)
+    if op == "acon_c":
+        return _C.fast.acon_c_forward(x, *params, 1)
+    return getattr(_C.fast, f"{op}_forward")(x)
+
+
+def forward_backward(f, x, params, g):
+    leaves = [x.detach().clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in params]
+    y = f(*leaves)
+    return y, torch.autograd.grad(y, leaves, g)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES)
+def test_short_way_gives_the_op_bit_for_bit(case, dtype):
+    op, x, params, functional, op_call = case_args(case, dtype)
+    assert fast_call(op, x, params) is not None  # it applies here
+    with torch.no_grad():
+        assert torch.equal(functional(x, *params), op_call(x, *params))
+    g = rand_x(x.shape, dtype, "cpu", seed=7)
+    y_short, grads_short = forward_backward(functional, x, params, g)
+    y_op, grads_op = forward_backward(op_call, x, params, g)
+    # the short way's node is the C++ Function; the op's own autograd is the Python one
+    assert on_short_way(y_short, op), y_short.grad_fn.name()
+    assert "CppNode" not in y_op.grad_fn.name(), y_op.grad_fn.name()
+    assert torch.equal(y_short, y_op)
+    for a, b in zip(grads_short, grads_op):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_short_way_second_derivatives(case):
+    """create_graph=True: the C++ Function's backward calls the backward op with its own
+    autograd, so double backward is the op's, and gradgradcheck passes in float64."""
+    op, x, params, functional, op_call = case_args(case, torch.float64)
+    leaves = [x.detach().clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in params]
+    assert on_short_way(functional(*leaves), op)
+    small = [t[:1, :2, :2, :2] if t is leaves[0] else t for t in leaves]
+    if case == "meta_acon":  # beta per sample: one sample
+        small[-1] = small[-1][:1]
+    if op == "acon_c":  # two channels
+        small[1:] = [p[..., :2] for p in small[1:]]
+    small = [t.detach().clone().requires_grad_() for t in small]
+    assert torch.autograd.gradgradcheck(functional, small)
+    g = rand_x(x.shape, torch.float64, "cpu", seed=3)
+
+    def second(f):
+        ls = [t.detach().clone().requires_grad_() for t in leaves]
+        first = torch.autograd.grad(f(*ls), ls, g, create_graph=True)
+        return torch.autograd.grad(sum((d * d).sum() for d in first), ls, allow_unused=True)
+
+    for a, b in zip(second(functional), second(op_call)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_short_way_declines_inside_transforms(case):
+    """Inside torch.func.grad and for a dual tensor, _C.fast returns None and the call goes
+    the op's way (its Python Function has the vmap rule and the JVP)."""
+    op, x, params, functional, _ = case_args(case, torch.float64)
+    seen = []
+
+    def f(x):
+        seen.append(fast_call(op, x, params))
+        return functional(x, *params).sum()
+
+    grad = torch.func.grad(f)(x)
+    assert seen == [None]
+    xl = x.clone().requires_grad_()
+    want = torch.autograd.grad(functional(xl, *params).sum(), xl)[0]
+    torch.testing.assert_close(grad, want, rtol=0, atol=0)
+
+    t = rand_x(x.shape, torch.float64, "cpu", seed=4)
+    with forward_ad.dual_level():
+        dual = forward_ad.make_dual(x, t)
+        assert fast_call(op, dual, params) is None
+        tangent = forward_ad.unpack_dual(functional(dual, *params)).tangent
+    assert tangent is not None
+    jvp = torch.func.jvp(lambda x: functional(x, *params), (x,), (t,))[1]
+    torch.testing.assert_close(tangent, jvp, rtol=0, atol=0)
+
+
+class Logged(torch.Tensor):
+    calls: list = []
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        cls.calls.append(func)
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+class FunctionLog(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+class DispatchLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def _names(calls):
+    return {str(c) for c in calls}
+
+
+@pytest.mark.parametrize("case", ["mish", "swish-tensor", "acon_c"])
+def test_overrides_see_the_op(case):
+    """A __torch_function__ subclass and a TorchFunctionMode see the fused op (the call
+    goes the long way, through torch.ops); a TorchDispatchMode sees the forward op on the
+    short way and the backward op in its backward."""
+    op, x, params, functional, _ = case_args(case, torch.float32)
+    fwd, bwd = f"fusedact.{op}_forward.default", f"fusedact.{op}_backward.default"
+
+    Logged.calls = []
+    y = functional(x.as_subclass(Logged), *params)
+    assert any(fwd.rsplit(".", 1)[0] in str(c) for c in Logged.calls), Logged.calls
+    torch.testing.assert_close(y.as_subclass(torch.Tensor), functional(x, *params), rtol=0, atol=0)
+
+    with FunctionLog() as mode:
+        functional(x, *params)
+    assert any(fwd.rsplit(".", 1)[0] in str(c) for c in mode.calls), mode.calls
+
+    xl = x.clone().requires_grad_()
+    with DispatchLog() as mode:
+        y = functional(xl, *params)
+        assert on_short_way(y, op)
+        y.sum().backward()
+    assert {fwd, bwd} <= _names(mode.calls), mode.calls
+
+
+def test_bad_arguments_take_the_checked_way():
+    """An integer x or a bad beta fails with the Python checks' message, as before."""
+    with pytest.raises(RuntimeError, match="x must be a floating-point tensor"):
+        fusedact.mish(torch.arange(4))
+    with pytest.raises(RuntimeError, match="x must be a floating-point tensor"):
+        fusedact.swish(torch.arange(4), 1.5)
+    with pytest.raises(RuntimeError, match="beta must be a float or a tensor with one element"):
+        fusedact.swish(torch.randn(4), torch.ones(2))
+    with pytest.raises(RuntimeError, match="p1 must have C = 3"):
+        fusedact.acon_c(torch.randn(2, 3, 4), torch.ones(2), torch.ones(3), torch.ones(3))
