@@ -95,6 +95,17 @@ struct SwishFunction : torch::autograd::Function<SwishFunction> {
   }
 };
 
+// beta = 1 (SiLU, the common case): nothing to keep beside x.
+struct SiluFunction : torch::autograd::Function<SiluFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x) {
+    ctx->save_for_backward({x});
+    return below_autograd(ops().swish_fwd, x, 1.0, OptTensor());
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    return {std::get<0>(backward_op(ops().swish_bwd, grads[0], ctx->get_saved_variables()[0], 1.0, OptTensor()))};
+  }
+};
+
 struct SwishTensorFunction : torch::autograd::Function<SwishTensorFunction> {
   static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& beta) {
     ctx->save_for_backward({x, beta});
@@ -177,7 +188,7 @@ Result swish(const Tensor& x, double beta, const OptTensor& beta_tensor) {
     if (wants_grad({&x, &*beta_tensor})) return SwishTensorFunction::apply(x, *beta_tensor);
   } else {
     if (!short_way({&x})) return c10::nullopt;
-    if (wants_grad({&x})) return SwishFunction::apply(x, beta);
+    if (wants_grad({&x})) return beta == 1.0 ? SiluFunction::apply(x) : SwishFunction::apply(x, beta);
   }
   return below_autograd(ops().swish_fwd, x, beta, beta_tensor);
 }

@@ -17,7 +17,7 @@ from helpers import make_params, rand_x
 
 CASES = ["silu", "swish", "swish-tensor", "mish", "hard_swish", "acon_c", "meta_acon"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-FN = {"swish": ("SwishFunction", "SwishTensorFunction"), "mish": ("MishFunction",),
+FN = {"swish": ("SiluFunction", "SwishFunction", "SwishTensorFunction"), "mish": ("MishFunction",),
       "hard_swish": ("HardSwishFunction",), "acon_c": ("AconCFunction",)}
 
 
@@ -201,3 +201,24 @@ def test_bad_arguments_take_the_checked_way():
         fusedact.swish(torch.randn(4), torch.ones(2))
     with pytest.raises(RuntimeError, match="p1 must have C = 3"):
         fusedact.acon_c(torch.randn(2, 3, 4), torch.ones(2), torch.ones(3), torch.ones(3))
+
+
+def test_compiled_autograd_runs_the_short_way_backward():
+    """Compiled autograd (torch.compile of the backward of an eager forward) runs the C++
+    Functions' backward as opaque calls: the gradients of the eager engine."""
+    torch.manual_seed(0)
+    x = torch.randn(64, dtype=torch.float64, requires_grad=True)
+    p1, p2, b = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def loss():
+        y = fusedact.swish(x) + fusedact.swish(x, 1.3) + fusedact.mish(x) + fusedact.hard_swish(x)
+        y = y + fusedact.acon_c(x.view(2, 4, 8), p1, p2, b).view(-1)
+        return (y * y).sum()
+
+    want = torch.autograd.grad(loss(), [x, p1, p2, b])
+    out = loss()
+    assert on_short_way(fusedact.mish(x), "mish")
+    with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
+        got = torch.autograd.grad(out, [x, p1, p2, b])
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a, w, rtol=0, atol=0)
