@@ -246,12 +246,38 @@ _FUNCTORCH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicL
     torch._C.DispatchKey.FuncTorchBatched) | torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
 
 
-def _autograd_kernel(function: type, op) -> Callable:
+def _in_jvp() -> bool:
+    """A torch.func jvp (torch.func.jvp, jacfwd, hessian's forward-over-reverse) is on
+    the transform stack."""
+    jvp = torch._C._functorch.TransformType.Jvp
+    return any(i.key() == jvp for i in (torch._C._functorch.get_interpreter_stack() or ()))
+
+
+def _reference_call(spec: OpSpec, backward: bool, args):
+    """The op's eager form at args: the forward op's output, or the backward op's
+    (the VJP of the reference, one output per slot, empty for swish's absent beta)."""
+    if not backward:
+        return spec.reference(args)(*[args[s] for s in _present(spec, args)])
+    grad, *rest = args
+    present = _present(spec, rest)
+    outs = list(_first_order(spec.reference(rest))(grad, *[rest[s] for s in present]))
+    result = [outs.pop(0) if rest[s] is not None else grad.new_empty((0,)) for s in spec.slots]
+    return result[0] if len(result) == 1 else tuple(result)
+
+
+def _autograd_kernel(function: type, op, spec: OpSpec, backward: bool) -> Callable:
     """The op's Autograd kernel: the Function when a gradient is wanted, else the kernel."""
     after_autograd = torch._C._after_autograd_keyset
 
     def kernel(keyset, *args):
         if _functorch_active():
+            if _in_jvp():
+                # A direct call under a torch.func jvp: applying the Function from here
+                # re-enters the Jvp interpreter, which fails a functorch internal assert
+                # (jvp, jacfwd), or crashes the process (jvp over vjp, with a parameter
+                # from outside the transforms). The op's eager form instead: its aten
+                # ops carry every transform's rules (same function, same derivatives).
+                return _reference_call(spec, backward, args)
             # A user's direct call of the op inside a torch.func transform: the
             # dispatcher reaches this kernel from inside the transform's layer, which has
             # excluded the functorch keys, where applying the Function fails. It is
@@ -310,8 +336,8 @@ def register_autograd(namespace: str, prefix: str = "") -> dict[str, type]:
         camel = prefix + "".join(part.capitalize() for part in spec.name.split("_"))
         fwd = _forward_function(spec, ops, forward_op, rules[f"{spec.name}_forward"], f"{camel}Function")
         bwd = _backward_function(spec, backward_op, rules[f"{spec.name}_backward"], f"{camel}BackwardFunction")
-        lib.impl(f"{spec.name}_forward", _autograd_kernel(fwd, forward_op), "Autograd", with_keyset=True)
-        lib.impl(f"{spec.name}_backward", _autograd_kernel(bwd, backward_op), "Autograd", with_keyset=True)
+        lib.impl(f"{spec.name}_forward", _autograd_kernel(fwd, forward_op, spec, False), "Autograd", with_keyset=True)
+        lib.impl(f"{spec.name}_backward", _autograd_kernel(bwd, backward_op, spec, True), "Autograd", with_keyset=True)
         for op in (f"{spec.name}_forward", f"{spec.name}_backward"):  # the ops called directly under vmap
             torch.library.register_vmap(f"{namespace}::{op}", op_rules[op], lib=lib)
         functions[fwd.__name__] = fwd

@@ -54,7 +54,7 @@ def test_autocast_matches_eager_accuracy(backend, device, dtype):
     for p, gp in zip(fused.parameters(), grads):
         assert p.dtype == torch.float32 and gp.dtype == torch.float32
     # Relative error (2-norm) against float64: at most twice the eager model's own, plus
-    # half an ulp of the dtype (2^-9 for bfloat16, 2^-12 for float16), the error of
+    # half the dtype's epsilon (2^-8 for bfloat16, 2^-11 for float16), the error of
     # rounding the exact result once, which no implementation in that dtype can avoid.
     # Swish's learnable beta has a large relative error in both models (0.6-0.8 on the
     # CPU): its gradient is a sum over every element whose terms nearly cancel, and its
