@@ -28,7 +28,13 @@ from . import kernels as k
 
 __all__ = []
 
-BLOCK = 1024  # elements per program of the elementwise kernels
+# Elements per program of the flat elementwise kernels, at Triton's default 4 warps
+# (128 threads): two 16-byte packs in flight per thread, as the CUDA kernels' kFlatPacks.
+# 1024 for 4-byte dtypes (8 elements a thread), 2048 for 2-byte ones (16 a thread: 1024
+# gave bfloat16/float16 one pack a thread); float64 keeps 1024 (four packs). A
+# prediction from bytes in flight (benchmarks/NOTES.md), not yet measured on a GPU.
+BLOCK = 1024
+BLOCK_2BYTE = 2048
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
@@ -90,7 +96,11 @@ def _beta_hi_lo(beta: float) -> tuple[float, float]:
     return hi, lo
 
 
-def _grid(n: int, block: int = BLOCK):
+def _block(x: torch.Tensor) -> int:
+    return BLOCK_2BYTE if x.element_size() == 2 else BLOCK
+
+
+def _grid(n: int, block: int):
     return (triton.cdiv(n, block),)
 
 
@@ -118,8 +128,9 @@ def swish_forward(x: torch.Tensor, beta: float, beta_tensor: Optional[torch.Tens
     if n:
         hi, lo = _beta_hi_lo(beta)
         bt = beta_tensor if beta_tensor is not None else x
-        _launch(k._swish_fwd_kernel, _grid(n),
-            x, y, bt, hi, lo, n, HAS_BETA_TENSOR=beta_tensor is not None, BLOCK=BLOCK)
+        block = _block(x)
+        _launch(k._swish_fwd_kernel, _grid(n, block),
+            x, y, bt, hi, lo, n, HAS_BETA_TENSOR=beta_tensor is not None, BLOCK=block)
     return y
 
 
@@ -134,14 +145,15 @@ def swish_backward(grad: torch.Tensor, x: torch.Tensor, beta: float,
     g = _with_layout_of(grad, x)
     dx = torch.empty_like(x)
     n = x.numel()
-    programs = triton.cdiv(n, BLOCK)
+    block = _block(x)
+    programs = triton.cdiv(n, block)
     has_bt = beta_tensor is not None
     partial = x.new_empty((programs if has_bt else 0,), dtype=_opmath_dtype(x))
     if n:
         hi, lo = _beta_hi_lo(beta)
         _launch(k._swish_bwd_kernel, (programs,),
             g, x, dx, beta_tensor if has_bt else x, hi, lo, partial, n,
-            HAS_BETA_TENSOR=has_bt, BLOCK=BLOCK)
+            HAS_BETA_TENSOR=has_bt, BLOCK=block)
     if not has_bt:
         return dx, x.new_empty((0,))
     if n == 0:
@@ -161,7 +173,7 @@ def _unary(name: str, fwd_kernel, bwd_kernel) -> None:
         y = torch.empty_like(x)
         n = x.numel()
         if n:
-            _launch(fwd_kernel, _grid(n), x, y, n, BLOCK=BLOCK)
+            _launch(fwd_kernel, _grid(n, _block(x)), x, y, n, BLOCK=_block(x))
         return y
 
     @_op(f"{name}_backward")
@@ -173,7 +185,7 @@ def _unary(name: str, fwd_kernel, bwd_kernel) -> None:
         dx = torch.empty_like(x)
         n = x.numel()
         if n:
-            _launch(bwd_kernel, _grid(n), g, x, dx, n, BLOCK=BLOCK)
+            _launch(bwd_kernel, _grid(n, _block(x)), g, x, dx, n, BLOCK=_block(x))
         return dx
 
 
@@ -208,9 +220,10 @@ def acon_c_forward(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: to
     y = torch.empty_like(xd)
     n = xd.numel()
     if n:
-        _launch(k._acon_c_fwd_kernel, _grid(n),
+        block = _block(xd)
+        _launch(k._acon_c_fwd_kernel, _grid(n, block),
             xd, y, p1.contiguous(), p2.contiguous(), beta.contiguous(), n, inner, C, R * C * inner,
-            BETA_PER_SAMPLE=per_sample, BLOCK=BLOCK)
+            BETA_PER_SAMPLE=per_sample, BLOCK=block)
     return y
 
 
