@@ -13,6 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import fusedact
 from fusedact import _C
+from conftest import DEVICES
 from helpers import make_params, rand_x
 
 CASES = ["silu", "swish", "swish-tensor", "mish", "hard_swish", "acon_c", "meta_acon"]
@@ -26,9 +27,9 @@ def on_short_way(y, op) -> bool:
     return y.grad_fn.name() in {f"torch::autograd::CppNode<fusedact::{fn}>" for fn in FN[op]}
 
 
-def case_args(case, dtype, seed=0):
+def case_args(case, dtype, seed=0, device="cpu"):
     """(op, x, params, functional(x, *params), the op's call(x, *params))."""
-    x = rand_x((2, 5, 3, 4), dtype, "cpu", seed=seed)
+    x = rand_x((2, 5, 3, 4), dtype, device, seed=seed)
     op = case.split("-")[0]
     if case == "silu":
         return "swish", x, [], (lambda x: fusedact.swish(x)), (lambda x: torch.ops.fusedact.swish_forward(x, 1.0, None))
@@ -60,14 +61,17 @@ def forward_backward(f, x, params, g):
     return y, torch.autograd.grad(y, leaves, g)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES)
-def test_short_way_gives_the_op_bit_for_bit(case, dtype):
-    op, x, params, functional, op_call = case_args(case, dtype)
+def test_short_way_gives_the_op_bit_for_bit(case, dtype, device):
+    """On the CPU here; on CUDA (the CUDA kernels, through the same dispatcher call) where
+    a GPU is present."""
+    op, x, params, functional, op_call = case_args(case, dtype, device=device)
     assert fast_call(op, x, params) is not None  # it applies here
     with torch.no_grad():
         assert torch.equal(functional(x, *params), op_call(x, *params))
-    g = rand_x(x.shape, dtype, "cpu", seed=7)
+    g = rand_x(x.shape, dtype, device, seed=7)
     y_short, grads_short = forward_backward(functional, x, params, g)
     y_op, grads_op = forward_backward(op_call, x, params, g)
     # the short way's node is the C++ Function; the op's own autograd is the Python one
