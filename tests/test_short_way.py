@@ -226,3 +226,31 @@ def test_compiled_autograd_runs_the_short_way_backward():
         got = torch.autograd.grad(out, [x, p1, p2, b])
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, rtol=0, atol=0)
+
+
+def test_autograd_behaviours_on_the_short_way():
+    """What autograd promises holds for the C++ Functions: anomaly mode, saved-tensor hooks
+    (what activation offloading and checkpointing use), the in-place check on a saved
+    input, and the freed graph after a backward without retain_graph."""
+    x = rand_x((64,), torch.float64, "cpu").requires_grad_()
+    want = torch.autograd.grad(fusedact.mish(x).sum(), x)[0]
+    with torch.autograd.set_detect_anomaly(True):
+        assert torch.equal(torch.autograd.grad(fusedact.mish(x).sum(), x)[0], want)
+
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(), lambda t: t):
+        y = fusedact.hard_swish(x)
+    assert on_short_way(y, "hard_swish") and len(packed) == 1 and packed[0] is x
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0],
+                               torch.autograd.grad(torch.ops.fusedact.hard_swish_forward(x).sum(), x)[0], rtol=0, atol=0)
+
+    w = x * 1
+    y = fusedact.mish(w)
+    w.add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+    y = fusedact.swish(x)
+    y.sum().backward()
+    with pytest.raises(RuntimeError, match="backward through the graph a second time"):
+        y.sum().backward()
