@@ -141,6 +141,15 @@ def _present(spec: OpSpec, args) -> list[int]:
     return [s for s in spec.slots if args[s] is not None]
 
 
+def _per_slot(spec: OpSpec, args, values, grad: torch.Tensor):
+    """The backward op's outputs (or their tangents) from ``values``, one per present slot
+    of args in order: one output per slot, an empty tensor where swish's beta_tensor is
+    None (as the op returns), the single output of a one-slot op bare."""
+    it = iter(values)
+    outs = [next(it) if args[slot] is not None else grad.new_empty((0,)) for slot in spec.slots]
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
 def _function_class(name, doc, forward, setup_context, backward, jvp, vmap) -> type:
     """The Function for torch.func (``setup_context``, ``vmap``), with ``.plain``: the same
     Function in the older form, ``forward(ctx, *args)``, for plain autograd. Applying a
@@ -228,15 +237,7 @@ def _backward_function(spec: OpSpec, backward_op, vmap, name: str) -> type:
         # forward AD's dual tensors may not overlap themselves: a stride-0 grad (of a
         # sum) or tangent is made dense first
         dense = tuple(t.contiguous() for t in (grad, *primals)), tuple(t.contiguous() for t in dirs)
-        out_t = _jvp(_first_order(spec.reference(args)), *dense)
-        out_t = list(out_t)
-        outs = []
-        for slot in spec.slots:  # the backward op's outputs: one per slot
-            outs.append(out_t.pop(0) if args[slot] is not None else None)
-        if len(outs) == 1:
-            return outs[0]
-        # swish without beta_tensor returns an empty second output: its tangent is empty too
-        return tuple(o if o is not None else grad.new_empty((0,)) for o in outs)
+        return _per_slot(spec, args, _jvp(_first_order(spec.reference(args)), *dense), grad)
 
     return _function_class(name, f"{spec.name}'s backward op, differentiable: the second derivative follows "
                            "the reference.", forward, setup_context, backward, jvp, vmap)
@@ -259,10 +260,8 @@ def _reference_call(spec: OpSpec, backward: bool, args):
     if not backward:
         return spec.reference(args)(*[args[s] for s in _present(spec, args)])
     grad, *rest = args
-    present = _present(spec, rest)
-    outs = list(_first_order(spec.reference(rest))(grad, *[rest[s] for s in present]))
-    result = [outs.pop(0) if rest[s] is not None else grad.new_empty((0,)) for s in spec.slots]
-    return result[0] if len(result) == 1 else tuple(result)
+    values = _first_order(spec.reference(rest))(grad, *[rest[s] for s in _present(spec, rest)])
+    return _per_slot(spec, rest, values, grad)
 
 
 def _autograd_kernel(function: type, op, spec: OpSpec, backward: bool) -> Callable:

@@ -39,6 +39,7 @@ def exporting() -> bool:
         return torch.onnx.is_in_onnx_export()
     return _export_flags._is_onnx_exporting
 
+
 _FORWARD_OPS = ("swish_forward", "mish_forward", "hard_swish_forward", "acon_c_forward")
 
 
@@ -155,7 +156,5 @@ def decompositions(namespace: str = "fusedact") -> dict:
 
 def install(namespace: str) -> None:
     """Registers the TorchScript exporter's symbolic functions of ``namespace``'s forward ops."""
-    import torch.onnx
-
     for name in _FORWARD_OPS:
         torch.onnx.register_custom_op_symbolic(f"{namespace}::{name}", _SYMBOLICS[name], 9)

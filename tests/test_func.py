@@ -167,9 +167,8 @@ def test_direct_op_calls_under_forward_mode(case, backend):
         assert f(x, *params).shape == x.shape
     fused_fn, eager_fn = (lambda x: direct(x, *params)), (lambda x: eager(x, *params))
     assert_trees_close(jvp(fused_fn, (x,), (t,)), jvp(eager_fn, (x,), (t,)))
-    xs = x[:1, :, :1] if x.dim() == 4 else x[:1]  # jacfwd: a small x (per-sample beta has N = 3)
-    if case[2]:  # per-sample beta needs the full batch
-        xs = x
+    # jacfwd on a small x; a per-sample beta needs the full batch (N = 3)
+    xs = x if case[2] else (x[:1, :, :1] if x.dim() == 4 else x[:1])
     assert_trees_close(jacfwd(fused_fn)(xs), jacfwd(eager_fn)(xs))
 
     def hvp(f):

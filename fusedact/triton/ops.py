@@ -173,7 +173,8 @@ def _unary(name: str, fwd_kernel, bwd_kernel) -> None:
         y = torch.empty_like(x)
         n = x.numel()
         if n:
-            _launch(fwd_kernel, _grid(n, _block(x)), x, y, n, BLOCK=_block(x))
+            block = _block(x)
+            _launch(fwd_kernel, _grid(n, block), x, y, n, BLOCK=block)
         return y
 
     @_op(f"{name}_backward")
@@ -185,7 +186,8 @@ def _unary(name: str, fwd_kernel, bwd_kernel) -> None:
         dx = torch.empty_like(x)
         n = x.numel()
         if n:
-            _launch(bwd_kernel, _grid(n, _block(x)), g, x, dx, n, BLOCK=_block(x))
+            block = _block(x)
+            _launch(bwd_kernel, _grid(n, block), g, x, dx, n, BLOCK=block)
         return dx
 
 
