@@ -77,7 +77,10 @@ def flat_big_cases() -> list[str]:
 def row_geometries() -> list[tuple[str, tuple[int, int, int, int]]]:
     """(what, (N, R, C, inner)) as channel_layout.h's acon_args makes them."""
     geos = []
-    for n, c, h, w in [(2, 3, 7, 7), (1, 4, 14, 14), (2, 2, 64, 64), (3, 2, 3, 5),
+    # short maps (several runs a block, a partly idle last block), a map of exactly one
+    # group per size, long maps (several segments), odd sizes
+    for n, c, h, w in [(2, 3, 7, 7), (1, 4, 14, 14), (3, 11, 7, 7), (2, 9, 14, 14),
+                       (1, 17, 16, 16), (2, 5, 20, 20), (2, 2, 64, 64), (3, 2, 3, 5),
                        (1, 3, 1, 2), (2, 1, 56, 56), (1, 2, 130, 33)]:
         geos.append((f"NCHW {n}x{c}x{h}x{w}", (1, n, c, h * w)))
         geos.append((f"NCHW per-sample beta {n}x{c}x{h}x{w}", (n, 1, c, h * w)))
@@ -141,6 +144,19 @@ def test_launch_shapes(sim):
     limit = 2**31 - 1 - THREADS * FLAT_PACKS * 16
     assert run(sim, [f"flatbig {limit + 1} 2 1056"]) == ["OK"]
     assert THREADS * ROW_PACKS * 8 == 64 * 64
+    # short maps: one warp a (n, c) run and 8 runs a block, in every dtype (7x7, 14x14);
+    # a 28x28 bf16 map (98 packs) takes 2 warps, 4 runs a block; a long map one block
+    # of kThreads a segment
+    def launch(N, R, C, inner, size):
+        out = run(sim, [f"rowlaunch {N} {R} {C} {inner} {size}"])[0].split()
+        assert out[0] == "OK"
+        return tuple(int(v) for v in out[1:])
+    for size in (2, 4):
+        assert launch(1, 32, 64, 49, size) == (32, 8, 256, 32 * 64 // 8)
+        assert launch(1, 32, 64, 196, size) == (32, 8, 256, 32 * 64 // 8)
+    assert launch(1, 32, 64, 28 * 28, 2) == (64, 4, 256, 32 * 64 // 4)
+    assert launch(1, 2, 3, 64 * 64, 2) == (256, 1, 256, 6)
+    assert launch(1, 1, 3, 49, 2) == (32, 4, 128, 1)  # no more groups than units
 
 
 # Each mutation is an off-by-one or a wrong index in partition.h that the simulation
@@ -164,6 +180,12 @@ MUTATIONS = {
     "finish skips samples": ("return per_sample ? K : N * K;", "return per_sample ? K : K;"),
     "finish reads the next channel": ("const int64_t c = b % C;", "const int64_t c = (b + 1) % C;"),
     "32-bit block division": ("rem = bb % dd;", "rem = bb % dd + (dd == 7);"),
+    "row units overlap across blocks": ("const int64_t u = b * l.per_block + tid / l.group;",
+                                        "const int64_t u = b * (l.per_block - (l.per_block > 1)) + tid / l.group;"),
+    "row group sum adds a neighbour's warp": ("return tid / l.group * (l.group / 32);",
+                                             "return tid / l.group * (l.group / 32) + (l.group == 32 && tid >= 32);"),
+    "row group too small": ("while (group < threads_needed && group < kThreads) group *= 2;",
+                            "while (2 * group < threads_needed && group < kThreads) group *= 2;"),
 }
 
 

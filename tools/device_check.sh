@@ -50,6 +50,9 @@ for s in $stages; do
       $PY tools/probe_gpu.py 2>&1 | tee "$OUT/probe.log" ;;
     bench)
       $PY benchmarks/bench.py --csv "$OUT/bench.csv" 2>&1 | tee "$OUT/bench.log" | tail -c 9000
+      # short NCHW maps (several (n, c) runs a block): acon_c at a backbone's late stages
+      $PY benchmarks/bench.py --ops acon_c --sizes --shapes 32x256x14x14 32x512x7x7 64x128x28x28 \
+        --providers eager native triton --csv "$OUT/bench-short-maps.csv" 2>&1 | tee "$OUT/bench-short-maps.log" | tail -c 4000
       MPLBACKEND=Agg $PY benchmarks/plot.py "$OUT/bench.csv" --out "$OUT/plots" ;;
     *) echo "unknown stage $s"; exit 2 ;;
   esac

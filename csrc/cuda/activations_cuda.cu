@@ -179,9 +179,35 @@ __device__ void block_sum(T (&v)[NP]) {
   }
 }
 
-// ---- channel runs (inner > 1): one block per (n, r, c, segment), parameters fixed
-// (partition.h's row_launch / row_block / row_segment). Backward writes the segment's
-// sums to partial[rb.slot * NP + j].
+// ---- the row kernel's group sum: each warp reduces its lanes by a shuffle tree; a
+// group of one warp is done (lane 0 holds it), a larger one's thread 0 adds its warps'
+// sums in order (partition.h's row_group_warp0). Every thread of the block calls it.
+template <typename T, int NP>
+__device__ void group_sum(T (&v)[NP], const part::RowLaunch& l, int tid) {
+  __shared__ T smem[NP][kThreads / 32];
+#pragma unroll
+  for (int j = 0; j < NP; ++j)
+    for (int o = 16; o > 0; o /= 2) v[j] += __shfl_down_sync(0xffffffffu, v[j], o);
+  if (l.group == 32) return;  // the same for every thread of the launch
+  if (tid % 32 == 0)
+#pragma unroll
+    for (int j = 0; j < NP; ++j) smem[j][tid / 32] = v[j];
+  __syncthreads();
+  if (tid % l.group == 0) {
+    const int w0 = part::row_group_warp0(l, tid);
+#pragma unroll
+    for (int j = 0; j < NP; ++j) {
+      T s = T(0);
+      for (int w = w0; w < w0 + l.group / 32; ++w) s += smem[j][w];
+      v[j] = s;
+    }
+  }
+}
+
+// ---- channel runs (inner > 1): one unit per (n, r, c, segment), parameters fixed,
+// walked by a group of l.group threads; a block holds l.per_block groups (partition.h's
+// row_launch / row_unit / row_block / row_segment). Backward writes the segment's sums
+// to partial[rb.slot * NP + j].
 
 template <template <typename> class OpT, typename scalar_t, typename P, int NP, bool kBackward>
 __global__ void __launch_bounds__(kThreads)
@@ -191,63 +217,69 @@ row_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
   using T = opmath_t<scalar_t>;
   constexpr int VEC = vec_size<scalar_t>();
   using V = Pack<scalar_t, VEC>;
-  const part::RowBlock rb = part::row_block(l, geo.R, geo.C, geo.inner, blockIdx.x);
-  T v[NP];
-  pv.load(rb.n, rb.c, v);
-  const auto op = OpT<T>::from(v);
+  const int tid = threadIdx.x;
+  int t;
+  const int64_t u = part::row_unit(l, blockIdx.x, tid, t);
   T acc[NP];
 #pragma unroll
   for (int j = 0; j < NP; ++j) acc[j] = T(0);
+  if (u >= 0) {
+    const part::RowBlock rb = part::row_block(l, geo.R, geo.C, geo.inner, u);
+    T v[NP];
+    pv.load(rb.n, rb.c, v);
+    const auto op = OpT<T>::from(v);
 
-  auto one = [&](scalar_t gi, scalar_t xi) -> scalar_t {
-    if constexpr (kBackward) {
-      T dp[NP];
-      const T d = op.backward(static_cast<T>(gi), static_cast<T>(xi), dp);
+    auto one = [&](scalar_t gi, scalar_t xi) -> scalar_t {
+      if constexpr (kBackward) {
+        T dp[NP];
+        const T d = op.backward(static_cast<T>(gi), static_cast<T>(xi), dp);
 #pragma unroll
-      for (int j = 0; j < NP; ++j) acc[j] += dp[j];
-      return static_cast<scalar_t>(d);
+        for (int j = 0; j < NP; ++j) acc[j] += dp[j];
+        return static_cast<scalar_t>(d);
+      } else {
+        return static_cast<scalar_t>(op.forward(static_cast<T>(xi)));
+      }
+    };
+
+    const scalar_t* xs = x + rb.off;
+    const scalar_t* gs = kBackward ? g + rb.off : nullptr;
+    scalar_t* os = out + rb.off;
+    const int head = head16(xs);
+    const bool packed = head16(os) == head && (!kBackward || head16(gs) == head);
+    const auto f = part::row_segment(rb, head, packed, VEC);
+    if (packed) {
+      // One pack at a time: with both packs' values live across the division's
+      // slow-path call, ptxas spilled (the SASS check caught it).
+#pragma unroll
+      for (int k = 0; k < part::kRowPacks; ++k) {
+        const int32_t p = f.pack(0, k, t, l.group);
+        if (p < 0) continue;
+        const int32_t at = f.pack_start(p);
+        const V xv = *reinterpret_cast<const V*>(xs + at);
+        V gv, ov;
+        if constexpr (kBackward) gv = *reinterpret_cast<const V*>(gs + at);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) ov.v[e] = one(kBackward ? gv.v[e] : scalar_t(0), xv.v[e]);
+        *reinterpret_cast<V*>(os + at) = ov;
+      }
     } else {
-      return static_cast<scalar_t>(op.forward(static_cast<T>(xi)));
-    }
-  };
-
-  const scalar_t* xs = x + rb.off;
-  const scalar_t* gs = kBackward ? g + rb.off : nullptr;
-  scalar_t* os = out + rb.off;
-  const int head = head16(xs);
-  const bool packed = head16(os) == head && (!kBackward || head16(gs) == head);
-  const auto f = part::row_segment(rb, head, packed, VEC);
-  const int t = threadIdx.x;
-  if (packed) {
-    // One pack at a time: with both packs' values live across the division's
-    // slow-path call, ptxas spilled (the SASS check caught it).
-#pragma unroll
-    for (int k = 0; k < part::kRowPacks; ++k) {
-      const int64_t p = f.pack(0, k, t, blockDim.x);
-      if (p < 0) continue;
-      const int64_t at = f.pack_start(p);
-      const V xv = *reinterpret_cast<const V*>(xs + at);
-      V gv, ov;
-      if constexpr (kBackward) gv = *reinterpret_cast<const V*>(gs + at);
-#pragma unroll
-      for (int e = 0; e < VEC; ++e) ov.v[e] = one(kBackward ? gv.v[e] : scalar_t(0), xv.v[e]);
-      *reinterpret_cast<V*>(os + at) = ov;
-    }
-  } else {
 #pragma unroll 4
-    for (int k = 0; k < f.ppt; ++k) {
-      const int64_t p = f.pack(0, k, t, blockDim.x);
-      if (p >= 0) os[p] = one(kBackward ? gs[p] : scalar_t(0), xs[p]);
+      for (int k = 0; k < f.ppt; ++k) {
+        const int32_t p = f.pack(0, k, t, l.group);
+        if (p >= 0) os[p] = one(kBackward ? gs[p] : scalar_t(0), xs[p]);
+      }
     }
+    const int32_t e = f.extra(0, t);
+    if (e >= 0) os[e] = one(kBackward ? gs[e] : scalar_t(0), xs[e]);
   }
-  const int64_t e = f.extra(0, t);
-  if (e >= 0) os[e] = one(kBackward ? gs[e] : scalar_t(0), xs[e]);
 
   if constexpr (kBackward) {
-    block_sum(acc);
-    if (threadIdx.x == 0) {
+    group_sum(acc, l, tid);
+    if (u >= 0 && t == 0) {
+      // the slot found again: kept live across the loop, it made ptxas spill
+      const int64_t slot = part::row_block(l, geo.R, geo.C, geo.inner, u).slot;
 #pragma unroll
-      for (int j = 0; j < NP; ++j) partial[rb.slot * NP + j] = acc[j];
+      for (int j = 0; j < NP; ++j) partial[slot * NP + j] = acc[j];
     }
   }
 }
@@ -361,8 +393,8 @@ struct CudaBackend {
     constexpr int VEC = vec_size<scalar_t>();
     if (geo.inner > 1) {
       const part::RowLaunch l = part::row_launch(geo.N, geo.R, geo.C, geo.inner, VEC);
-      // row_block divides the block index in 32 bits: it must stay below 2^31.
-      TORCH_CHECK(l.blocks <= std::numeric_limits<int32_t>::max(), "fusedact: ", l.blocks,
+      // row_block divides the unit index in 32 bits: it must stay below 2^31.
+      TORCH_CHECK(l.units <= std::numeric_limits<int32_t>::max(), "fusedact: ", l.units,
                   " row segments (runs of ", geo.inner, " elements) exceed the CUDA grid");
       if (dry_run) return l.K;
       row_kernel<OpT, scalar_t, P, NP, kBackward>

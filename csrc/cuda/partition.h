@@ -34,7 +34,7 @@ constexpr int64_t kInt32Limit = (int64_t(1) << 31) - 1 - int64_t(kThreads) * kFl
 
 FUSEDACT_HOST_DEVICE int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// q = b / d and b % d for a block index b < 2^31 (the grid limit), in 32-bit
+// q = b / d and b % d for a block or unit index b < 2^31 (the grid limit), in 32-bit
 // arithmetic: a 64-bit division is a subroutine call in device code, and the register
 // convention of the call made ptxas spill. A divisor of 2^32 or more acts as 2^32 - 1:
 // either way the quotient is 0 and the remainder b.
@@ -105,34 +105,62 @@ FUSEDACT_HOST_DEVICE FlatLaunch flat_launch(int64_t n, int head, int vec, int64_
   return l;
 }
 
-// ---- rows (inner > 1): one block per (n, r, c, segment s) of a run of `inner`
-// elements; the segment is a Flat of one tile. K = R * segs slots per (n, c).
+// ---- rows (inner > 1): the work is units, one per (n, r, c, segment s) of a run of
+// `inner` elements; the segment is a Flat of one tile, walked by a group of `group`
+// threads (whole warps, a power of two). A block holds per_block = threads / group
+// groups: one for a run of a segment or more, several for short runs (7x7 and 14x14
+// maps: one warp a run, 8 runs a block, where one block a run would leave 7 of 8 warps
+// of the block, and the block scheduler, idle). K = R * segs slots per (n, c).
 struct RowLaunch {
-  int64_t seg_len, segs, blocks, K;
-  int threads;
+  int64_t seg_len, segs, units, blocks, K;
+  int threads, group, per_block;
 };
 
 FUSEDACT_HOST_DEVICE RowLaunch row_launch(int64_t N, int64_t R, int64_t C, int64_t inner, int vec) {
   RowLaunch l;
   l.seg_len = int64_t(kThreads) * kRowPacks * vec;
   l.segs = ceil_div(inner, l.seg_len);
-  l.blocks = N * R * C * l.segs;
+  l.units = N * R * C * l.segs;
   l.K = R * l.segs;
-  // A short run gets a narrower block (whole warps): enough threads for its packs.
+  // A short run gets a smaller group: the fewest whole warps, rounded up to a power of
+  // two, whose threads cover its packs.
   const int64_t packs = ceil_div(inner < l.seg_len ? inner : l.seg_len, vec);
-  const int64_t warps = ceil_div(ceil_div(packs, kRowPacks), 32);
-  l.threads = static_cast<int>(warps * 32 < kThreads ? warps * 32 : kThreads);
+  const int64_t threads_needed = ceil_div(packs, kRowPacks);
+  int group = 32;
+  while (group < threads_needed && group < kThreads) group *= 2;
+  l.group = group;
+  // As many groups a block as fit in kThreads, but no more than there are units.
+  int per_block = kThreads / group;
+  while (per_block > 1 && per_block / 2 >= l.units) per_block /= 2;
+  l.per_block = per_block;
+  l.threads = group * per_block;
+  l.blocks = ceil_div(l.units, per_block);
   return l;
+}
+
+// Thread tid of block b: its unit (or -1: past the last unit, idle but in the block's
+// reduction) and its index t in the unit's group.
+FUSEDACT_HOST_DEVICE int64_t row_unit(const RowLaunch& l, int64_t b, int tid, int& t) {
+  t = tid % l.group;
+  const int64_t u = b * l.per_block + tid / l.group;
+  return u < l.units ? u : int64_t(-1);
+}
+
+// The backward's group sum: each warp reduces its lanes by shuffles, then the group's
+// thread 0 adds the sums of warps [w0, w0 + group / 32) in order.
+FUSEDACT_HOST_DEVICE int row_group_warp0(const RowLaunch& l, int tid) {
+  return tid / l.group * (l.group / 32);
 }
 
 struct RowBlock {
   int64_t n, c, off, len, slot;  // off: the segment's first element; slot: its (n, k, c)
 };
 
+// Unit u (< 2^31: the launcher checks) of the row launch.
 FUSEDACT_HOST_DEVICE RowBlock row_block(const RowLaunch& l, int64_t R, int64_t C, int64_t inner,
-                                        int64_t b) {
+                                        int64_t u) {
   int64_t s, c, r;
-  const int64_t row = divmod_block(b, l.segs, s);
+  const int64_t row = divmod_block(u, l.segs, s);
   const int64_t nr = divmod_block(row, C, c);
   const int64_t n = divmod_block(nr, R, r);
   const int64_t begin = s * l.seg_len;
@@ -146,10 +174,13 @@ FUSEDACT_HOST_DEVICE RowBlock row_block(const RowLaunch& l, int64_t R, int64_t C
 }
 
 // A segment walked in packs when x, g and out are equally far from a 16-byte boundary
-// (heads equal), else in scalars: ppt * vec elements per thread either way.
-FUSEDACT_HOST_DEVICE Flat<int64_t> row_segment(const RowBlock& rb, int head, bool packed, int vec) {
-  return packed ? Flat<int64_t>::make(rb.len, head, vec, kRowPacks)
-                : Flat<int64_t>::make(rb.len, 0, 1, kRowPacks * vec);
+// (heads equal), else in scalars: ppt * vec elements per thread either way. Indexed in
+// int32 from the segment's start (a segment is at most kThreads * kRowPacks * 16
+// elements): 64-bit indices live across the division's slow-path call made ptxas spill.
+FUSEDACT_HOST_DEVICE Flat<int32_t> row_segment(const RowBlock& rb, int head, bool packed, int vec) {
+  const int32_t len = static_cast<int32_t>(rb.len);
+  return packed ? Flat<int32_t>::make(len, head, vec, kRowPacks)
+                : Flat<int32_t>::make(len, 0, 1, kRowPacks * vec);
 }
 
 // ---- channels innermost (inner == 1): thread (tx, ty) of block (bx, by) takes the

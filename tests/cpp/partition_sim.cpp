@@ -14,6 +14,7 @@
 //   flatbig n size max_blocks                    n >= 2^31: the first and last tiles only
 //   row   N R C inner size mx mg mo bwd          NCHW-like rows, misalignments in elements
 //   chan  N R C size cvec aligned                channels innermost, cvec the pack width
+//   rowlaunch N R C inner size                   prints "OK group per_block threads blocks"
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -142,29 +143,51 @@ void row(int64_t N, int64_t R, int64_t C, int64_t inner, int size, int64_t mx, i
          int64_t mo, bool bwd) {
   const int vec = 16 / size;
   const RowLaunch l = row_launch(N, R, C, inner, vec);
-  if (l.threads % 32 || l.threads < 32 || l.threads > kThreads) fail("block not whole warps");
+  if (l.group % 32 || l.group < 32 || (l.group & (l.group - 1))) fail("group not a power-of-two of warps");
+  if (l.threads % l.group || l.threads > kThreads || l.threads / l.group != l.per_block)
+    fail("block not whole groups");
+  if (l.blocks * l.per_block < l.units || (l.blocks - 1) * l.per_block >= l.units)
+    fail("blocks do not cover the units");
   const int64_t numel = N * R * C * inner;
   std::vector<int> count(numel, 0), writes(N * l.K * C, 0);
   for (int64_t b = 0; b < l.blocks; ++b) {
-    const RowBlock rb = row_block(l, R, C, inner, b);
-    auto head_at = [&](int64_t m) {
-      return head_to_align16(static_cast<uintptr_t>((m + rb.off) * size), size);
-    };
-    const int head = head_at(mx);
-    const bool packed = head_at(mo) == head && (!bwd || head_at(mg) == head);
-    const Flat<int64_t> f = row_segment(rb, head, packed, vec);
-    if (f.tiles(l.threads) != 1) fail("a segment needs more than one tile");
-    auto elem = [&](int64_t local, const char* what) {
-      if (local < 0 || local >= rb.len) fail(std::string(what) + " outside its segment");
-      const int64_t i = rb.off + local;
-      mark(count, i, what);
-      const int64_t c = (i / inner) % C, n = i / (R * C * inner);
-      if (c != rb.c || n != rb.n) fail("a block uses another channel's parameters");
-      if (bwd) check_slot(rb.slot, l.K, C, n, c);
-    };
-    for (int t = 0; t < l.threads; ++t) {
+    // the backward's sum: which group leader adds each warp, and for which unit
+    std::vector<int> summed(l.threads / 32, 0);
+    std::vector<int64_t> warp_unit(l.threads / 32, -2);
+    for (int tid = 0; tid < l.threads; ++tid) {
+      int t;
+      const int64_t u = row_unit(l, b, tid, t);
+      if (t < 0 || t >= l.group) fail("a thread index outside its group");
+      if (warp_unit[tid / 32] == -2) warp_unit[tid / 32] = u;
+      if (warp_unit[tid / 32] != u) fail("a warp spans two units");
+      if (t == 0) {
+        const int w0 = row_group_warp0(l, tid);
+        for (int w = w0; w < w0 + l.group / 32; ++w) {
+          if (w < 0 || w >= l.threads / 32) fail("the group sum reads a warp outside the block");
+          ++summed[w];
+          int t2;
+          if (row_unit(l, b, w * 32, t2) != u) fail("the group sum adds another unit's warp");
+        }
+      }
+      if (u < 0) continue;
+      const RowBlock rb = row_block(l, R, C, inner, u);
+      auto head_at = [&](int64_t m) {
+        return head_to_align16(static_cast<uintptr_t>((m + rb.off) * size), size);
+      };
+      const int head = head_at(mx);
+      const bool packed = head_at(mo) == head && (!bwd || head_at(mg) == head);
+      const Flat<int32_t> f = row_segment(rb, head, packed, vec);
+      if (f.tiles(l.group) != 1) fail("a segment needs more than one tile");
+      auto elem = [&](int64_t local, const char* what) {
+        if (local < 0 || local >= rb.len) fail(std::string(what) + " outside its segment");
+        const int64_t i = rb.off + local;
+        mark(count, i, what);
+        const int64_t c = (i / inner) % C, n = i / (R * C * inner);
+        if (c != rb.c || n != rb.n) fail("a thread uses another channel's parameters");
+        if (bwd) check_slot(rb.slot, l.K, C, n, c);
+      };
       for (int k = 0; k < f.ppt; ++k) {
-        const int64_t p = f.pack(0, k, t, l.threads);
+        const int64_t p = f.pack(0, k, t, l.group);
         if (p < 0) continue;
         const int64_t s = f.pack_start(p);
         if (f.vec > 1 && (mx + rb.off + s) % vec != 0) fail("a pack is not 16-byte aligned");
@@ -172,8 +195,10 @@ void row(int64_t N, int64_t R, int64_t C, int64_t inner, int size, int64_t mx, i
       }
       const int64_t e = f.extra(0, t);
       if (e >= 0) elem(e, "a scalar");
+      if (bwd && t == 0) mark(writes, rb.slot, "a slot write");
     }
-    if (bwd) mark(writes, rb.slot, "a slot write");
+    for (int w = 0; w < l.threads / 32; ++w)
+      if (summed[w] != 1) fail("a warp's sum is added " + std::to_string(summed[w]) + " times");
   }
   all_once(count, "element");
   if (bwd) {
@@ -244,6 +269,14 @@ int main() {
         int size, bwd;
         in >> N >> R >> C >> inner >> size >> mx >> mg >> mo >> bwd;
         row(N, R, C, inner, size, mx, mg, mo, bwd != 0);
+      } else if (kind == "rowlaunch") {
+        int64_t N, R, C, inner;
+        int size;
+        in >> N >> R >> C >> inner >> size;
+        const RowLaunch l = row_launch(N, R, C, inner, 16 / size);
+        std::cout << "OK " << l.group << " " << l.per_block << " " << l.threads << " " << l.blocks
+                  << "\n";
+        continue;
       } else if (kind == "chan") {
         int64_t N, R, C;
         int size, cvec, aligned;
