@@ -8,8 +8,16 @@
 //   T backward(T g, T x, T (&dp)[kParams])   dx, and dp[j] = g * dy/dparam_j
 // kParams is the number of parameters that get a gradient by reduction; an op with
 // parameters is built per channel by Op::from(values).
+//
+// forward and the two-argument backward take how exp and division are computed, M:
+// Precise (the default: every CPU loop, and float32/float64 everywhere) or Lowp (the
+// GPU's one-instruction approximations, for float16/bfloat16 data, whose one rounding
+// to 8 or 11 bits hides their few float32 ulp: tests/test_lowp.py proves every half
+// value within SPEC's 2 ulp on a model of their documented error). The backward with
+// parameter gradients is always Precise: its float32 sums keep float32's accuracy.
 #pragma once
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -102,6 +110,77 @@ FUSEDACT_HOST_DEVICE double exp_(double x) {
 
 FUSEDACT_HOST_DEVICE double exp_nonpositive(double x) { return exp_(x); }
 
+// ---- how exp and division are computed (the M of forward<M> and backward<M>)
+
+// exp_ and IEEE division: about 1 ulp each, the same on the CPU and the GPU.
+struct Precise {
+  template <typename T>
+  static FUSEDACT_HOST_DEVICE T exp(T x) { return exp_(x); }
+  template <typename T>
+  static FUSEDACT_HOST_DEVICE T exp_nonpositive(T x) { return math::exp_nonpositive(x); }
+  template <typename T>
+  static FUSEDACT_HOST_DEVICE T rcp(T b) { return T(1) / b; }
+  template <typename T>
+  static FUSEDACT_HOST_DEVICE T div(T a, T b) { return a / b; }
+};
+
+// The host's stand-in for the GPU's approximations, used only by the model check
+// (tests/cpp/lowp_sim.cpp, which defines FUSEDACT_LOWP_MODEL and sets the errors):
+// the exact value times (1 + error), flushed to zero below float's normal range as the
+// .ftz instructions do.
+namespace lowp_model {
+#if defined(FUSEDACT_LOWP_MODEL)
+extern double ex2_error, rcp_error;
+#else
+constexpr double ex2_error = 0.0, rcp_error = 0.0;
+#endif
+inline float flush(float v) { return std::fabs(v) < FLT_MIN ? std::copysign(0.0f, v) : v; }
+inline float ex2(float t) {
+  if (t != t) return t;
+  return flush(static_cast<float>(std::exp2(static_cast<double>(t)) * (1.0 + ex2_error)));
+}
+inline float rcp(float b) {
+  if (b != b) return b;
+  return flush(static_cast<float>(1.0 / static_cast<double>(flush(b)) * (1.0 + rcp_error)));
+}
+}  // namespace lowp_model
+
+// For float16/bfloat16 data on the GPU: e^x as ex2.approx.ftz(x log2 e) (one MUFU.EX2
+// after a multiply, for exp_'s ~15 instructions; relative error about 2 float32 ulp
+// plus |x| log2(e) ulp from rounding the product) and a / b as a * rcp.approx.ftz(b)
+// (one MUFU.RCP, about 1 ulp, for the ~10 of an IEEE division and its slow-path
+// call). Results below float's normal range (1.2e-38) flush to 0, inside SPEC's
+// 1e-33. float only: double keeps Precise.
+struct Lowp : Precise {
+  // double (and anything but float) takes Precise's templates
+  using Precise::div;
+  using Precise::exp;
+  using Precise::exp_nonpositive;
+  using Precise::rcp;
+
+  static FUSEDACT_HOST_DEVICE float exp(float x) {
+    const float t = x * 1.44269504088896341f;
+#if defined(__CUDA_ARCH__)
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(t));
+    return y;
+#else
+    return lowp_model::ex2(t);
+#endif
+  }
+  static FUSEDACT_HOST_DEVICE float exp_nonpositive(float x) { return exp(x); }
+  static FUSEDACT_HOST_DEVICE float rcp(float b) {
+#if defined(__CUDA_ARCH__)
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(b));
+    return y;
+#else
+    return lowp_model::rcp(b);
+#endif
+  }
+  static FUSEDACT_HOST_DEVICE float div(float a, float b) { return a * rcp(b); }
+};
+
 template <typename T>
 FUSEDACT_HOST_DEVICE T abs_(T x) {
 #if defined(__CUDA_ARCH__)
@@ -111,9 +190,9 @@ FUSEDACT_HOST_DEVICE T abs_(T x) {
 #endif
 }
 
-template <typename T>
+template <class M = Precise, typename T>
 FUSEDACT_HOST_DEVICE T sigmoid(T z) {
-  return T(1) / (T(1) + exp_(-z));
+  return M::rcp(T(1) + M::exp(-z));
 }
 
 // s(z) and its complement sc = 1 - s(z). Where s is near 1, 1 - s cancels (eager's
@@ -131,10 +210,10 @@ FUSEDACT_HOST_DEVICE void sigmoid_pair(T z, T& s, T& sc) {
 
 // s(z) and its slope ds = s (1 - s), which is s(|z|) (1 - s(|z|)) for either sign of z:
 // one select fewer than sigmoid_pair.
-template <typename T>
+template <class M = Precise, typename T>
 FUSEDACT_HOST_DEVICE void sigmoid_slope(T z, T& s, T& ds) {
-  const T a = exp_nonpositive(-abs_(z));
-  const T r = T(1) / (T(1) + a);
+  const T a = M::exp_nonpositive(-abs_(z));
+  const T r = M::rcp(T(1) + a);
   const T ar = a * r;
   s = z >= T(0) ? r : ar;
   ds = r * ar;
@@ -179,10 +258,12 @@ struct Swish {
 
   static FUSEDACT_HOST_DEVICE Swish from(const T* v) { return {v[0]}; }
   // x / (1 + e^-beta x): one rounding and one operation fewer than x * s.
-  FUSEDACT_HOST_DEVICE T forward(T x) const { return x / (T(1) + exp_(-(beta * x))); }
+  template <class M = Precise>
+  FUSEDACT_HOST_DEVICE T forward(T x) const { return M::div(x, T(1) + M::exp(-(beta * x))); }
+  template <class M = Precise>
   FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
     T s, ds;
-    sigmoid_slope(beta * x, s, ds);
+    sigmoid_slope<M>(beta * x, s, ds);
     return g * (s + beta * (x * ds));
   }
   FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
@@ -200,10 +281,12 @@ template <typename T>
 struct Silu {
   static constexpr int kParams = 0;
 
-  FUSEDACT_HOST_DEVICE T forward(T x) const { return x / (T(1) + exp_(-x)); }
+  template <class M = Precise>
+  FUSEDACT_HOST_DEVICE T forward(T x) const { return M::div(x, T(1) + M::exp(-x)); }
+  template <class M = Precise>
   FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
     T s, ds;
-    sigmoid_slope(x, s, ds);
+    sigmoid_slope<M>(x, s, ds);
     return g * (s + x * ds);
   }
 };
@@ -220,20 +303,22 @@ template <typename T>
 struct Mish {
   static constexpr int kParams = 0;
 
+  template <class M = Precise>
   FUSEDACT_HOST_DEVICE T forward(T x) const {
     const bool big = x >= MishThreshold<T>::value;
-    const T e = exp_(big ? T(0) : x);
+    const T e = M::exp(big ? T(0) : x);
     const T n = e * (e + T(2));
-    const T t = big ? T(1) : n / (n + T(2));
+    const T t = big ? T(1) : M::div(n, n + T(2));
     return x * t;
   }
+  template <class M = Precise>
   FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
     const bool big = x >= MishThreshold<T>::value;
-    const T e = exp_(big ? T(0) : x);
+    const T e = M::exp(big ? T(0) : x);
     const T n = e * (e + T(2));
     const T q = n + T(2);
     const T p = T(1) + e;
-    const T r = T(1) / (p * q);
+    const T r = M::rcp(p * q);
     const T inv_q = p * r;
     const T t = big ? T(1) : n * inv_q;
     const T one_minus_t2 = big ? T(0) : (T(2) * (q + n) * inv_q) * inv_q;
@@ -249,6 +334,8 @@ template <typename T>
 struct HardSwish {
   static constexpr int kParams = 0;
 
+  // No exp and divisions by constants only: M changes nothing.
+  template <class M = Precise>
   FUSEDACT_HOST_DEVICE T forward(T x) const {
     const T inner = x * (x + T(3)) / T(6);
     const T y = x >= T(3) ? x : inner;
@@ -257,6 +344,7 @@ struct HardSwish {
   // Both directions select between values computed for every lane: written as nested
   // selects, GCC turned each use of g into a masked load (the AVX-512 backward ran at
   // half speed once out of the L2 cache), and the AVX2 forward took 15% longer.
+  template <class M = Precise>
   FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
     const T inner = g * (x / T(3) + T(0.5));
     const T dx = x >= T(3) ? g : inner;
@@ -275,9 +363,10 @@ struct AconC {
   T p1, p2, beta;
 
   static FUSEDACT_HOST_DEVICE AconC from(const T* v) { return {v[0], v[1], v[2]}; }
+  template <class M = Precise>
   FUSEDACT_HOST_DEVICE T forward(T x) const {
     const T d = p1 - p2;
-    return x * (d * sigmoid(beta * (d * x)) + p2);
+    return x * (d * sigmoid<M>(beta * (d * x)) + p2);
   }
   FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
     const T d = p1 - p2;

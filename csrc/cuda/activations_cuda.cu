@@ -45,6 +45,17 @@ constexpr int channels_vec_size() {
   return std::is_same_v<scalar_t, c10::Half> ? 4 : vec_size<scalar_t>();
 }
 
+// How exp and division are computed (activation_math.h): the GPU's one-instruction
+// approximations where the result is rounded to 16 bits: every float16/bfloat16
+// forward, and bfloat16's dx where no parameter gradient is summed. float16's dx stays
+// Precise: near the zero of swish's and mish's slope (x = -1.28, -1.19) the slope's two
+// terms cancel and an error of 2 float32 ulp in exp already moves float16's result by 3
+// ulp (tests/test_lowp.py). float32/float64 and every parameter-gradient sum: Precise.
+template <typename scalar_t, bool kBackward = false>
+using MathFor = std::conditional_t<sizeof(scalar_t) == 2 &&
+                                       !(kBackward && std::is_same_v<scalar_t, c10::Half>),
+                                   math::Lowp, math::Precise>;
+
 template <typename scalar_t, int VEC>
 struct alignas(sizeof(scalar_t) * VEC) Pack {
   scalar_t v[VEC];
@@ -75,6 +86,7 @@ __device__ __forceinline__ void flat_tile(const scalar_t* __restrict__ g,
                                           const part::Flat<index_t>& f, index_t tile, Op op) {
   using T = opmath_t<scalar_t>;
   using V = Pack<scalar_t, VEC>;
+  using M = MathFor<scalar_t, kBackward>;
   constexpr int P = part::kFlatPacks;
   const int t = threadIdx.x;
   index_t at[P];
@@ -96,18 +108,18 @@ __device__ __forceinline__ void flat_tile(const scalar_t* __restrict__ g,
     for (int v = 0; v < VEC; ++v) {
       if constexpr (kBackward)
         ov.v[v] = static_cast<scalar_t>(
-            op.backward(static_cast<T>(gv[k].v[v]), static_cast<T>(xv[k].v[v])));
+            op.template backward<M>(static_cast<T>(gv[k].v[v]), static_cast<T>(xv[k].v[v])));
       else
-        ov.v[v] = static_cast<scalar_t>(op.forward(static_cast<T>(xv[k].v[v])));
+        ov.v[v] = static_cast<scalar_t>(op.template forward<M>(static_cast<T>(xv[k].v[v])));
     }
     *reinterpret_cast<V*>(out + at[k]) = ov;
   }
   const index_t e = f.extra(tile, t);
   if (e >= 0) {
     if constexpr (kBackward)
-      out[e] = static_cast<scalar_t>(op.backward(static_cast<T>(g[e]), static_cast<T>(x[e])));
+      out[e] = static_cast<scalar_t>(op.template backward<M>(static_cast<T>(g[e]), static_cast<T>(x[e])));
     else
-      out[e] = static_cast<scalar_t>(op.forward(static_cast<T>(x[e])));
+      out[e] = static_cast<scalar_t>(op.template forward<M>(static_cast<T>(x[e])));
   }
 }
 
@@ -237,7 +249,7 @@ row_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
         for (int j = 0; j < NP; ++j) acc[j] += dp[j];
         return static_cast<scalar_t>(d);
       } else {
-        return static_cast<scalar_t>(op.forward(static_cast<T>(xi)));
+        return static_cast<scalar_t>(op.template forward<MathFor<scalar_t>>(static_cast<T>(xi)));
       }
     };
 
@@ -323,7 +335,7 @@ channels_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
 #pragma unroll
           for (int j = 0; j < NP; ++j) acc[j][e] += dp[j];
         } else {
-          ov.v[e] = static_cast<scalar_t>(op.forward(static_cast<T>(xv.v[e])));
+          ov.v[e] = static_cast<scalar_t>(op.template forward<MathFor<scalar_t>>(static_cast<T>(xv.v[e])));
         }
       }
       *reinterpret_cast<V*>(out + i) = ov;
