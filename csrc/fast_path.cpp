@@ -17,10 +17,13 @@
 // Python takes this way outside torch.compile, ONNX export and __torch_function__
 // overrides; here it returns None inside a torch.func transform or for a dual tensor
 // (forward-mode AD), and Python then goes the op's own way.
+#include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <tuple>
@@ -211,14 +214,77 @@ Result acon_c(const Tensor& x, const Tensor& p1, const Tensor& p2, const Tensor&
   return below_autograd(ops().acon_fwd, x, p1, p2, beta, channel_dim);
 }
 
+// ---- swish (float beta), mish and hard_swish as plain CPython functions: the
+// functional API's whole fast lane is `if not compiling: y = _C.fast.mish(x)`. Their
+// argument checks are here, not in Python: with caches cold after a 2^20-element
+// kernel, the Python checks cost 0.8 us a call (2% of a 2 thread hard_swish at 2^20),
+// and pybind11's call another 0.1-0.2. Each returns None, and Python goes its checked
+// way, unless x is exactly a torch.Tensor or Parameter (a subclass may override
+// __torch_function__) of a floating dtype and no torch function mode is active.
+
+const Tensor* plain_float_tensor(PyObject* obj) {
+  if (!THPVariable_CheckExact(obj) || at::impl::torch_function_mode_enabled()) return nullptr;
+  const Tensor& t = THPVariable_Unpack(obj);
+  switch (t.scalar_type()) {
+    case at::kFloat:
+    case at::kDouble:
+    case at::kHalf:
+    case at::kBFloat16:
+      return &t;
+    default:
+      return nullptr;
+  }
+}
+
+PyObject* wrap(Result r) {
+  if (!r.has_value()) Py_RETURN_NONE;
+  return THPVariable_Wrap(std::move(*r));
+}
+
+PyObject* py_swish(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK(nargs == 2, "_C.fast.swish(x, beta) takes 2 arguments, got ", nargs);
+  const Tensor* x = plain_float_tensor(args[0]);
+  if (x == nullptr) Py_RETURN_NONE;
+  const double beta = PyFloat_AsDouble(args[1]);  // a float or an int (Python checks which)
+  if (beta == -1.0 && PyErr_Occurred()) return nullptr;
+  return wrap(fusedact::swish(*x, beta, c10::nullopt));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_mish(PyObject*, PyObject* arg) {
+  HANDLE_TH_ERRORS
+  const Tensor* x = plain_float_tensor(arg);
+  if (x == nullptr) Py_RETURN_NONE;
+  return wrap(fusedact::mish(*x));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_hard_swish(PyObject*, PyObject* arg) {
+  HANDLE_TH_ERRORS
+  const Tensor* x = plain_float_tensor(arg);
+  if (x == nullptr) Py_RETURN_NONE;
+  return wrap(fusedact::hard_swish(*x));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef fast_methods[] = {
+    {"swish", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_swish)), METH_FASTCALL,
+     "swish(x, beta: float): y, or None where the short way does not apply"},
+    {"mish", py_mish, METH_O, "mish(x): y, or None where the short way does not apply"},
+    {"hard_swish", py_hard_swish, METH_O, "hard_swish(x): y, or None where the short way does not apply"},
+    {nullptr, nullptr, 0, nullptr}};
+
 }  // namespace
 
 void register_fast_path(pybind11::module& m) {
   auto fast = m.def_submodule("fast", "The functional API's short way to the native ops (csrc/fast_path.cpp).");
+  // swish with a tensor beta and acon_c: their Python wrappers check the parameters first
   fast.def("swish_forward", &swish);
   fast.def("mish_forward", &mish);
   fast.def("hard_swish_forward", &hard_swish);
   fast.def("acon_c_forward", &acon_c);
+  if (PyModule_AddFunctions(fast.ptr(), fast_methods) != 0) throw pybind11::error_already_set();
 }
 
 }  // namespace fusedact

@@ -18,6 +18,8 @@ def _check(cond, message) -> None:
 
 
 def check_x(op: str, x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
     _check(
         x.dtype in FLOAT_DTYPES,
         lambda: f"{op}: x must be a floating-point tensor (float32, float64, float16 or "

@@ -195,12 +195,39 @@ def test_overrides_see_the_op(case):
     assert {fwd, bwd} <= _names(mode.calls), mode.calls
 
 
+def test_plain_tensor_lane_declines_what_python_must_see():
+    """swish (float beta), mish and hard_swish check x in C++ (_C.fast.swish/mish/
+    hard_swish): they take a plain Tensor or Parameter of a floating dtype and decline
+    (None) a subclass, a FakeTensor (torch.export without Dynamo), an integer dtype, a
+    non-tensor and any torch function mode."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(2, 3)
+    lanes = {"mish": (_C.fast.mish, fusedact.mish), "hard_swish": (_C.fast.hard_swish, fusedact.hard_swish),
+             "swish": (lambda t: _C.fast.swish(t, 1.5), lambda t: fusedact.swish(t, 1.5, backend="eager")),
+             "silu": (lambda t: _C.fast.swish(t, 1), lambda t: fusedact.swish(t, backend="eager"))}
+    for name, (lane, want) in lanes.items():
+        torch.testing.assert_close(lane(x), want(x), msg=name)
+        assert lane(torch.nn.Parameter(x.clone())).grad_fn is not None, name
+        assert lane(x.as_subclass(Logged)) is None, name
+        assert lane(torch.arange(4)) is None, name
+        assert lane([1.0, 2.0]) is None, name
+        with FunctionLog():
+            assert lane(x) is None, name
+        with FakeTensorMode() as mode:
+            assert lane(mode.from_tensor(x)) is None, name
+    with pytest.raises(TypeError):
+        _C.fast.swish(x, "a")
+
+
 def test_bad_arguments_take_the_checked_way():
     """An integer x or a bad beta fails with the Python checks' message, as before."""
     with pytest.raises(RuntimeError, match="x must be a floating-point tensor"):
         fusedact.mish(torch.arange(4))
     with pytest.raises(RuntimeError, match="x must be a floating-point tensor"):
         fusedact.swish(torch.arange(4), 1.5)
+    with pytest.raises(TypeError, match="fusedact.hard_swish: x must be a tensor, got list"):
+        fusedact.hard_swish([1.0, 2.0])
     with pytest.raises(RuntimeError, match="beta must be a float or a tensor with one element"):
         fusedact.swish(torch.randn(4), torch.ones(2))
     with pytest.raises(RuntimeError, match="p1 must have C = 3"):
