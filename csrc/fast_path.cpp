@@ -252,27 +252,20 @@ PyObject* py_swish(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
-PyObject* py_mish(PyObject*, PyObject* arg) {
+template <Result (*F)(const Tensor&)>
+PyObject* py_unary(PyObject*, PyObject* arg) {
   HANDLE_TH_ERRORS
   const Tensor* x = plain_float_tensor(arg);
   if (x == nullptr) Py_RETURN_NONE;
-  return wrap(fusedact::mish(*x));
-  END_HANDLE_TH_ERRORS
-}
-
-PyObject* py_hard_swish(PyObject*, PyObject* arg) {
-  HANDLE_TH_ERRORS
-  const Tensor* x = plain_float_tensor(arg);
-  if (x == nullptr) Py_RETURN_NONE;
-  return wrap(fusedact::hard_swish(*x));
+  return wrap(F(*x));
   END_HANDLE_TH_ERRORS
 }
 
 PyMethodDef fast_methods[] = {
     {"swish", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_swish)), METH_FASTCALL,
      "swish(x, beta: float): y, or None where the short way does not apply"},
-    {"mish", py_mish, METH_O, "mish(x): y, or None where the short way does not apply"},
-    {"hard_swish", py_hard_swish, METH_O, "hard_swish(x): y, or None where the short way does not apply"},
+    {"mish", py_unary<mish>, METH_O, "mish(x): y, or None where the short way does not apply"},
+    {"hard_swish", py_unary<hard_swish>, METH_O, "hard_swish(x): y, or None where the short way does not apply"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
