@@ -163,3 +163,18 @@ def test_large_tensors_streaming_stores(op, dtype):
     check_forward_backward(op, x, make_params(op, x, channel_dim=channel_dim), channel_dim=channel_dim)
     if op == "swish":  # a float beta takes the flat loops, a tensor beta the channel loops
         check_forward_backward(op, x, make_params(op, x, learnable_beta=False))
+
+
+@pytest.mark.parametrize("shape", [(3, 11, 7, 7), (2, 9, 14, 14), (2, 5, 28, 28), (1, 3, 5, 5)], ids=str)
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per-channel", "per-sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_acon_c_short_maps(device, dtype, per_sample, shape, backend):
+    """NCHW maps of 7x7 to 28x28, where several (n, c) runs share a CUDA block (a group of
+    one or two warps each) or a Triton program (16 runs of a 7x7 map), with a last block
+    or program only partly full: every run's output and its parameters' gradients."""
+    x = rand_x(shape, dtype, device)
+    params = make_params("acon_c", x, per_sample=per_sample,
+                         param_dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+    check_forward_backward("acon_c", x, params, backend=backend)

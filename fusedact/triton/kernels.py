@@ -287,37 +287,40 @@ def _acon_c_fwd_kernel(X, Y, P1, P2, BETA, n, inner, C, sample_size, BETA_PER_SA
 
 
 @triton.jit
-def _acon_c_bwd_rows_kernel(G, X, DX, P1, P2, BETA, PARTIAL, inner, C, R, chunks,
-                            BETA_PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
-    """inner > 1 (NCHW-like): each run of `inner` elements has one channel. Program p
-    takes chunk p % chunks of run p // chunks (a run of any length: a flat grid, no cap)
-    and writes its 3 partial sums to PARTIAL[n][c][r][chunk][3], so that the partials
-    of one (sample, channel) are adjacent for the finish."""
+def _acon_c_bwd_rows_kernel(G, X, DX, P1, P2, BETA, PARTIAL, inner, C, R, chunks, units,
+                            BETA_PER_SAMPLE: tl.constexpr, RUNS: tl.constexpr, BLOCK: tl.constexpr):
+    """inner > 1 (NCHW-like): each run of `inner` elements has one channel, cut into
+    `chunks` chunks of at most BLOCK; a unit is one chunk of one run (units = runs *
+    chunks). Program p takes units p * RUNS .. + RUNS - 1 as a RUNS x BLOCK tile (RUNS > 1
+    only for short runs, one chunk each: a 7x7 map is 16 runs a program, not one 64-wide
+    program a run) and writes each unit's 3 partial sums to PARTIAL[n][c][r][chunk][3],
+    so that the partials of one (sample, channel) are adjacent for the finish."""
     pid = tl.program_id(0).to(tl.int64)
-    run = pid // chunks
-    chunk = pid % chunks
+    unit = pid * RUNS + tl.arange(0, RUNS)  # [RUNS]
+    live = unit < units
+    run = unit // chunks
+    chunk = unit % chunks
     c = run % C
     nr = run // C  # n R + r
-    start = run * inner + chunk * BLOCK
-    idx = chunk * BLOCK + tl.arange(0, BLOCK)
-    mask = idx < inner
-    offs = start + tl.arange(0, BLOCK)
+    idx = chunk[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]  # [RUNS, BLOCK]
+    mask = live[:, None] & (idx < inner)
+    offs = run[:, None] * inner + idx
     x = _opmath(tl.load(X + offs, mask=mask))
     g = _opmath(tl.load(G + offs, mask=mask))
-    p1 = _opmath(tl.load(P1 + c))
-    p2 = _opmath(tl.load(P2 + c))
+    p1 = _opmath(tl.load(P1 + c, mask=live))
+    p2 = _opmath(tl.load(P2 + c, mask=live))
     if BETA_PER_SAMPLE:
-        beta = _opmath(tl.load(BETA + (nr // R) * C + c))
+        beta = _opmath(tl.load(BETA + (nr // R) * C + c, mask=live))
     else:
-        beta = _opmath(tl.load(BETA + c))
-    dx, dp1, dp2, dbeta = _acon_c_bwd(g, x, p1, p2, beta)
+        beta = _opmath(tl.load(BETA + c, mask=live))
+    dx, dp1, dp2, dbeta = _acon_c_bwd(g, x, p1[:, None], p2[:, None], beta[:, None])
     tl.store(DX + offs, _to_out(dx, DX), mask=mask)
     n_idx = nr // R
     r = nr % R
     slot = (((n_idx * C + c) * R + r) * chunks + chunk) * 3
-    tl.store(PARTIAL + slot, tl.sum(tl.where(mask, dp1, 0.0), axis=0))
-    tl.store(PARTIAL + slot + 1, tl.sum(tl.where(mask, dp2, 0.0), axis=0))
-    tl.store(PARTIAL + slot + 2, tl.sum(tl.where(mask, dbeta, 0.0), axis=0))
+    tl.store(PARTIAL + slot, tl.sum(tl.where(mask, dp1, 0.0), axis=1), mask=live)
+    tl.store(PARTIAL + slot + 1, tl.sum(tl.where(mask, dp2, 0.0), axis=1), mask=live)
+    tl.store(PARTIAL + slot + 2, tl.sum(tl.where(mask, dbeta, 0.0), axis=1), mask=live)
 
 
 @triton.jit

@@ -104,6 +104,12 @@ def _grid(n: int, block: int):
     return (triton.cdiv(n, block),)
 
 
+def _runs_per_program(block: int, units: int) -> int:
+    """Units (runs' chunks) in one program of the acon_c rows backward: a tile of up to
+    BLOCK elements (16 runs of a 7x7 map, 4 of a 14x14), no more than there are units."""
+    return max(1, min(BLOCK // block, triton.next_power_of_2(units)))
+
+
 def _sum_partials(partial: torch.Tensor, B: int, M: int, K: int) -> torch.Tensor:
     """out[b][k] = sum over m of partial[b][m][k], in a fixed order."""
     out = partial.new_empty((B, K))
@@ -243,13 +249,16 @@ def acon_c_backward(grad: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: t
     params = (p1.contiguous(), p2.contiguous(), beta.contiguous())
     acc = _opmath_dtype(xd)
     if inner > 1:
-        # runs of `inner` elements, one channel each, cut into chunks of at most BLOCK
+        # runs of `inner` elements, one channel each, cut into chunks of at most BLOCK;
+        # short runs (one chunk) several to a program, a tile of about BLOCK elements
         block = max(16, min(BLOCK, triton.next_power_of_2(inner)))
         chunks = triton.cdiv(inner, block)
-        partial = xd.new_empty((N * C * R * chunks * 3,), dtype=acc)
-        _launch(k._acon_c_bwd_rows_kernel, (N * R * C * chunks,),
-            g, xd, dx, *params, partial, inner, C, R, chunks,
-            BETA_PER_SAMPLE=per_sample, BLOCK=block)
+        units = N * R * C * chunks
+        runs = _runs_per_program(block, units)
+        partial = xd.new_empty((units * 3,), dtype=acc)
+        _launch(k._acon_c_bwd_rows_kernel, (triton.cdiv(units, runs),),
+            g, xd, dx, *params, partial, inner, C, R, chunks, units,
+            BETA_PER_SAMPLE=per_sample, RUNS=runs, BLOCK=block)
         sums = _sum_partials(partial, N * C, R * chunks, 3)  # [N C][3]
     else:
         # rows of C channels: tiles of rows x channels, several tiles per program
