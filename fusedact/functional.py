@@ -65,19 +65,41 @@ def _run(backend: str, name: str, *args):
 # returns None inside a torch.func transform or for a forward-AD dual tensor, and the
 # call goes the op's own way. Bad arguments go the long way, where Python checks them.
 # swish (float beta), mish and hard_swish check x (a plain Tensor or Parameter of a
-# floating dtype, no torch function mode) in C++ (_fast.swish/mish/hard_swish), and ask
-# Python only whether Dynamo traces the call: with caches cold after a large tensor,
-# each Python check costs about 0.2 us (0.5% of a 2^20-element hard_swish). torch.export
-# without Dynamo (strict=False, what torch.onnx.export(dynamo=True) runs first) traces
-# FakeTensors, a Tensor subclass, which C++ declines: those calls go the op's own way.
+# floating dtype, no torch function mode) in C++ (_fast.swish/mish/hard_swish) and ask
+# Python nothing: with caches cold after a large tensor, each Python check or call
+# costs about 0.2 us (0.5% of a 2^20-element hard_swish). Dynamo traces _traced_lane
+# in their place (torch.compiler.substitute_in_graph, below); torch.export without Dynamo
+# (strict=False, what torch.onnx.export(dynamo=True) runs first) traces FakeTensors, a
+# Tensor subclass, which C++ declines: those calls go the op's own way.
 _fast = _C.fast
 _is_compiling = torch.compiler.is_compiling
-_is_dynamo_compiling = getattr(torch.compiler, "is_dynamo_compiling", _is_compiling)
 _has_torch_function = torch._C._has_torch_function
 
 
 def _short_way(tensors: tuple) -> bool:
     return not (_onnx_exporting() or _is_compiling() or _has_torch_function(tensors))
+
+
+# What Dynamo traces in place of the C++ lanes: None, the op's own way (torch.compile
+# records the op). torch.export without Dynamo and the ONNX exporter trace FakeTensors,
+# which the lanes decline themselves.
+def _traced_lane(*args):
+    return None
+
+
+_lane_swish, _lane_mish, _lane_hard_swish = _fast.swish, _fast.mish, _fast.hard_swish
+try:
+    for _lane in (_lane_swish, _lane_mish, _lane_hard_swish):
+        torch.compiler.substitute_in_graph(_lane, skip_signature_check=True)(_traced_lane)
+except (AttributeError, TypeError):  # a torch without it: ask Dynamo in Python, a call more
+    def _lane_swish(x, beta, _c=_fast.swish):
+        return None if _is_compiling() else _c(x, beta)
+
+    def _lane_mish(x, _c=_fast.mish):
+        return None if _is_compiling() else _c(x)
+
+    def _lane_hard_swish(x, _c=_fast.hard_swish):
+        return None if _is_compiling() else _c(x)
 
 
 # ---- the API
@@ -90,10 +112,9 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, backend: str | N
     """
     if backend is None or backend == "native":
         if type(beta) is float or type(beta) is int:  # not isinstance(beta, Tensor): 3x its cost
-            if not _is_dynamo_compiling():
-                y = _fast.swish(x, beta)
-                if y is not None:
-                    return y
+            y = _lane_swish(x, beta)
+            if y is not None:
+                return y
         elif isinstance(beta, torch.Tensor) and x.dtype in FLOAT_DTYPES:
             check_swish_beta("fusedact.swish", beta, x)
             if _short_way((x, beta)):
@@ -113,8 +134,8 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, backend: str | N
 
 def mish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Mish, ``x * tanh(softplus(x))``."""
-    if (backend is None or backend == "native") and not _is_dynamo_compiling():
-        y = _fast.mish(x)
+    if backend is None or backend == "native":
+        y = _lane_mish(x)
         if y is not None:
             return y
     backend = _backend(backend)
@@ -126,8 +147,8 @@ def mish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
 
 def hard_swish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Hard-Swish, ``x * relu6(x + 3) / 6`` (x itself for x >= 3)."""
-    if (backend is None or backend == "native") and not _is_dynamo_compiling():
-        y = _fast.hard_swish(x)
+    if backend is None or backend == "native":
+        y = _lane_hard_swish(x)
         if y is not None:
             return y
     backend = _backend(backend)

@@ -27,6 +27,9 @@ class Swish(nn.Module):
             self.beta = float(beta)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # without the keyword when it is the default: it costs 0.5 us with cold caches
+        if self.backend is None:
+            return F.swish(x, self.beta)
         return F.swish(x, self.beta, backend=self.backend)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
@@ -47,6 +50,8 @@ class Mish(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend is None:
+            return F.mish(x)
         return F.mish(x, backend=self.backend)
 
 
@@ -56,6 +61,8 @@ class HardSwish(nn.Module):
         self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.backend is None:
+            return F.hard_swish(x)
         return F.hard_swish(x, backend=self.backend)
 
 

@@ -104,10 +104,12 @@ def _grid(n: int, block: int):
     return (triton.cdiv(n, block),)
 
 
-def _runs_per_program(block: int, units: int) -> int:
+def _runs_per_program(block: int) -> int:
     """Units (runs' chunks) in one program of the acon_c rows backward: a tile of up to
-    BLOCK elements (16 runs of a 7x7 map, 4 of a 14x14), no more than there are units."""
-    return max(1, min(BLOCK // block, triton.next_power_of_2(units)))
+    BLOCK elements (16 runs of a 7x7 map, 4 of a 14x14). Not capped by the number of
+    units (the last program masks what it lacks): a cap would make torch.compile guard
+    on the tensor's size and recompile for every shape."""
+    return max(1, BLOCK // block)
 
 
 def _sum_partials(partial: torch.Tensor, B: int, M: int, K: int) -> torch.Tensor:
@@ -254,7 +256,7 @@ def acon_c_backward(grad: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: t
         block = max(16, min(BLOCK, triton.next_power_of_2(inner)))
         chunks = triton.cdiv(inner, block)
         units = N * R * C * chunks
-        runs = _runs_per_program(block, units)
+        runs = _runs_per_program(block)
         partial = xd.new_empty((units * 3,), dtype=acc)
         _launch(k._acon_c_bwd_rows_kernel, (triton.cdiv(units, runs),),
             g, xd, dx, *params, partial, inner, C, R, chunks, units,
