@@ -14,7 +14,8 @@
 // GPU's one-instruction approximations, for float16/bfloat16 data, whose one rounding
 // to 8 or 11 bits hides their few float32 ulp: tests/test_lowp.py proves every half
 // value within SPEC's 2 ulp on a model of their documented error). The backward with
-// parameter gradients is always Precise: its float32 sums keep float32's accuracy.
+// parameter gradients takes at most LowpRcp (the reciprocal alone): its float32 sums
+// keep float32's accuracy.
 #pragma once
 
 #include <cfloat>
@@ -145,18 +146,35 @@ inline float rcp(float b) {
 }
 }  // namespace lowp_model
 
+// a / b's reciprocal alone as rcp.approx.ftz(b) (one MUFU.RCP, about 1 ulp, for an IEEE
+// division's ~10 instructions and its slow-path call); exp stays Precise. For the GPU's
+// float16/bfloat16 backward that sums parameter gradients: a term's error grows by about
+// 1 float32 ulp, inside the 8 ulp a term the sums' tolerance allows (tests/test_lowp.py).
+// float only: double keeps Precise.
+struct LowpRcp : Precise {
+  using Precise::rcp;  // double (and anything but float)
+
+  static FUSEDACT_HOST_DEVICE float rcp(float b) {
+#if defined(__CUDA_ARCH__)
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(b));
+    return y;
+#else
+    return lowp_model::rcp(b);
+#endif
+  }
+};
+
 // For float16/bfloat16 data on the GPU: e^x as ex2.approx.ftz(x log2 e) (one MUFU.EX2
 // after a multiply, for exp_'s ~15 instructions; relative error about 2 float32 ulp
 // plus |x| log2(e) ulp from rounding the product) and a / b as a * rcp.approx.ftz(b)
-// (one MUFU.RCP, about 1 ulp, for the ~10 of an IEEE division and its slow-path
-// call). Results below float's normal range (1.2e-38) flush to 0, inside SPEC's
-// 1e-33. float only: double keeps Precise.
-struct Lowp : Precise {
-  // double (and anything but float) takes Precise's templates
-  using Precise::div;
+// (LowpRcp's reciprocal). Results below float's normal range (1.2e-38) flush to 0,
+// inside SPEC's 1e-33. float only: double keeps Precise.
+struct Lowp : LowpRcp {
+  using LowpRcp::rcp;
+  using Precise::div;  // double (and anything but float) takes Precise's templates
   using Precise::exp;
   using Precise::exp_nonpositive;
-  using Precise::rcp;
 
   static FUSEDACT_HOST_DEVICE float exp(float x) {
     const float t = x * 1.44269504088896341f;
@@ -169,15 +187,6 @@ struct Lowp : Precise {
 #endif
   }
   static FUSEDACT_HOST_DEVICE float exp_nonpositive(float x) { return exp(x); }
-  static FUSEDACT_HOST_DEVICE float rcp(float b) {
-#if defined(__CUDA_ARCH__)
-    float y;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(b));
-    return y;
-#else
-    return lowp_model::rcp(b);
-#endif
-  }
   static FUSEDACT_HOST_DEVICE float div(float a, float b) { return a * rcp(b); }
 };
 
@@ -198,10 +207,10 @@ FUSEDACT_HOST_DEVICE T sigmoid(T z) {
 // s(z) and its complement sc = 1 - s(z). Where s is near 1, 1 - s cancels (eager's
 // s * (1 - s) loses all digits as z grows); here both come from a = e^-|z|, which never
 // overflows: s(|z|) = 1 / (1 + a) and 1 - s(|z|) = a s(|z|), swapped for z < 0.
-template <typename T>
+template <class M = Precise, typename T>
 FUSEDACT_HOST_DEVICE void sigmoid_pair(T z, T& s, T& sc) {
-  const T a = exp_nonpositive(-abs_(z));
-  const T r = T(1) / (T(1) + a);
+  const T a = M::exp_nonpositive(-abs_(z));
+  const T r = M::rcp(T(1) + a);
   const T ar = a * r;
   const bool pos = z >= T(0);
   s = pos ? r : ar;
@@ -266,9 +275,10 @@ struct Swish {
     sigmoid_slope<M>(beta * x, s, ds);
     return g * (s + beta * (x * ds));
   }
+  template <class M = Precise>
   FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
     T s, ds;
-    sigmoid_slope(beta * x, s, ds);
+    sigmoid_slope<M>(beta * x, s, ds);
     const T xds = x * ds;
     dp[0] = g * (x * xds);
     return g * (s + beta * xds);
@@ -368,12 +378,13 @@ struct AconC {
     const T d = p1 - p2;
     return x * (d * sigmoid<M>(beta * (d * x)) + p2);
   }
+  template <class M = Precise>
   FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
     const T d = p1 - p2;
     const T u = d * x;
     const T z = beta * u;
     T s, sc;
-    sigmoid_pair(z, s, sc);
+    sigmoid_pair<M>(z, s, sc);
     const T zc = clamp_saturated(z);
     const T h = s * (T(1) + zc * sc);
     const T gx = g * x;

@@ -177,8 +177,8 @@ def test_the_check_fails_on_a_sabotaged_model(sim_dir):
 
 def test_kernels_use_lowp_only_for_16_bit_data():
     """What the proof covers is what the kernels run: Lowp for 2-byte scalar types
-    (float16's backward excepted), Precise for float32/float64 and for every backward
-    that sums parameter gradients."""
+    (float16's backward excepted), LowpRcp for their backward that sums parameter
+    gradients, Precise for float32/float64."""
     src = (ROOT / "csrc" / "cuda" / "activations_cuda.cu").read_text()
     assert ("using MathFor = std::conditional_t<sizeof(scalar_t) == 2 &&\n"
             "                                       !(kBackward && std::is_same_v<scalar_t, c10::Half>),\n"
@@ -186,6 +186,65 @@ def test_kernels_use_lowp_only_for_16_bit_data():
     assert "using M = MathFor<scalar_t, kBackward>;" in src
     # the parameter-gradient backward (three arguments) never takes an M
     assert "op.template backward<M>(static_cast<T>(gv[k].v[v]), static_cast<T>(xv[k].v[v]))" in src
+    # the row and channels kernels: their backward (with dp) takes LowpRcp for 2-byte data
+    assert "using SumsMathFor = std::conditional_t<sizeof(scalar_t) == 2, math::LowpRcp, math::Precise>;" in src
     channel_kernels = src.split("row_kernel(")[1].split("finish_kernel(")[0]
-    assert "template backward" not in channel_kernels
-    assert channel_kernels.count("op.backward(") == 2  # row and channels, both with dp
+    assert channel_kernels.count("op.template backward<SumsMathFor<scalar_t>>(") == 2
+    assert "op.backward(" not in channel_kernels
+
+
+# ---- the backward that sums parameter gradients: LowpRcp (the reciprocal alone)
+
+SUM_CASES = [("swish", (1.7,)), ("acon_c", ACON_PARAMS)]
+
+
+def per_element_reference(op, params, x64):
+    """dx and each dy/dparam at g = 1, per element, in float64, and each term's
+    magnitude as fusedact.testing.param_terms_abs measures it (its tolerance's scale)."""
+    n = x64.numel()
+    if op == "swish":
+        b = torch.full((n,), params[0], dtype=torch.float64, requires_grad=True)
+        x = x64.clone().requires_grad_()
+        y = x * torch.sigmoid(b * x)
+        dx, db = torch.autograd.grad(y, (x, b), torch.ones_like(y))
+        z = params[0] * x64
+        terms = [(x64 * x64).abs() * (torch.sigmoid(z) * torch.sigmoid(-z) * (1 + z.abs()) + 1)]
+        return dx, [db], terms
+    ps = [torch.full((n,), v, dtype=torch.float64, requires_grad=True) for v in params]
+    x = x64.reshape(1, n).clone().requires_grad_()  # each element its own channel
+    y = fusedact.reference.acon_c(x, *ps)
+    dx, *dps = torch.autograd.grad(y, [x] + ps, torch.ones_like(y))
+    terms = fusedact.testing.param_terms_abs("acon_c", x64.reshape(1, n), torch.ones(1, n, dtype=torch.float64),
+                                             [p.detach() for p in ps], 1)
+    return dx.reshape(-1), dps, terms
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op,params", SUM_CASES, ids=[o for o, _ in SUM_CASES])
+def test_parameter_gradient_terms_within_their_tolerance(sim_dir, dtype, op, params):
+    """With rcp.approx (LowpRcp), for every finite half x: dx within SPEC's 2 ulp, and
+    each per-element term of a parameter gradient within 8 float32 ulp of its magnitude
+    (fusedact.testing.reduction_tol allows 8 + sqrt(n) per term of a sum of n), at every
+    corner of the reciprocal's error box. Precise meets the same bound (the bound's check)."""
+    sim = build("no-contraction", sim_dir)
+    x = all_finite_values(dtype)
+    x64 = x.double()
+    dx64, dps64, terms = per_element_reference(op, params, x64)
+    k = 1 + len(dps64)
+    eps = 2.0**-23
+    for errors in [(0.0, -ERROR), (0.0, 0.0), (0.0, ERROR), "precise"]:
+        out = simulate(sim, x, op, "bwdp", params, errors).reshape(-1, k)
+        bad = violations(out[:, 0], dx64, dtype)
+        assert not bad.any(), f"{errors}: dx of x={x[bad][:4].tolist()}"
+        for j, (dp64, t) in enumerate(zip(dps64, terms)):
+            got = out[:, 1 + j].double()
+            # + float32's rounding below its normal range, as reduction_tol's (x^2 of a
+            # subnormal x underflows in float32, in either math)
+            ok = (got - dp64).abs() <= 8 * eps * t + eps * torch.finfo(torch.float32).tiny
+            ok |= ~torch.isfinite(dp64)
+            assert bool(ok.all()), (f"{errors}: param {j}, x={x[~ok][:4].tolist()} got {got[~ok][:4].tolist()} "
+                                    f"want {dp64[~ok][:4].tolist()}")
+    # the check's own test: a reciprocal 32 ulp off (2^-18) breaks the terms' bound
+    out = simulate(sim, x, op, "bwdp", params, (0.0, 2.0**-18)).reshape(-1, k)
+    assert any(bool(((out[:, 1 + j].double() - dp64).abs() > 8 * eps * t + eps * torch.finfo(torch.float32).tiny).any())
+               for j, (dp64, t) in enumerate(zip(dps64, terms)))

@@ -8,7 +8,9 @@
 //   lowp_sim EX2_ERROR RCP_ERROR OP DIR [params]    float32 inputs on stdin, outputs on stdout
 //   lowp_sim precise - OP DIR [params]               the same op with Precise (the CPU's math)
 //     OP DIR: swish fwd|bwd BETA, silu fwd|bwd, mish fwd|bwd, acon_c fwd P1 P2 BETA
-//     (bwd: dx at g = 1; the backward with parameter gradients is Precise, not modelled)
+//     (bwd: dx at g = 1, Lowp); swish bwdp BETA, acon_c bwdp P1 P2 BETA: the backward
+//     with parameter gradients at g = 1 under LowpRcp (only its reciprocal
+//     approximated; EX2_ERROR unused), writing dx then each dy/dparam per element
 #define FUSEDACT_LOWP_MODEL 1
 #include "activation_math.h"
 
@@ -36,6 +38,19 @@ void forward(const Op& op, std::vector<float>& v) {
 }
 
 template <class Op>
+std::vector<float> with_params(const Op& op, const std::vector<float>& v) {
+  std::vector<float> out;
+  out.reserve(v.size() * (1 + Op::kParams));
+  for (float x : v) {
+    float dp[Op::kParams];
+    out.push_back(g_precise ? op.template backward<Precise>(1.0f, x, dp)
+                            : op.template backward<LowpRcp>(1.0f, x, dp));
+    for (float d : dp) out.push_back(d);
+  }
+  return out;
+}
+
+template <class Op>
 void run(const Op& op, bool bwd, std::vector<float>& v) {
   if (!bwd) return forward(op, v);
   for (float& x : v)
@@ -57,7 +72,11 @@ int main(int argc, char** argv) {
   float buf[4096];
   size_t got;
   while ((got = std::fread(buf, sizeof(float), 4096, stdin)) > 0) v.insert(v.end(), buf, buf + got);
-  if (op == "swish") {
+  if (std::strcmp(argv[4], "bwdp") == 0 && op == "swish") {
+    v = with_params(Swish<float>{param(0)}, v);
+  } else if (std::strcmp(argv[4], "bwdp") == 0 && op == "acon_c") {
+    v = with_params(AconC<float>{param(0), param(1), param(2)}, v);
+  } else if (op == "swish") {
     run(Swish<float>{param(0)}, bwd, v);
   } else if (op == "silu") {
     run(Silu<float>{}, bwd, v);
