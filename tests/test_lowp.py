@@ -13,7 +13,9 @@ rounded float64 result, or flushed where that is below 1e-33. The outputs are sm
 in each approximated value, so over so small a box their extremes lie at its corners.
 nvcc contracts a * b + c into FMAs, so the simulation is built both without and (where
 the CPU has FMA) with contraction. NaN and infinities must come out where the Precise
-math (the CPU's) puts them. A sabotaged model (errors of 2^-5) must fail.
+math (the CPU's) puts them. A sabotaged model (errors of 2^-5) must fail. The backward
+that sums parameter gradients takes the reciprocal alone (LowpRcp): its per-element
+terms are held to the sums' tolerance instead (test_parameter_gradient_terms_...).
 """
 from __future__ import annotations
 
