@@ -14,9 +14,10 @@
 //                  (create_graph=True: the second derivatives are the Python Functions'
 //                  in fusedact/functions.py)
 //
-// Python takes this way outside torch.compile, ONNX export and __torch_function__
-// overrides; here it returns None inside a torch.func transform or for a dual tensor
-// (forward-mode AD), and Python then goes the op's own way.
+// Taken outside torch.compile, ONNX export and __torch_function__ overrides (checked
+// here for swish with a float beta, mish and hard_swish; in Python for the others); it
+// returns None inside a torch.func transform or for a dual tensor (forward-mode AD), and
+// Python then goes the op's own way.
 #include <ATen/PythonTorchFunctionTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/core/grad_mode.h>
@@ -214,13 +215,14 @@ Result acon_c(const Tensor& x, const Tensor& p1, const Tensor& p2, const Tensor&
   return below_autograd(ops().acon_fwd, x, p1, p2, beta, channel_dim);
 }
 
-// ---- swish (float beta), mish and hard_swish as plain CPython functions: the
-// functional API's whole fast lane is `if not compiling: y = _C.fast.mish(x)`. Their
-// argument checks are here, not in Python: with caches cold after a 2^20-element
-// kernel, the Python checks cost 0.8 us a call (2% of a 2 thread hard_swish at 2^20),
-// and pybind11's call another 0.1-0.2. Each returns None, and Python goes its checked
-// way, unless x is exactly a torch.Tensor or Parameter (a subclass may override
-// __torch_function__) of a floating dtype and no torch function mode is active.
+// ---- swish (float beta), mish and hard_swish as plain CPython functions, which the
+// functional API calls first with no Python check (Dynamo traces a stand-in returning
+// None: fusedact/functional.py). Their argument checks are here, not in Python: with
+// caches cold after a 2^20-element kernel, the Python checks cost 0.8 us a call (2% of
+// a 2 thread hard_swish at 2^20), and pybind11's call another 0.1-0.2. Each returns
+// None, and Python goes its checked way, unless x is exactly a torch.Tensor or
+// Parameter (a subclass may override __torch_function__) of a floating dtype and no
+// torch function mode is active.
 
 const Tensor* plain_float_tensor(PyObject* obj) {
   if (!THPVariable_CheckExact(obj) || at::impl::torch_function_mode_enabled()) return nullptr;
@@ -274,8 +276,6 @@ void register_fast_path(pybind11::module& m) {
   auto fast = m.def_submodule("fast", "The functional API's short way to the native ops (csrc/fast_path.cpp).");
   // swish with a tensor beta and acon_c: their Python wrappers check the parameters first
   fast.def("swish_forward", &swish);
-  fast.def("mish_forward", &mish);
-  fast.def("hard_swish_forward", &hard_swish);
   fast.def("acon_c_forward", &acon_c);
   if (PyModule_AddFunctions(fast.ptr(), fast_methods) != 0) throw pybind11::error_already_set();
 }

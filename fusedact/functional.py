@@ -92,14 +92,10 @@ try:
     for _lane in (_lane_swish, _lane_mish, _lane_hard_swish):
         torch.compiler.substitute_in_graph(_lane, skip_signature_check=True)(_traced_lane)
 except (AttributeError, TypeError):  # a torch without it: ask Dynamo in Python, a call more
-    def _lane_swish(x, beta, _c=_fast.swish):
-        return None if _is_compiling() else _c(x, beta)
+    def _asking_dynamo(lane):
+        return lambda *args: None if _is_compiling() else lane(*args)
 
-    def _lane_mish(x, _c=_fast.mish):
-        return None if _is_compiling() else _c(x)
-
-    def _lane_hard_swish(x, _c=_fast.hard_swish):
-        return None if _is_compiling() else _c(x)
+    _lane_swish, _lane_mish, _lane_hard_swish = map(_asking_dynamo, (_fast.swish, _fast.mish, _fast.hard_swish))
 
 
 # ---- the API

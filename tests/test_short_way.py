@@ -49,10 +49,10 @@ def case_args(case, dtype, seed=0, device="cpu"):
 def fast_call(op, x, params):
     """_C.fast's own answer: a tensor, or None where it declines."""
     if op == "swish":
-        return _C.fast.swish_forward(x, 1.0, params[0]) if params else _C.fast.swish_forward(x, 1.0, None)
+        return _C.fast.swish_forward(x, 1.0, params[0]) if params else _C.fast.swish(x, 1.0)
     if op == "acon_c":
         return _C.fast.acon_c_forward(x, *params, 1)
-    return getattr(_C.fast, f"{op}_forward")(x)
+    return getattr(_C.fast, op)(x)
 
 
 def forward_backward(f, x, params, g):
