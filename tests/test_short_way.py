@@ -281,3 +281,74 @@ def test_autograd_behaviours_on_the_short_way():
     y.sum().backward()
     with pytest.raises(RuntimeError, match="backward through the graph a second time"):
         y.sum().backward()
+
+
+SINGLE_INPUT = ["silu", "swish", "mish", "hard_swish"]  # their nodes are built by apply_on_x
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_short_way_node_is_wired_like_apply(case):
+    """The node the short way builds (csrc/fast_path.cpp, apply_on_x, for one tensor
+    input) is wired as Function::apply wires it: x's AccumulateGrad (or the producing
+    node) as its only next function, retain_graph honoured, the output's version and
+    requires_grad as the op's own, and hooks on the node run in backward."""
+    op, x, params, functional, _ = case_args(case, torch.float64)
+    leaves = [x.detach().clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in params]
+    y = functional(*leaves)
+    assert on_short_way(y, op) and y.requires_grad and not y.is_leaf and y._version == 0
+    nexts = y.grad_fn.next_functions
+    assert len(nexts) == len(leaves)  # one edge per tensor input, to its AccumulateGrad
+    assert all(n[0].variable is leaf and n[1] == 0 for n, leaf in zip(nexts, leaves))
+    seen = []
+    y.grad_fn.register_hook(lambda gi, go: seen.append((len(gi), go[0].shape)))
+    g1 = torch.autograd.grad(y.sum(), leaves, retain_graph=True)
+    g2 = torch.autograd.grad(y.sum(), leaves)
+    assert seen and seen[0][1] == y.shape and len(seen) == 2
+    for a, b in zip(g1, g2):
+        assert torch.equal(a, b)
+    h = leaves[0] * 2  # a non-leaf input: the edge goes to MulBackward0
+    assert type(functional(h, *leaves[1:]).grad_fn.next_functions[0][0]).__name__ == "MulBackward0"
+
+
+@pytest.mark.skipif(not hasattr(torch.autograd.graph, "node_creation_hook"),
+                    reason="torch.autograd.graph.node_creation_hook is new in torch 2.14")
+@pytest.mark.parametrize("case", CASES)
+def test_node_creation_hook_sees_the_short_way_node_once(case):
+    """torch 2.14's node creation hooks fire once for the short way's node, with it fully
+    built (next functions wired), as for any node made by Function::apply."""
+    op, x, params, functional, _ = case_args(case, torch.float64)
+    leaves = [x.detach().clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in params]
+    seen = []
+    with torch.autograd.graph.node_creation_hook(lambda n: seen.append((n, n.next_functions))):
+        y = functional(*leaves)
+    assert on_short_way(y, op)
+    ours = [(n, nexts) for n, nexts in seen if type(n).__name__ != "AccumulateGrad"]  # leaves' accumulators fire too
+    assert len(ours) == 1 and ours[0][0] is y.grad_fn
+    assert len(ours[0][1]) == len(leaves) and all(e[0].variable is leaf for e, leaf in zip(ours[0][1], leaves))
+
+
+class InputReturning(TorchDispatchMode):
+    """Returns the fused forward ops' input itself (an identity activation)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if str(func).startswith("fusedact.") and "_forward" in str(func):
+            return args[0]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("case", SINGLE_INPUT)
+def test_short_way_under_a_dispatch_mode_returning_the_input(case):
+    """Under a Python dispatch mode the forward may return anything, even its input: the
+    short way then lets Function::apply wrap it (an input returned as-is becomes a view of
+    it), as the op's own Python Function does, and the gradients agree. Building the node
+    by hand there would trip apply_on_x's internal check."""
+    op, x, params, functional, op_call = case_args(case, torch.float64)
+    grads = []
+    for f in (functional, op_call):
+        xm = x.clone().requires_grad_()
+        with InputReturning():
+            y = f(xm)
+            assert y is not xm and y._is_view() and torch.equal(y, xm)
+            grads.append(torch.autograd.grad(y.sum(), xm)[0])
+        assert f is op_call or on_short_way(y, op)
+    assert torch.equal(*grads)
