@@ -14,6 +14,8 @@
 //                  (create_graph=True: the second derivatives are the Python Functions'
 //                  in fusedact/functions.py)
 //
+// Tensors of 256 KiB or more run with the GIL released, as under ATen's own bindings.
+//
 // Taken outside torch.compile, ONNX export and __torch_function__ overrides (checked
 // here for swish with a float beta, mish and hard_swish; in Python for the others); it
 // returns None inside a torch.func transform or for a dual tensor (forward-mode AD), and
@@ -280,6 +282,21 @@ const Tensor* plain_float_tensor(PyObject* obj) {
   }
 }
 
+// Tensors of kReleaseGilBytes or more run with the GIL released, as ATen's own bindings
+// run every op, so that other Python threads (a data-loading or logging thread) go on
+// during the kernel. Smaller ones keep it: releasing and taking it back costs about as
+// much as their kernel. Anything below that needs Python (a dispatch mode, saved-tensor
+// or node-creation hooks, anomaly mode's traceback) takes the GIL itself, as it does
+// under ATen's ops.
+constexpr int64_t kReleaseGilBytes = int64_t(256) << 10;
+
+template <class F>
+Result gil_released_if_large(const Tensor& x, F f) {
+  if (x.numel() * static_cast<int64_t>(x.element_size()) < kReleaseGilBytes) return f();
+  pybind11::gil_scoped_release no_gil;
+  return f();
+}
+
 PyObject* wrap(Result r) {
   if (!r.has_value()) Py_RETURN_NONE;
   return THPVariable_Wrap(std::move(*r));
@@ -292,7 +309,7 @@ PyObject* py_swish(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   if (x == nullptr) Py_RETURN_NONE;
   const double beta = PyFloat_AsDouble(args[1]);  // a float or an int (Python checks which)
   if (beta == -1.0 && PyErr_Occurred()) return nullptr;
-  return wrap(fusedact::swish(*x, beta, c10::nullopt));
+  return wrap(gil_released_if_large(*x, [&] { return fusedact::swish(*x, beta, c10::nullopt); }));
   END_HANDLE_TH_ERRORS
 }
 
@@ -301,7 +318,7 @@ PyObject* py_unary(PyObject*, PyObject* arg) {
   HANDLE_TH_ERRORS
   const Tensor* x = plain_float_tensor(arg);
   if (x == nullptr) Py_RETURN_NONE;
-  return wrap(F(*x));
+  return wrap(gil_released_if_large(*x, [&] { return F(*x); }));
   END_HANDLE_TH_ERRORS
 }
 
@@ -317,8 +334,12 @@ PyMethodDef fast_methods[] = {
 void register_fast_path(pybind11::module& m) {
   auto fast = m.def_submodule("fast", "The functional API's short way to the native ops (csrc/fast_path.cpp).");
   // swish with a tensor beta and acon_c: their Python wrappers check the parameters first
-  fast.def("swish_forward", &swish);
-  fast.def("acon_c_forward", &acon_c);
+  fast.def("swish_forward", [](const Tensor& x, double beta, const OptTensor& b) {
+    return gil_released_if_large(x, [&] { return swish(x, beta, b); });
+  });
+  fast.def("acon_c_forward", [](const Tensor& x, const Tensor& p1, const Tensor& p2, const Tensor& beta, int64_t cd) {
+    return gil_released_if_large(x, [&] { return acon_c(x, p1, p2, beta, cd); });
+  });
   if (PyModule_AddFunctions(fast.ptr(), fast_methods) != 0) throw pybind11::error_already_set();
 }
 

@@ -352,3 +352,47 @@ def test_short_way_under_a_dispatch_mode_returning_the_input(case):
             grads.append(torch.autograd.grad(y.sum(), xm)[0])
         assert f is op_call or on_short_way(y, op)
     assert torch.equal(*grads)
+
+
+def _another_thread_ran_during(call, repeats=100) -> bool:
+    """Whether a thread waiting for the GIL ran while `call` ran (`repeats` times, or until
+    it did: a kernel may end before the thread wakes). The switch interval is set far
+    beyond the test, so the interpreter never hands the GIL over by itself: the waiting
+    thread runs only if C code releases the GIL (as ATen's ops do)."""
+    import sys
+    import threading
+
+    ready, ran = threading.Event(), []
+    thread = threading.Thread(target=lambda: (ready.wait(), ran.append(True)))
+    before = sys.getswitchinterval()
+    thread.start()
+    sys.setswitchinterval(1000.0)
+    try:
+        ready.set()  # the thread now waits for the GIL alone
+        kept = []  # freeing a tensor may itself release the GIL: keep the results
+        for _ in range(repeats):
+            kept.append(call())
+            if ran:
+                break
+        seen = bool(ran)
+    finally:
+        sys.setswitchinterval(before)
+        thread.join()
+    return seen
+
+
+@pytest.mark.parametrize("case", SINGLE_INPUT)
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+def test_short_way_releases_the_gil_for_large_tensors(case, grad):
+    """Tensors of 256 KiB or more run with the GIL released (another Python thread runs
+    during the kernel, as under ATen's ops); small ones keep it, and the small case shows
+    the check can fail. The C++ lanes only: swish with a tensor beta and acon_c release it
+    the same way (gil_released_if_large), but their Python checks call torch ops, which
+    release the GIL themselves, so this check cannot tell them apart."""
+    op, _, _, functional, _ = case_args(case, torch.float32)
+    big = rand_x((4, 3, 512, 512), torch.float32, "cpu").requires_grad_(grad)  # 12 MiB
+    small = rand_x((4, 3, 4, 4), torch.float32, "cpu").requires_grad_(grad)
+    assert _another_thread_ran_during(lambda: torch.nn.functional.silu(big))  # ATen releases it
+    assert not _another_thread_ran_during(lambda: functional(small))
+    assert _another_thread_ran_during(lambda: functional(big))
+    assert not grad or on_short_way(functional(big), op)
