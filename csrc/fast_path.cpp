@@ -33,6 +33,10 @@
 
 #include <tuple>
 
+// Whether the torch being built against is major.minor or newer.
+#define FUSEDACT_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
 namespace fusedact {
 namespace {
 
@@ -181,7 +185,7 @@ Tensor apply_on_x(const Tensor& x, Rest... rest) {
       x.key_set().has(c10::DispatchKey::Python))
     return F::apply(x, rest...);
   using Node = torch::autograd::CppNode<F>;
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13)
+#if FUSEDACT_TORCH_AT_LEAST(2, 13)
   auto node = c10::make_intrusive<Node>();  // 2.13 made nodes intrusive_ptr-owned
 #else
   std::shared_ptr<Node> node(new Node(), torch::autograd::deleteNode);
@@ -199,7 +203,7 @@ Tensor apply_on_x(const Tensor& x, Rest... rest) {
   torch::autograd::set_history(y, node);
   node->output_info_.emplace_back(y);
   node->save_variables_to_ctx();
-#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 14)
+#if FUSEDACT_TORCH_AT_LEAST(2, 14)
   torch::autograd::fire_node_creation_hooks(node);  // torch.autograd.graph.node_creation_hook (2.14)
 #endif
   return y;

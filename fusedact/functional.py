@@ -95,7 +95,7 @@ except (AttributeError, TypeError):  # a torch without it: ask Dynamo in Python,
     def _asking_dynamo(lane):
         return lambda *args: None if _is_compiling() else lane(*args)
 
-    _lane_swish, _lane_mish, _lane_hard_swish = map(_asking_dynamo, (_fast.swish, _fast.mish, _fast.hard_swish))
+    _lane_swish, _lane_mish, _lane_hard_swish = map(_asking_dynamo, (_lane_swish, _lane_mish, _lane_hard_swish))
 
 
 # ---- the API

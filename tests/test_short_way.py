@@ -55,8 +55,13 @@ def fast_call(op, x, params):
     return getattr(_C.fast, op)(x)
 
 
+def fresh_leaves(*tensors):
+    """Detached copies that require grad: the leaves of one forward+backward."""
+    return [t.detach().clone().requires_grad_() for t in tensors]
+
+
 def forward_backward(f, x, params, g):
-    leaves = [x.detach().clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in params]
+    leaves = fresh_leaves(x, *params)
     y = f(*leaves)
     return y, torch.autograd.grad(y, leaves, g)
 
@@ -88,19 +93,19 @@ def test_short_way_second_derivatives(case):
     """create_graph=True: the C++ Function's backward calls the backward op with its own
     autograd, so double backward is the op's, and gradgradcheck passes in float64."""
     op, x, params, functional, op_call = case_args(case, torch.float64)
-    leaves = [x.detach().clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in params]
+    leaves = fresh_leaves(x, *params)
     assert on_short_way(functional(*leaves), op)
     small = [t[:1, :2, :2, :2] if t is leaves[0] else t for t in leaves]
     if case == "meta_acon":  # beta per sample: one sample
         small[-1] = small[-1][:1]
     if op == "acon_c":  # two channels
         small[1:] = [p[..., :2] for p in small[1:]]
-    small = [t.detach().clone().requires_grad_() for t in small]
+    small = fresh_leaves(*small)
     assert torch.autograd.gradgradcheck(functional, small)
     g = rand_x(x.shape, torch.float64, "cpu", seed=3)
 
     def second(f):
-        ls = [t.detach().clone().requires_grad_() for t in leaves]
+        ls = fresh_leaves(*leaves)
         first = torch.autograd.grad(f(*ls), ls, g, create_graph=True)
         return torch.autograd.grad(sum((d * d).sum() for d in first), ls, allow_unused=True)
 
@@ -293,7 +298,7 @@ def test_short_way_node_is_wired_like_apply(case):
     node) as its only next function, retain_graph honoured, the output's version and
     requires_grad as the op's own, and hooks on the node run in backward."""
     op, x, params, functional, _ = case_args(case, torch.float64)
-    leaves = [x.detach().clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in params]
+    leaves = fresh_leaves(x, *params)
     y = functional(*leaves)
     assert on_short_way(y, op) and y.requires_grad and not y.is_leaf and y._version == 0
     nexts = y.grad_fn.next_functions
@@ -317,7 +322,7 @@ def test_node_creation_hook_sees_the_short_way_node_once(case):
     """torch 2.14's node creation hooks fire once for the short way's node, with it fully
     built (next functions wired), as for any node made by Function::apply."""
     op, x, params, functional, _ = case_args(case, torch.float64)
-    leaves = [x.detach().clone().requires_grad_()] + [p.detach().clone().requires_grad_() for p in params]
+    leaves = fresh_leaves(x, *params)
     seen = []
     with torch.autograd.graph.node_creation_hook(lambda n: seen.append((n, n.next_functions))):
         y = functional(*leaves)
