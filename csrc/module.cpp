@@ -36,5 +36,16 @@ PYBIND11_MODULE(_C, m) {
     TORCH_CHECK(fusedact::set_cpu_isa(isa), "set_cpu_isa: this CPU cannot run ", name);
   });
   m.def("cpu_isa", [] { return fusedact::cpu_isa_name(fusedact::cpu_isa()); });
+  m.def("set_cpu_stores", [](const std::string& name) {
+    fusedact::CpuStores mode;
+    TORCH_CHECK(fusedact::cpu_stores_from_name(name, mode),
+                "set_cpu_stores: name must be 'auto', 'streaming' or 'cached', got '", name, "'");
+    fusedact::set_cpu_stores(mode);
+  });
+  m.def("cpu_stores", [] { return fusedact::cpu_stores_name(fusedact::cpu_stores()); });
+  // For tests of the Auto rule: whether the pages it asks about are in memory.
+  m.def("cpu_pages_in", [](uintptr_t address, int64_t bytes) {
+    return fusedact::cpu_pages_in(reinterpret_cast<const void*>(address), bytes);
+  });
   fusedact::register_fast_path(m);
 }

@@ -3,6 +3,8 @@ x layout, plus acon_c's parameter layouts, channel_dim and mixed precision."""
 from __future__ import annotations
 
 import math
+import mmap
+import sys
 
 import pytest
 import torch
@@ -148,21 +150,78 @@ def test_eager_backend(op):
     check_close(op_fn(op, "eager")(x, *params).double(), ref_fn(op)(x, *params).double())
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.fixture(params=["streaming", "cached"])
+def cpu_stores(request):
+    """Runs a test with the CPU loops' outputs always written with non-temporal stores,
+    then never (the auto rule picks one by size and by whether the pages are in)."""
+    before = fusedact._C.cpu_stores()
+    fusedact._C.set_cpu_stores(request.param)
+    yield request.param
+    fusedact._C.set_cpu_stores(before)
+
+
+def _store_cases(op, dtype):
+    """Flat sizes around the 1 KiB blocks and above the parallel grain; acon_c's channel
+    runs (NCHW maps of odd length start at every alignment) and channels_last rows."""
+    for n in (1, 17, 255, 257, 513, 1024 + 31, 3 * 32768 + 5):
+        x = rand_x((n,), dtype, "cpu")
+        yield x, make_params(op, x, channel_dim=0, learnable_beta=False), 0
+    if op in ("acon_c", "swish"):  # swish's tensor beta takes the channel loops
+        for layout in ("contiguous", "channels_last"):
+            x = make_layout(rand_x((2, 3, 37, 41), dtype, "cpu"), layout)
+            yield x, make_params(op, x), 1
+        x = rand_x((2, 3, 130, 131), dtype, "cpu")  # channel runs longer than a segment
+        yield x, make_params(op, x), 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", OPS)
-def test_large_tensors_streaming_stores(op, dtype):
-    """Outputs of 16 MiB and more (forward), and backward operands of 64 MiB and more,
-    take the CPU's non-temporal store path; odd sizes exercise its tails. bfloat16
-    rounds each block through an opmath buffer before streaming it."""
-    if dtype == torch.bfloat16 and op == "acon_c":
-        pytest.skip("acon_c's bfloat16 loops do not stream; the float32 case covers its channel runs")
-    n = 6_000_001 if dtype == torch.float32 else 8_400_001  # >= 16 MiB of output either way
-    shape = (n,) if op != "acon_c" else (2, 3, 1000, 1001)
-    x = rand_x(shape, dtype, "cpu")
+def test_store_paths(op, dtype, cpu_stores, cpu_isa):
+    """Both ways of writing outputs (non-temporal stores through an aligned block, and
+    plain stores), with every instruction set, forward and backward against float64.
+    (Not bit for bit against each other: the streaming way computes the elements before
+    the first 32-byte boundary of a task's output apart, as the loop's tail is, and the
+    vector and scalar code of mish's backward differ in the last bit on a few inputs.)"""
+    for x, params, channel_dim in _store_cases(op, dtype):
+        check_forward_backward(op, x, params, channel_dim=channel_dim)
+
+
+def test_cpu_stores_setting():
+    before = fusedact._C.cpu_stores()
+    assert before == "auto"
+    try:
+        for name in ("streaming", "cached", "auto"):
+            fusedact._C.set_cpu_stores(name)
+            assert fusedact._C.cpu_stores() == name
+        with pytest.raises(RuntimeError, match="'auto', 'streaming' or 'cached'"):
+            fusedact._C.set_cpu_stores("nt")
+    finally:
+        fusedact._C.set_cpu_stores(before)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the rule asks mincore, Linux's")
+def test_auto_stores_ask_whether_pages_are_in():
+    """The auto rule streams only into pages already in memory: a fresh anonymous
+    mapping (what glibc gives an allocation of 32 MiB or more) has none until written."""
+    m = mmap.mmap(-1, 8 << 20)
+    t = torch.frombuffer(m, dtype=torch.float32)
+    assert not fusedact._C.cpu_pages_in(t.data_ptr(), t.nbytes)
+    t[: t.numel() // 2 + 1].fill_(1.0)  # the first half and the middle page
+    assert not fusedact._C.cpu_pages_in(t.data_ptr(), t.nbytes)  # the last page is still out
+    t.fill_(1.0)
+    assert fusedact._C.cpu_pages_in(t.data_ptr(), t.nbytes)
+    del t
+    m.close()
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_large_tensors_auto_stores(op):
+    """Outputs of 24 MiB and more under the auto rule, whichever way it picks."""
+    n = 6_400_001  # float32: 24.4 MiB of output
+    shape = (n,) if op != "acon_c" else (2, 3, 1000, 1067)
+    x = rand_x(shape, torch.float32, "cpu")
     channel_dim = 0 if len(shape) == 1 else 1
     check_forward_backward(op, x, make_params(op, x, channel_dim=channel_dim), channel_dim=channel_dim)
-    if op == "swish":  # a float beta takes the flat loops, a tensor beta the channel loops
-        check_forward_backward(op, x, make_params(op, x, learnable_beta=False))
 
 
 @pytest.mark.parametrize("shape", [(3, 11, 7, 7), (2, 9, 14, 14), (2, 5, 28, 28), (1, 3, 5, 5)], ids=str)

@@ -20,6 +20,11 @@
 #include <utility>
 #include <vector>
 
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
@@ -118,6 +123,66 @@ bool set_cpu_isa(CpuIsa isa) {
   return true;
 }
 
+// ---- store mode
+
+namespace {
+// Whether the page holding p is in memory (yes on an error, or without mincore).
+bool page_resident(const void* p) {
+#ifdef __linux__
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  unsigned char in = 0;
+  void* start = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) & ~(page - 1));
+  return mincore(start, 1, &in) != 0 || (in & 1);
+#else
+  (void)p;
+  return true;
+#endif
+}
+
+// Non-temporal stores go only into pages already in memory. An output mapped anew
+// (glibc maps each allocation of 32 MiB or more afresh, and unmaps it when the tensor
+// dies) is faulted in by the stores themselves, the kernel zeroing each page first, and
+// cached stores then win: 5-10% at 16-64 MiB here. glibc writes its chunk header on the
+// first page, so the middle and the last page of the n elements are asked.
+template <typename scalar_t>
+bool pages_in(const scalar_t* out, int64_t n) {
+  return page_resident(out + n / 2) && page_resident(out + n - 1);
+}
+
+CpuStores initial_stores() {
+  CpuStores mode = CpuStores::Auto;
+  if (const char* env = std::getenv("FUSEDACT_CPU_STORES")) cpu_stores_from_name(env, mode);
+  return mode;
+}
+std::atomic<int>& stores_slot() {
+  static std::atomic<int> slot{static_cast<int>(initial_stores())};
+  return slot;
+}
+}  // namespace
+
+CpuStores cpu_stores() { return static_cast<CpuStores>(stores_slot().load(std::memory_order_relaxed)); }
+void set_cpu_stores(CpuStores mode) { stores_slot().store(static_cast<int>(mode)); }
+bool cpu_pages_in(const void* p, int64_t bytes) {
+  return bytes <= 0 || pages_in(static_cast<const char*>(p), bytes);
+}
+
+std::string cpu_stores_name(CpuStores mode) {
+  switch (mode) {
+    case CpuStores::Streaming: return "streaming";
+    case CpuStores::Cached: return "cached";
+    default: return "auto";
+  }
+}
+
+bool cpu_stores_from_name(const std::string& name, CpuStores& mode) {
+  for (CpuStores candidate : {CpuStores::Auto, CpuStores::Streaming, CpuStores::Cached})
+    if (name == cpu_stores_name(candidate)) {
+      mode = candidate;
+      return true;
+    }
+  return false;
+}
+
 namespace {
 
 #define FUSEDACT_ALWAYS_INLINE inline __attribute__((always_inline))
@@ -180,19 +245,32 @@ FUSEDACT_ALWAYS_INLINE void for_each_param(F&& f) {
 
 // ---- stores
 
-// Outputs go to memory with non-temporal stores when they could not stay in the
+// Large outputs go to memory with non-temporal stores when they could not stay in the
 // last-level cache beside their inputs anyway: a normal store first reads the line it
 // writes (read for ownership), a third more memory traffic for a forward, a quarter for
-// a backward. Forward: output >= 16 MiB. Backward: g, x and dx >= 64 MiB together, and
-// only for a memory-bound loop (hard_swish): with an exp per element (swish, mish) the
-// backward measured 5-15% slower with streaming stores.
-constexpr int64_t kStreamBytes = int64_t(16) << 20;
+// a backward. Forward: output >= 24 MiB; at 16-20 MiB (in and out about this machine's
+// 32 MiB L3) the cached stores were as fast or faster (0.66x-1.2x for streaming, by the
+// host's memory state), at 24.5 MiB streaming 0.95x-1.3x. Backward: g, x and dx >= 64 MiB
+// together, and only for a memory-bound loop (hard_swish): with an exp per element
+// (swish, mish) the backward measured 5-15% slower with streaming stores.
+constexpr int64_t kStreamBytes = int64_t(24) << 20;
 constexpr int64_t kStreamBackwardBytes = int64_t(64) << 20;
-// Whether a forward of n elements writes its output with non-temporal stores.
+
+// Whether an output of n elements is written with non-temporal stores: by the rules
+// above (auto), or always or never (FUSEDACT_CPU_STORES, set_cpu_stores).
 template <typename scalar_t>
-bool stream_forward_output(int64_t n) {
-  return n * int64_t(sizeof(scalar_t)) >= kStreamBytes;
+bool stream_output(const scalar_t* out, int64_t n, bool large) {
+  switch (cpu_stores()) {
+    case CpuStores::Streaming: return true;
+    case CpuStores::Cached: return false;
+    default: return large && pages_in(out, n);
+  }
 }
+template <typename scalar_t>
+bool stream_forward_output(const scalar_t* y, int64_t n) {
+  return stream_output(y, n, n * int64_t(sizeof(scalar_t)) >= kStreamBytes);
+}
+
 template <class Op>
 constexpr bool kStreamBackward = false;
 template <typename T>
@@ -428,7 +506,7 @@ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 struct CpuBackend {
   template <class Op, typename scalar_t>
   static void forward(const scalar_t* x, scalar_t* y, int64_t n, Op op) {
-    const bool stream = stream_forward_output<scalar_t>(n);
+    const bool stream = stream_forward_output(y, n);
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
       run_chunk<ForwardLoop<Op, scalar_t>>(x + b, y + b, e - b, op, stream);
     });
@@ -436,7 +514,8 @@ struct CpuBackend {
 
   template <class Op, typename scalar_t>
   static void backward(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op) {
-    const bool stream = kStreamBackward<Op> && 3 * n * int64_t(sizeof(scalar_t)) >= kStreamBackwardBytes;
+    const bool stream =
+        stream_output(dx, n, kStreamBackward<Op> && 3 * n * int64_t(sizeof(scalar_t)) >= kStreamBackwardBytes);
     at::parallel_for(0, n, kGrain, [&](int64_t b, int64_t e) {
       run_chunk<BackwardLoop<Op, scalar_t>>(g + b, x + b, dx + b, e - b, op, stream);
     });
@@ -465,7 +544,7 @@ struct CpuBackend {
                               ParamView<P, NP> pv) {
     using T = opmath_t<scalar_t>;
     if (geo.inner > 1 && geo.inner <= kSegment) {
-      const bool stream = stream_forward_output<scalar_t>(geo.N * geo.R * geo.C * geo.inner);
+      const bool stream = stream_forward_output(y, geo.N * geo.R * geo.C * geo.inner);
       const int64_t runs = geo.N * geo.R * geo.C;
       at::parallel_for(0, runs, std::max<int64_t>(1, kGrain / geo.inner), [&](int64_t b, int64_t e) {
         run_chunk<RunsForwardLoop<OpT, scalar_t, P, NP>>(x, y, geo.inner, geo.C, geo.R * geo.C, pv,
@@ -474,7 +553,7 @@ struct CpuBackend {
       return;
     }
     if (geo.inner > 1) {
-      const bool stream = stream_forward_output<scalar_t>(geo.N * geo.R * geo.C * geo.inner);
+      const bool stream = stream_forward_output(y, geo.N * geo.R * geo.C * geo.inner);
       for_each_segment(geo, [&](int64_t n, int64_t, int64_t c, int64_t, int64_t, int64_t off,
                                 int64_t len) {
         T v[NP];
