@@ -98,6 +98,30 @@ except (AttributeError, TypeError):  # a torch without it: ask Dynamo in Python,
     _lane_swish, _lane_mish, _lane_hard_swish = map(_asking_dynamo, (_lane_swish, _lane_mish, _lane_hard_swish))
 
 
+# ---- torch.fx.symbolic_trace
+
+_Proxy = torch.fx.Proxy
+
+
+def _fx_node(fn, args: tuple, kwargs: dict):
+    """Under torch.fx.symbolic_trace (torchvision's create_feature_extractor, FX
+    quantization, timm's FX feature extraction), the call as one call_function node of
+    ``fn``, a leaf as torch.fx.wrap makes one: the traced GraphModule then calls the
+    public function, with its own checks, short way and autograd. None when no argument
+    is a Proxy (the calls that are not traced). Asked only after the short way declined
+    the call, so untraced calls pay nothing on it."""
+    for a in args:
+        if isinstance(a, _Proxy):
+            return a.tracer.create_proxy("call_function", fn, args, kwargs)
+    return None
+
+
+def _kw(backend, **kwargs):
+    if backend is not None:
+        kwargs["backend"] = backend
+    return kwargs
+
+
 # ---- the API
 
 
@@ -111,12 +135,15 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, backend: str | N
             y = _lane_swish(x, beta)
             if y is not None:
                 return y
-        elif isinstance(beta, torch.Tensor) and x.dtype in FLOAT_DTYPES:
+        elif isinstance(beta, torch.Tensor) and isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES:
             check_swish_beta("fusedact.swish", beta, x)
             if _short_way((x, beta)):
                 y = _fast.swish_forward(x, 1.0, beta)
                 if y is not None:
                     return y
+    traced = _fx_node(swish, (x, beta), _kw(backend))
+    if traced is not None:
+        return traced
     backend = _backend(backend)
     check_x("fusedact.swish", x)
     if isinstance(beta, torch.Tensor):
@@ -134,6 +161,9 @@ def mish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
         y = _lane_mish(x)
         if y is not None:
             return y
+    traced = _fx_node(mish, (x,), _kw(backend))
+    if traced is not None:
+        return traced
     backend = _backend(backend)
     check_x("fusedact.mish", x)
     if backend == "eager":
@@ -147,6 +177,9 @@ def hard_swish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
         y = _lane_hard_swish(x)
         if y is not None:
             return y
+    traced = _fx_node(hard_swish, (x,), _kw(backend))
+    if traced is not None:
+        return traced
     backend = _backend(backend)
     check_x("fusedact.hard_swish", x)
     if backend == "eager":
@@ -169,6 +202,9 @@ def acon_c(
     (N, C) or (N, C, 1, ...) (Meta-ACON). ``channel_dim``: the axis of the C channels
     (1 for NCHW, -1 for (N, L, C)).
     """
+    traced = _fx_node(acon_c, (x, p1, p2, beta), _kw(backend, channel_dim=channel_dim))
+    if traced is not None:
+        return traced
     backend = _backend(backend)
     check_acon_args("fusedact.acon_c", x, p1, p2, beta, channel_dim)
     if backend == "native" and _short_way((x, p1, p2, beta)):

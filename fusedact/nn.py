@@ -94,6 +94,19 @@ class AconC(nn.Module):
         return f"channels={self.p1.numel()}, channel_dim={self.channel_dim}"
 
 
+def _spatial_mean(x: torch.Tensor, conv_dims: int) -> torch.Tensor:
+    """x's mean over its spatial dims (2 and after), one dimension at a time, as (N, C)
+    followed by conv_dims ones: the 1x1 convolutions' input."""
+    pooled = x
+    for d in range(2, x.dim()):
+        pooled = pooled.mean(dim=d, keepdim=True)
+    return pooled.reshape(x.shape[0], x.shape[1], *([1] * conv_dims))
+
+
+# A leaf under torch.fx.symbolic_trace: its loop runs over x's rank, which a Proxy has not.
+torch.fx.wrap("_spatial_mean")
+
+
 class MetaAconC(nn.Module):
     """Meta-ACON: beta = sigmoid(fc2(fc1(mean of x over the spatial dims))) per sample
     and channel, fc1 and fc2 1x1 convolutions of width max(r, C // r). x is
@@ -119,11 +132,8 @@ class MetaAconC(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N, C = x.shape[0], x.shape[1]
-        pooled = x
-        for d in range(2, x.dim()):
-            pooled = pooled.mean(dim=d, keepdim=True)
-        conv_dims = self.fc1.weight.dim() - 2  # 2 for Conv2d, 1 for Conv1d
-        h = self.fc1(pooled.reshape(N, C, *([1] * conv_dims)).to(self.fc1.weight.dtype))
+        conv_dims = len(self.fc1.kernel_size)  # 2 for Conv2d, 1 for Conv1d
+        h = self.fc1(_spatial_mean(x, conv_dims).to(self.fc1.weight.dtype))
         if self.bn1 is not None:
             h = self.bn1(h)
         h = self.fc2(h)
