@@ -14,8 +14,11 @@ Method. GPU: CUDA-event timing by triton.testing.do_bench (warm-up, L2 flushed b
 every run), the median and the 20/80 quantiles; a device-to-device copy is timed in the
 same run and every figure is also given as % of its bandwidth, the bytes floor being
 2 N size (forward), 3 N size (backward), 5 N size (both). CPU: torch.utils.benchmark
-medians, the providers timed in alternating rounds (on a small shared machine the cost
-of large allocations depends on what ran just before). Each provider's forward output
+medians, the providers timed in alternating rounds (A B, B A, ...; on a small shared
+machine the cost of large allocations depends on what ran just before, and the memory
+bandwidth changes for seconds at a time), 9 by default; a CPU speedup is the median over
+rounds of the two providers' ratio within a round (the CSV's eager_round_ratios lists
+them), p50/p20/p80 the quantiles of all rounds' samples. Each provider's forward output
 and input gradient are checked against a float64 reference before it is timed.
 
 Writes one CSV row per measurement (device, torch/CUDA/triton/fusedact versions, date),
@@ -33,6 +36,7 @@ import datetime
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -53,7 +57,7 @@ ACON_C = 64  # channels of the acon_c benchmark tensors: (N, 64, 32, 32) and fri
 
 CSV_FIELDS = ["date", "device", "torch", "cuda", "triton", "fusedact", "isa", "op", "dtype", "layout", "beta",
               "numel", "shape", "provider", "mode", "metric", "unit", "p50", "p20", "p80", "gbps",
-              "pct_copy", "speedup_vs_eager", "speedup_vs_compile", "copy_gbps", "status"]
+              "pct_copy", "speedup_vs_eager", "speedup_vs_compile", "copy_gbps", "status", "eager_round_ratios"]
 
 
 # ---- the cases
@@ -139,22 +143,36 @@ def bench_gpu(fn, warmup_ms, rep_ms):
 
 
 def bench_cpu(fns_by_provider, min_run_time, rounds):
-    """{provider: (p50, p20, p80) ms}, timed in alternating rounds."""
+    """({provider: (p50, p20, p80) ms}, {provider: [each round's median ms]}): the
+    providers timed in alternating rounds, in reverse order every other round (A B, B A,
+    ...), so that a drift of the host's state reaches each about equally."""
     from torch.utils import benchmark
 
     timers = {p: benchmark.Timer(stmt="f()", globals={"f": f}, num_threads=torch.get_num_threads())
               for p, f in fns_by_provider.items()}
     samples = {p: [] for p in timers}
-    for _ in range(rounds):
-        for p, t in timers.items():
-            m = t.blocked_autorange(min_run_time=min_run_time / rounds)
+    per_round = {p: [] for p in timers}
+    order = list(timers)
+    for r in range(rounds):
+        for p in order if r % 2 == 0 else order[::-1]:
+            m = timers[p].blocked_autorange(min_run_time=min_run_time / rounds)
             samples[p].extend(x * 1e3 for x in m.times)
+            per_round[p].append(m.median * 1e3)
     out = {}
     for p, v in samples.items():
         v = sorted(v)
         pick = lambda q: v[min(len(v) - 1, int(q * len(v)))]  # noqa: E731
         out[p] = (pick(0.5), pick(0.2), pick(0.8))
-    return out
+    return out, per_round
+
+
+def paired_speedup(per_round, ref, p):
+    """The median over rounds of ref's time over p's time in the same round, and those
+    ratios. On a shared host whose memory bandwidth changes for seconds at a time, a
+    ratio of pooled medians can compare one provider's fast phase with the other's slow
+    one; a round's two blocks run back to back."""
+    ratios = [a / b for a, b in zip(per_round[ref], per_round[p])]
+    return statistics.median(ratios), ratios
 
 
 def copy_time(numel, dtype, device, args):
@@ -162,7 +180,7 @@ def copy_time(numel, dtype, device, args):
     dst = torch.empty_like(src)
     if device == "cuda":
         return bench_gpu(lambda: dst.copy_(src), args.warmup_ms, args.rep_ms)
-    return bench_cpu({"copy": lambda: dst.copy_(src)}, args.min_run_time, args.rounds)["copy"]
+    return bench_cpu({"copy": lambda: dst.copy_(src)}, args.min_run_time, args.rounds)[0]["copy"]
 
 
 # ---- memory
@@ -291,6 +309,7 @@ def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, write
     xl = x.detach().requires_grad_()
     inputs = [xl] + leaves_p
     results = {}  # (provider, mode) -> (p50, p20, p80)
+    rounds = {}  # CPU: (provider, mode) -> [each round's median]
     for mode in [m for m in args.modes if m != "memory"]:
         runs = {}
         for p, f in funcs.items():
@@ -307,7 +326,9 @@ def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, write
             for p, r in runs.items():
                 results[(p, mode)] = bench_gpu(r, args.warmup_ms, args.rep_ms)
         elif runs:
-            results.update({(p, mode): t for p, t in bench_cpu(runs, args.min_run_time, args.rounds).items()})
+            times, per_round = bench_cpu(runs, args.min_run_time, args.rounds)
+            results.update({(p, mode): t for p, t in times.items()})
+            rounds.update({(p, mode): t for p, t in per_round.items()})
         runs.clear()
 
     base = {"op": op, "dtype": dtype_name, "layout": layout, "beta": beta_kind if op == "acon_c" else "",
@@ -324,8 +345,15 @@ def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, write
                 row.update(p50=f"{t50:.5f}", p20=f"{t20:.5f}", p80=f"{t80:.5f}", gbps=f"{gbps:.1f}",
                            pct_copy=f"{100 * gbps / copy_gbps:.1f}", status="ok")
                 for ref in ("eager", "compile"):
-                    if (ref, mode) in results:
-                        row[f"speedup_vs_{ref}"] = f"{results[(ref, mode)][0] / t50:.3f}"
+                    if (ref, mode) not in results:
+                        continue
+                    if (p, mode) in rounds:  # CPU: paired rounds
+                        ratio, each = paired_speedup({ref: rounds[(ref, mode)], p: rounds[(p, mode)]}, ref, p)
+                        if ref == "eager" and p != "eager":
+                            row["eager_round_ratios"] = ";".join(f"{v:.3f}" for v in each)
+                    else:
+                        ratio = results[(ref, mode)][0] / t50
+                    row[f"speedup_vs_{ref}"] = f"{ratio:.3f}"
             writer.writerow(row)
             rows.append(row)
     if "memory" in args.modes:
@@ -394,7 +422,7 @@ def run_overhead(args, meta, writer, rows):
                 for p, f in funcs.items():
                     runs[(p, OVERHEAD_MODES[0])] = lambda f=f: _no_grad_call(f, x, params)
                     runs[(p, OVERHEAD_MODES[1])] = lambda f=f: torch.autograd.grad(f(xl, *leaves), [xl] + leaves, g)
-                times = bench_cpu(runs, args.min_run_time, args.rounds)
+                times, per_round = bench_cpu(runs, args.min_run_time, args.rounds)
                 for mode in OVERHEAD_MODES:
                     for p in funcs:
                         t50, t20, t80 = times[(p, mode)]
@@ -403,7 +431,9 @@ def run_overhead(args, meta, writer, rows):
                                    mode=f"overhead: {mode}, 1 thread", metric="time", unit="ms",
                                    p50=f"{t50:.5f}", p20=f"{t20:.5f}", p80=f"{t80:.5f}", status="ok")
                         if p != "eager":
-                            row["speedup_vs_eager"] = f"{times[('eager', mode)][0] / t50:.3f}"
+                            ratio, each = paired_speedup(per_round, ("eager", mode), (p, mode))
+                            row["speedup_vs_eager"] = f"{ratio:.3f}"
+                            row["eager_round_ratios"] = ";".join(f"{v:.3f}" for v in each)
                         writer.writerow(row)
                         rows.append(row)
     finally:
@@ -477,7 +507,8 @@ def parse_args(argv=None):
     ap.add_argument("--warmup-ms", type=float, default=10.0)
     ap.add_argument("--rep-ms", type=float, default=60.0)
     ap.add_argument("--min-run-time", type=float, default=0.6, help="CPU: seconds per provider and case")
-    ap.add_argument("--rounds", type=int, default=3, help="CPU: alternating rounds")
+    ap.add_argument("--rounds", type=int, default=9,
+                    help="CPU: alternating rounds; a CPU speedup is the median of the rounds' ratios")
     args = ap.parse_args(argv)
     on_gpu = args.device == "cuda"
     if args.overhead:
