@@ -216,9 +216,9 @@ def test_auto_stores_ask_whether_pages_are_in():
 
 @pytest.mark.parametrize("op", OPS)
 def test_large_tensors_auto_stores(op):
-    """A float32 (32, 64, 56, 56)-sized output (24.5 MiB: cached stores) and one of 32 MiB
-    and more (streaming where its pages are in, as under a caching allocator; with
-    glibc they are mapped anew, and the stores are cached) under the auto rule."""
+    """Outputs of 24 MiB and more under the auto rule: (32, 64, 56, 56) float32 (24.5 MiB,
+    streaming once glibc reuses the memory) and 32 MiB (streaming where the pages are
+    in, as under a caching allocator; glibc maps them anew, and the stores are cached)."""
     for n in (6_422_529, 8_400_001):
         _large_auto_case(op, n)
 

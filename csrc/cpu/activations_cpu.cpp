@@ -248,14 +248,15 @@ FUSEDACT_ALWAYS_INLINE void for_each_param(F&& f) {
 // Large outputs go to memory with non-temporal stores when they could not stay in the
 // last-level cache beside their inputs anyway: a normal store first reads the line it
 // writes (read for ownership), a third more memory traffic for a forward, a quarter for
-// a backward. Forward: output >= 32 MiB (input and output at least twice this machine's
-// 32 MiB L3). Below, which way wins depends on the host's memory state: at 16-24.5 MiB
-// streaming measured 0.66x-1.3x of cached stores (hard_swish float32, by the state and
-// by the process), while cached stores stayed within a few percent of ATen's, which are
-// cached too. Backward: g, x and dx >= 64 MiB together, and only for a memory-bound loop
-// (hard_swish): with an exp per element (swish, mish) the backward measured 5-15% slower
-// with streaming stores.
-constexpr int64_t kStreamBytes = int64_t(32) << 20;
+// a backward. Forward: output >= 24 MiB (input and output 1.5 times this machine's
+// 32 MiB L3). Streaming stores also take the same time whichever physical pages the
+// output got; cached ones do not: at (32, 64, 56, 56) float32 (24.5 MiB) the cached
+// hard_swish forward ran 0.29-0.37 ms or 0.56-0.78 ms (fast and slow memory states) by
+// the process and the buffer, 0.75x-1.17x of ATen's (cached too), streaming 0.30 and
+// 0.60 ms. At 16-20 MiB streaming measured 0.66x-1.2x of cached. Backward: g, x and dx
+// >= 64 MiB together, and only for a memory-bound loop (hard_swish): with an exp per
+// element (swish, mish) the backward measured 5-15% slower with streaming stores.
+constexpr int64_t kStreamBytes = int64_t(24) << 20;
 constexpr int64_t kStreamBackwardBytes = int64_t(64) << 20;
 
 // Whether an output of n elements is written with non-temporal stores: by the rules
