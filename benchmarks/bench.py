@@ -348,7 +348,7 @@ def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, write
                     if (ref, mode) not in results:
                         continue
                     if (p, mode) in rounds:  # CPU: paired rounds
-                        ratio, each = paired_speedup({ref: rounds[(ref, mode)], p: rounds[(p, mode)]}, ref, p)
+                        ratio, each = paired_speedup(rounds, (ref, mode), (p, mode))
                         if ref == "eager" and p != "eager":
                             row["eager_round_ratios"] = ";".join(f"{v:.3f}" for v in each)
                     else:

@@ -108,8 +108,9 @@ def _fx_node(fn, args: tuple, kwargs: dict):
     quantization, timm's FX feature extraction), the call as one call_function node of
     ``fn``, a leaf as torch.fx.wrap makes one: the traced GraphModule then calls the
     public function, with its own checks, short way and autograd. None when no argument
-    is a Proxy (the calls that are not traced). Asked only after the short way declined
-    the call, so untraced calls pay nothing on it."""
+    is a Proxy (the calls that are not traced). swish, mish and hard_swish ask only after
+    their short way declined the call, so it costs their fast calls nothing; acon_c,
+    whose Python checks come first, asks before them (about 0.2 us a call)."""
     for a in args:
         if isinstance(a, _Proxy):
             return a.tracer.create_proxy("call_function", fn, args, kwargs)

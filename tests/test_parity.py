@@ -220,14 +220,10 @@ def test_large_tensors_auto_stores(op):
     streaming once glibc reuses the memory) and 32 MiB (streaming where the pages are
     in, as under a caching allocator; glibc maps them anew, and the stores are cached)."""
     for n in (6_422_529, 8_400_001):
-        _large_auto_case(op, n)
-
-
-def _large_auto_case(op, n):
-    shape = (n,) if op != "acon_c" else (2, 3, 1000, n // 6000)
-    x = rand_x(shape, torch.float32, "cpu")
-    channel_dim = 0 if len(shape) == 1 else 1
-    check_forward_backward(op, x, make_params(op, x, channel_dim=channel_dim), channel_dim=channel_dim)
+        shape = (n,) if op != "acon_c" else (2, 3, 1000, n // 6000)
+        x = rand_x(shape, torch.float32, "cpu")
+        channel_dim = 0 if len(shape) == 1 else 1
+        check_forward_backward(op, x, make_params(op, x, channel_dim=channel_dim), channel_dim=channel_dim)
 
 
 @pytest.mark.parametrize("shape", [(3, 11, 7, 7), (2, 9, 14, 14), (2, 5, 28, 28), (1, 3, 5, 5)], ids=str)
