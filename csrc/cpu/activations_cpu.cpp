@@ -231,42 +231,32 @@ using opmath_t = at::opmath_type<scalar_t>;
 // fp16_ieee_to_fp32_value and fp16_ieee_from_fp32_value (exact one way, round to
 // nearest even the other, as F16C's), on the bits read through a uint16_t pointer; a
 // NaN keeps its sign and the top of its payload, as with vcvtps2ph (c10 writes 0x7E00).
-// Through c10::Half itself GCC
-// vectorized none of the float16 loops ("complicated access pattern"), and they ran at
-// 0.6x (hard_swish) to 0.9x (swish) of ATen's; GCC 12 vectorizes no _Float16
-// conversion either.
+// Through c10::Half itself GCC vectorized none of the float16 loops ("complicated
+// access pattern"), and they ran at 0.6x (hard_swish) to 0.9x (swish) of ATen's; GCC 12
+// vectorizes no _Float16 conversion either.
 typedef uint16_t half_bits_alias __attribute__((may_alias));
-
-FUSEDACT_ALWAYS_INLINE uint32_t bits_of(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
-  return u;
-}
-FUSEDACT_ALWAYS_INLINE float float_of(uint32_t u) {
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+using math::bits_to_float;
+using math::float_to_bits;
 
 FUSEDACT_ALWAYS_INLINE float half_bits_to_float(uint16_t h) {
   const uint32_t w = uint32_t(h) << 16;
   const uint32_t sign = w & UINT32_C(0x80000000);
   const uint32_t two_w = w + w;
-  const float normalized = float_of((two_w >> 4) + (UINT32_C(0xE0) << 23)) * 0x1.0p-112f;
-  const float denormalized = float_of((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
-  const uint32_t bits = two_w < (UINT32_C(1) << 27) ? bits_of(denormalized) : bits_of(normalized);
-  return float_of(sign | bits);
+  const float normalized = bits_to_float((two_w >> 4) + (UINT32_C(0xE0) << 23)) * 0x1.0p-112f;
+  const float denormalized = bits_to_float((two_w >> 17) | (UINT32_C(126) << 23)) - 0.5f;
+  const uint32_t bits = two_w < (UINT32_C(1) << 27) ? float_to_bits(denormalized) : float_to_bits(normalized);
+  return bits_to_float(sign | bits);
 }
 
 FUSEDACT_ALWAYS_INLINE uint16_t float_to_half_bits(float f) {
   float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
-  const uint32_t w = bits_of(f);
+  const uint32_t w = float_to_bits(f);
   const uint32_t shl1_w = w + w;
   const uint32_t sign = w & UINT32_C(0x80000000);
   uint32_t bias = shl1_w & UINT32_C(0xFF000000);
   bias = bias < UINT32_C(0x71000000) ? UINT32_C(0x71000000) : bias;
-  base = float_of((bias >> 1) + UINT32_C(0x07800000)) + base;
-  const uint32_t b = bits_of(base);
+  base = bits_to_float((bias >> 1) + UINT32_C(0x07800000)) + base;
+  const uint32_t b = float_to_bits(base);
   const uint32_t nonsign = ((b >> 13) & UINT32_C(0x00007C00)) + (b & UINT32_C(0x00000FFF));
   const uint32_t nan = UINT32_C(0x7E00) | ((w >> 13) & UINT32_C(0x3FF));
   return static_cast<uint16_t>((sign >> 16) | (shl1_w > UINT32_C(0xFF000000) ? nan : nonsign));
@@ -359,37 +349,43 @@ FUSEDACT_TARGET_AVX2 inline void stream_32B_blocks(void* dst, const void* src, i
                         _mm256_load_si256(reinterpret_cast<const __m256i*>(static_cast<const char*>(src) + k)));
 }
 
-// n float16 -> float and back (dst or src 64-byte aligned), n a multiple of 8: F16C, 16
-// at a time with AVX-512 (round to nearest even). One call per block of 512 elements,
-// by the instruction set in use (GCC inlines across targets only into a superset with
-// the same tuning).
-FUSEDACT_TARGET_AVX512 void halves_to_floats_avx512(const c10::Half* src, float* dst, int64_t n) {
+// n float16 -> float and back with F16C (round to nearest even), the float side 64-byte
+// aligned: 8 at a time at AVX2, 16 at AVX-512, the last n % 8 by load/store. One call
+// per block of up to 512 elements, by the instruction set in use (GCC inlines across
+// targets only into a superset with the same tuning).
+FUSEDACT_TARGET_AVX2 int64_t halves_to_floats_avx2(const c10::Half* src, float* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    _mm256_store_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+  return k;
+}
+FUSEDACT_TARGET_AVX2 int64_t floats_to_halves_avx2(const float* src, c10::Half* dst, int64_t n) {
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k),
+                     _mm256_cvtps_ph(_mm256_load_ps(src + k), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return k;
+}
+FUSEDACT_TARGET_AVX512 int64_t halves_to_floats_avx512(const c10::Half* src, float* dst, int64_t n) {
   int64_t k = 0;
   for (; k + 16 <= n; k += 16)
     _mm512_store_ps(dst + k, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k))));
-  if (k < n) _mm256_store_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
+  return k + halves_to_floats_avx2(src + k, dst + k, n - k);
 }
-FUSEDACT_TARGET_AVX512 void floats_to_halves_avx512(const float* src, c10::Half* dst, int64_t n) {
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+FUSEDACT_TARGET_AVX512 int64_t floats_to_halves_avx512(const float* src, c10::Half* dst, int64_t n) {
   int64_t k = 0;
   for (; k + 16 <= n; k += 16)
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k), _mm512_cvtps_ph(_mm512_load_ps(src + k), kRound));
-  if (k < n) _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k), _mm256_cvtps_ph(_mm256_load_ps(src + k), kRound));
-}
-FUSEDACT_TARGET_AVX2 void halves_to_floats_avx2(const c10::Half* src, float* dst, int64_t n) {
-  for (int64_t k = 0; k < n; k += 8)
-    _mm256_store_ps(dst + k, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + k))));
-}
-FUSEDACT_TARGET_AVX2 void floats_to_halves_avx2(const float* src, c10::Half* dst, int64_t n) {
-  for (int64_t k = 0; k < n; k += 8)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + k),
-                     _mm256_cvtps_ph(_mm256_load_ps(src + k), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
+                        _mm512_cvtps_ph(_mm512_load_ps(src + k), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  return k + floats_to_halves_avx2(src + k, dst + k, n - k);
 }
 inline void halves_to_floats(const c10::Half* src, float* dst, int64_t n) {
-  cpu_isa() == CpuIsa::Avx512 ? halves_to_floats_avx512(src, dst, n) : halves_to_floats_avx2(src, dst, n);
+  int64_t k = cpu_isa() == CpuIsa::Avx512 ? halves_to_floats_avx512(src, dst, n) : halves_to_floats_avx2(src, dst, n);
+  for (; k < n; ++k) dst[k] = load(src, k);
 }
 inline void floats_to_halves(const float* src, c10::Half* dst, int64_t n) {
-  cpu_isa() == CpuIsa::Avx512 ? floats_to_halves_avx512(src, dst, n) : floats_to_halves_avx2(src, dst, n);
+  int64_t k = cpu_isa() == CpuIsa::Avx512 ? floats_to_halves_avx512(src, dst, n) : floats_to_halves_avx2(src, dst, n);
+  for (; k < n; ++k) store(dst, k, src[k]);
 }
 #endif
 
@@ -421,15 +417,14 @@ FUSEDACT_ALWAYS_INLINE void compute_block(scalar_t* dst, int64_t i, int64_t len,
     alignas(64) T buf[kBuf];
 #pragma omp simd
     for (int64_t j = 0; j < m; ++j) buf[j] = f(i + j);
-    int64_t j = 0;
 #ifdef FUSEDACT_X86_PATHS
     if constexpr (kF16c<kVector, scalar_t>) {
-      j = m - m % 8;
-      floats_to_halves(buf, dst, j);
+      floats_to_halves(buf, dst, m);
+      return;
     }
 #endif
 #pragma omp simd
-    for (int64_t k = j; k < m; ++k) store(dst, k, buf[k]);
+    for (int64_t j = 0; j < m; ++j) store(dst, j, buf[j]);
   }
 }
 
@@ -473,9 +468,8 @@ struct ForwardLoop {
       constexpr int64_t kB = kBlockBytes / sizeof(scalar_t);
       alignas(64) float xb[kB];
       for (int64_t b = 0; b < n; b += kB) {
-        const int64_t m = std::min(kB, n - b), m8 = m - m % 8;
-        halves_to_floats(x + b, xb, m8);
-        for (int64_t j = m8; j < m; ++j) xb[j] = load(x + b, j);
+        const int64_t m = std::min(kB, n - b);
+        halves_to_floats(x + b, xb, m);
         store_all<kVector>(y + b, m, stream, [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return op.forward(xb[j]); });
       }
       return;
@@ -495,13 +489,9 @@ struct BackwardLoop {
       constexpr int64_t kB = kBlockBytes / sizeof(scalar_t);
       alignas(64) float gb[kB], xb[kB];
       for (int64_t b = 0; b < n; b += kB) {
-        const int64_t m = std::min(kB, n - b), m8 = m - m % 8;
-        halves_to_floats(g + b, gb, m8);
-        halves_to_floats(x + b, xb, m8);
-        for (int64_t j = m8; j < m; ++j) {
-          gb[j] = load(g + b, j);
-          xb[j] = load(x + b, j);
-        }
+        const int64_t m = std::min(kB, n - b);
+        halves_to_floats(g + b, gb, m);
+        halves_to_floats(x + b, xb, m);
         store_all<kVector>(dx + b, m, stream, [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return op.backward(gb[j], xb[j]); });
       }
       return;
