@@ -10,6 +10,7 @@ import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.fusedact.*)
 from . import _ops  # noqa: F401  (fakes for torch.compile)
+from . import _inductor, config
 from . import onnx as _onnx
 from .functions import register_autograd as _register_autograd
 from . import nn, reference
@@ -21,8 +22,9 @@ from . import triton  # noqa: E402  (never fails without triton)
 
 _register_autograd("fusedact")  # torch.ops.fusedact.* differentiable by themselves
 _onnx.install("fusedact")  # torch.onnx.export turns the ops into standard ONNX operators
+_inductor.register("fusedact")  # torch.compile may fuse the ops (fusedact.config.compile)
 
-__all__ = ["swish", "mish", "hard_swish", "acon_c", "convert", "nn", "reference", "build_info", "BACKENDS"]
+__all__ = ["swish", "mish", "hard_swish", "acon_c", "convert", "nn", "reference", "config", "build_info", "BACKENDS"]
 
 
 def build_info() -> dict:

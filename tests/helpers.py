@@ -2,7 +2,11 @@
 reference result, and the comparison with the tolerance table."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+import fusedact
 
 # The op-level checks live in fusedact.testing, shared with `python -m fusedact.selftest`.
 from fusedact.testing import (  # noqa: F401
@@ -39,3 +43,14 @@ def outputs_and_grads(model, x, *, with_x=True, autocast_dtype=None):
         y = model(x)
     g = torch.linspace(-1, 1, y.numel(), dtype=torch.float64, device=y.device).reshape(y.shape).to(y.dtype)
     return [y] + list(torch.autograd.grad(y, ([x] if with_x else []) + list(model.parameters()), g))
+
+
+@contextlib.contextmanager
+def compile_mode(mode: str):
+    """fusedact.config.compile = mode inside, restored after."""
+    before = fusedact.config.compile
+    fusedact.config.compile = mode
+    try:
+        yield
+    finally:
+        fusedact.config.compile = before

@@ -11,6 +11,20 @@ from torch import nn
 
 import fusedact
 from conftest import DEVICES, FUSED_BACKENDS, make_layout
+from helpers import compile_mode
+
+
+def compile_mode_for(mode, backend, device):
+    """fusedact.config.compile = mode for the test; the Triton ops on the CPU compile with
+    aot_eager, which does not read it: those cases run once."""
+    if mode != "kernel" and compiler_for(backend, device) != "inductor":
+        pytest.skip("aot_eager never decomposes: the mode changes nothing")
+    return compile_mode(mode)
+
+
+# Both ways Inductor can treat the ops (fusedact.config.compile): fused into its own
+# kernels, or kept as our kernels
+COMPILE_MODES = ["fuse", "kernel"]
 
 
 def compiler_for(backend: str, device: str) -> str:
@@ -61,12 +75,18 @@ class no_recompile:
 BATCHES = [2, 3, 5, 8]
 
 
+@pytest.mark.parametrize("mode", COMPILE_MODES)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_dynamic_batch_compiles_once(backend, device, layout):
+def test_dynamic_batch_compiles_once(backend, device, layout, mode):
     """A CNN with every fusedact module, dynamic=True: one graph serves every batch size,
     forward and backward, and matches the uncompiled model."""
+    with compile_mode_for(mode, backend, device):
+        dynamic_batch_compiles_once(backend, device, layout)
+
+
+def dynamic_batch_compiles_once(backend, device, layout):
     torch._dynamo.reset()
     model = make_model(backend, device)
     compiled = torch.compile(model, backend=compiler_for(backend, device), fullgraph=True, dynamic=True)
@@ -101,11 +121,17 @@ class FusedOnly(nn.Module):
         return h + nlc.transpose(1, 2).reshape(h.shape)
 
 
+@pytest.mark.parametrize("mode", COMPILE_MODES)
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_dynamic_any_shape_compiles_once(backend, device):
+def test_dynamic_any_shape_compiles_once(backend, device, mode):
     """The fused ops add no guard on any size: batch, height and width all change, with
     no recompilation."""
+    with compile_mode_for(mode, backend, device):
+        dynamic_any_shape_compiles_once(backend, device)
+
+
+def dynamic_any_shape_compiles_once(backend, device):
     torch._dynamo.reset()
     torch.manual_seed(0)
     model = FusedOnly(backend).to(device)

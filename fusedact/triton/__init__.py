@@ -42,9 +42,10 @@ def _load() -> None:
         _error = f"the Triton kernels could not be loaded: {e}"
         return
     register_autograd("fusedact_triton", prefix="Triton")
-    from .. import onnx
+    from .. import _inductor, onnx
 
     onnx.install("fusedact_triton")
+    _inductor.register("fusedact_triton")
     _ops = torch.ops.fusedact_triton
 
 

@@ -14,6 +14,7 @@ geometry [N][R][C][inner] over x's memory.
 """
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from typing import Optional
@@ -21,8 +22,10 @@ from typing import Optional
 import torch
 import triton
 from torch._subclasses.fake_tensor import FakeTensor
+from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import custom_op, triton_op, wrap_triton
 
+from .. import _inductor
 from ..checks import check_acon_args, check_grad, check_swish_beta, check_x
 from . import kernels as k
 
@@ -38,11 +41,27 @@ BLOCK_2BYTE = 2048
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _fusing(fn, name: str):
+    """fn, but Inductor's decomposition (fusedact/_inductor.py) where AOT autograd traces
+    the op into its body and fusedact.config.compile chooses "fuse": a triton_op is
+    decomposed there (FunctionalTensorMode), before Inductor's table is asked."""
+    decomposition = _inductor.DECOMPOSITIONS[name]
+    op = name.rsplit("_", 1)[0]
+
+    @functools.wraps(fn)
+    def body(*args):
+        if isinstance(args[0], FunctionalTensor) and _inductor.mode_for(op, args[0].device) == "fuse":
+            return decomposition(*args)
+        return fn(*args)
+
+    return body
+
+
 def _op(name: str):
     """Registers fn as the op fusedact_triton::name (see the module's docstring)."""
     def register(fn):
         if not INTERPRET:
-            return triton_op(f"fusedact_triton::{name}", fn, mutates_args=())
+            return triton_op(f"fusedact_triton::{name}", _fusing(fn, name), mutates_args=())
         op = custom_op(f"fusedact_triton::{name}", fn, mutates_args=())
         op.register_fake(fn)
         return op

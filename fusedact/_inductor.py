@@ -1,0 +1,249 @@
+"""Inductor's decompositions of the fused ops, so that torch.compile can fuse them.
+
+An opaque op costs a compiled graph more than its own kernel: Inductor realizes every
+input of a fallback kernel, never fuses one with a neighbour, and the min-cut
+partitioner may only recompute aten ops, so the activation's input is always saved.
+Each forward and backward op of ``torch.ops.fusedact`` and ``torch.ops.fusedact_triton``
+has here a decomposition into aten ops, registered in Inductor's own table (as
+pytorch/ao's ``_register_custom_op`` does), never in ``torch._decomp``'s global one,
+which export and the ONNX exporter read too (and which Inductor refuses under ``CI``
+next to a fallback). Each decomposition first asks ``fusedact.config.compile``: for
+``"kernel"`` it returns NotImplemented, and the op stays in the graph as our kernel.
+
+The math is activation_math.h's, op for op (the same grouping, saturation guards,
+thresholds and selects), in float32 for 16-bit data, rounded once to x's dtype;
+parameter gradients are float32 (float64) sums returned in the parameter's dtype.
+"""
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from . import config
+from .reference import channel_view
+
+__all__ = ["AUTO", "mode_for", "register"]
+
+# "auto": per device type, the ops that Inductor's fusion runs faster than our kernel
+# in a compiled training step (benchmarks/models.py, benchmarks/NOTES.md "Under
+# torch.compile"). Not in the table: "kernel".
+AUTO = {
+    "cpu": {"swish": "fuse", "mish": "fuse", "hard_swish": "fuse", "acon_c": "kernel"},
+    "cuda": {"swish": "fuse", "mish": "fuse", "hard_swish": "fuse", "acon_c": "fuse"},
+}
+
+_HALF = (torch.float16, torch.bfloat16)
+_SATURATION = {torch.float32: 128.0, torch.float64: 1024.0}  # activation_math.h's SigmoidSaturation
+_MISH_THRESHOLD = {torch.float32: 20.0, torch.float64: 40.0}  # MishThreshold
+
+
+def mode_for(op: str, device: torch.device) -> str:
+    """"fuse" or "kernel": what config.compile means for ``op`` on ``device``."""
+    mode = config.compile
+    if mode == "auto":
+        return AUTO.get(device.type, {}).get(op, "kernel")
+    return mode
+
+
+def _opmath(*ts: torch.Tensor):
+    return tuple(t.float() if t.dtype in _HALF else t for t in ts)
+
+
+def _sigmoid_slope(z):
+    """s(z) and s (1 - s), both from e^-|z| (activation_math.h's sigmoid_slope)."""
+    a = torch.exp(-z.abs())
+    r = 1 / (1 + a)
+    ar = a * r
+    return torch.where(z >= 0, r, ar), r * ar
+
+
+def _sigmoid_pair(z):
+    """s(z) and 1 - s(z) (sigmoid_pair)."""
+    a = torch.exp(-z.abs())
+    r = 1 / (1 + a)
+    ar = a * r
+    pos = z >= 0
+    return torch.where(pos, r, ar), torch.where(pos, ar, r)
+
+
+def _sum_to(t: torch.Tensor, p: torch.Tensor, keep: tuple[int, ...]) -> torch.Tensor:
+    """t summed over every axis not in ``keep``, in p's shape and dtype."""
+    axes = [d for d in range(t.dim()) if d not in keep]
+    s = t.sum(axes) if axes else t
+    return s.reshape(p.shape).to(p.dtype)
+
+
+def _swish_beta(xf, beta, beta_tensor):
+    return beta if beta_tensor is None else beta_tensor.reshape(()).to(xf.dtype)
+
+
+def swish_forward(x, beta, beta_tensor):
+    (xf,) = _opmath(x)
+    b = _swish_beta(xf, beta, beta_tensor)
+    return (xf / (1 + torch.exp(-(b * xf)))).to(x.dtype)
+
+
+def swish_backward(grad, x, beta, beta_tensor):
+    gf, xf = _opmath(grad, x)
+    b = _swish_beta(xf, beta, beta_tensor)
+    s, ds = _sigmoid_slope(b * xf)
+    xds = xf * ds
+    dx = (gf * (s + b * xds)).to(x.dtype)
+    if beta_tensor is None:
+        return dx, x.new_empty((0,))
+    return dx, _sum_to(gf * (xf * xds), beta_tensor, ())
+
+
+def _mish_parts(xf):
+    big = xf >= _MISH_THRESHOLD[xf.dtype]
+    e = torch.exp(torch.where(big, 0.0, xf))
+    return big, e, e * (e + 2)
+
+
+def mish_forward(x):
+    (xf,) = _opmath(x)
+    big, _, n = _mish_parts(xf)
+    return (xf * torch.where(big, 1.0, n / (n + 2))).to(x.dtype)
+
+
+def mish_backward(grad, x):
+    gf, xf = _opmath(grad, x)
+    big, e, n = _mish_parts(xf)
+    q = n + 2
+    p = 1 + e
+    r = 1 / (p * q)
+    inv_q = p * r
+    t = torch.where(big, 1.0, n * inv_q)
+    one_minus_t2 = torch.where(big, 0.0, (2 * (q + n) * inv_q) * inv_q)
+    s = e * (q * r)
+    return (gf * (t + xf * one_minus_t2 * s)).to(x.dtype)
+
+
+def hard_swish_forward(x):
+    (xf,) = _opmath(x)
+    y = torch.where(xf >= 3, xf, xf * (xf + 3) / 6)
+    return torch.where(xf <= -3, -0.0, y).to(x.dtype)
+
+
+def hard_swish_backward(grad, x):
+    gf, xf = _opmath(grad, x)
+    dx = torch.where(xf >= 3, gf, gf * (xf / 3 + 0.5))
+    return torch.where(xf <= -3, 0.0, dx).to(x.dtype)
+
+
+def _acon_params(x, xf, p1, p2, beta, channel_dim):
+    cd = channel_dim % x.dim()
+    per_sample = beta.numel() != x.shape[cd]  # N * C values: Meta-ACON
+    views = [channel_view(p, x, cd, False).to(xf.dtype) for p in (p1, p2)]
+    views.append(channel_view(beta, x, cd, per_sample).to(xf.dtype))
+    return cd, per_sample, views
+
+
+def acon_c_forward(x, p1, p2, beta, channel_dim):
+    (xf,) = _opmath(x)
+    _, _, (a, b, bt) = _acon_params(x, xf, p1, p2, beta, channel_dim)
+    d = a - b
+    return (xf * (d / (1 + torch.exp(-(bt * (d * xf)))) + b)).to(x.dtype)
+
+
+def acon_c_backward(grad, x, p1, p2, beta, channel_dim):
+    gf, xf = _opmath(grad, x)
+    cd, per_sample, (a, b, bt) = _acon_params(x, xf, p1, p2, beta, channel_dim)
+    d = a - b
+    u = d * xf
+    z = bt * u
+    s, sc = _sigmoid_pair(z)
+    k = _SATURATION[xf.dtype]
+    zc = z.clamp(-k, k)
+    h = s * (1 + zc * sc)
+    gx = gf * xf
+    saturated = (z >= k) | (z <= -k)
+    dbeta = gf * torch.where(saturated, 0.0, (u * s) * (u * sc))
+    dx = (gf * (d * h + b)).to(x.dtype)
+    beta_axes = (0, cd) if per_sample else (cd,)
+    return (dx, _sum_to(gx * h, p1, (cd,)), _sum_to(gx * (sc * (1 - zc * s)), p2, (cd,)),
+            _sum_to(dbeta, beta, beta_axes))
+
+
+def tag_caches() -> None:
+    """Puts config.compile (and the AUTO table it stands for) into the key of
+    torch.compile's caches (torch.compiler.config.cache_key_tag, beside the user's own
+    tag), which key on the traced graph: a graph compiled in one mode is not served in
+    another, in this process or a later one."""
+    try:
+        from torch.compiler import config as compiler_config
+    except ImportError:  # pragma: no cover  (an older torch: no caches across modes to break)
+        return
+    ours = f"fusedact.compile={config.compile}:{zlib.crc32(repr(sorted(AUTO.items())).encode()):08x}"
+    kept = [t for t in compiler_config.cache_key_tag.split("|") if t and not t.startswith("fusedact.compile=")]
+    compiler_config.cache_key_tag = "|".join(kept + [ours])
+
+
+def _device_of(args) -> torch.device:
+    return next(a for a in args if isinstance(a, torch.Tensor)).device
+
+
+def _deciding(op: str, fn, overloads: list):
+    """fn when config.compile chooses "fuse" for op on the call's device, else
+    NotImplemented: the op stays a fallback kernel (registered then, when Inductor is
+    compiling and its lowerings are imported anyway)."""
+
+    def decomposition(*args, **kwargs):
+        if mode_for(op, _device_of(args)) == "kernel":
+            _register_fallbacks(overloads)
+            return NotImplemented
+        return fn(*args, **kwargs)
+
+    decomposition.__name__ = fn.__name__
+    return decomposition
+
+
+DECOMPOSITIONS = {
+    "swish_forward": swish_forward, "swish_backward": swish_backward,
+    "mish_forward": mish_forward, "mish_backward": mish_backward,
+    "hard_swish_forward": hard_swish_forward, "hard_swish_backward": hard_swish_backward,
+    "acon_c_forward": acon_c_forward, "acon_c_backward": acon_c_backward,
+}
+
+
+def _op_name(name: str) -> str:
+    return name.rsplit("_", 1)[0]
+
+
+def _register_fallbacks(overloads) -> None:
+    """Our kernels as Inductor fallbacks, for the ops "kernel" leaves in the graph:
+    Inductor's implicit fallback refuses an op that its decomposition table holds.
+    The layout constraint is the one the implicit fallback would choose."""
+    from torch._inductor import lowering
+
+    for overload in overloads:
+        if overload in lowering.lowerings:
+            continue
+        try:
+            tag = lowering.get_layout_constraint_tag(overload, with_default=True)
+            constraint = lowering.tag_to_layout_constraint(tag)
+        except AttributeError:  # an older torch: its default
+            constraint = None
+        lowering.make_fallback(overload, layout_constraint=constraint, override_decomp=True)
+
+
+def register(namespace: str) -> bool:
+    """Registers the decompositions of ``torch.ops.<namespace>``'s ops in Inductor's
+    table; False where this torch has no such table."""
+    try:
+        from torch._inductor import decomposition as inductor_decomposition
+    except ImportError:  # pragma: no cover
+        return False
+    ops = getattr(torch.ops, namespace)
+    overloads = [getattr(ops, name).default for name in DECOMPOSITIONS]
+    for overload, (name, fn) in zip(overloads, DECOMPOSITIONS.items()):
+        if overload not in inductor_decomposition.decompositions:
+            inductor_decomposition.register_decomposition([overload])(_deciding(_op_name(name), fn, overloads))
+    # select_decomp_table() returns a cached copy of the table: drop it, in case a graph
+    # was compiled before this registration
+    cached = getattr(inductor_decomposition, "fast_random_decomps", None)
+    if hasattr(cached, "cache_clear"):
+        cached.cache_clear()
+    tag_caches()
+    return True
