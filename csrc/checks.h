@@ -4,6 +4,8 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
+
 namespace fusedact {
 
 inline bool is_supported_float(at::ScalarType t) {
@@ -51,6 +53,16 @@ inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor&
   check_same_device(op, "grad", grad, x);
   check_same_shape(op, "grad", grad, x);
   check_same_dtype(op, "grad", grad, x);
+}
+
+// A Python-float beta is computed in x's opmath, float32 but for float64 x: one that
+// float32 cannot hold (|beta| >= 2^128 - 2^103 rounds to inf) would give NaN in dx, and
+// in y at x = 0. Python's checks (fusedact/checks.py) say the same.
+inline void check_float_beta(const char* op, const at::Tensor& x, double beta) {
+  if (x.scalar_type() == at::kDouble || !std::isfinite(beta)) return;
+  TORCH_CHECK(std::fabs(beta) < 0x1.ffffffp+127, op, ": beta = ", beta,
+              " is outside float32's range, in which the kernels compute for ", x.scalar_type(),
+              " x (it would round to inf and give NaN); use a smaller beta or float64 x");
 }
 
 }  // namespace fusedact

@@ -91,6 +91,7 @@ template <class B>
 at::Tensor swish_forward(const at::Tensor& x, double beta,
                          const c10::optional<at::Tensor>& beta_tensor) {
   constexpr const char* name = "fusedact.swish";
+  if (!beta_tensor.has_value()) check_float_beta(name, x, beta);
   if (!beta_tensor.has_value() && beta == 1.0)
     return unary_forward<B, math::Silu>(name, x, [](auto t) { return math::Silu<decltype(t)>{}; });
   if (!beta_tensor.has_value())
@@ -123,6 +124,7 @@ std::tuple<at::Tensor, at::Tensor> swish_backward(const at::Tensor& grad, const 
                                                   const c10::optional<at::Tensor>& beta_tensor) {
   constexpr const char* name = "fusedact.swish_backward";
   if (!beta_tensor.has_value()) {
+    check_float_beta(name, x, beta);
     at::Tensor dx = beta == 1.0
         ? unary_backward<B, math::Silu>(name, grad, x, [](auto t) { return math::Silu<decltype(t)>{}; })
         : unary_backward<B, math::Swish>(name, grad, x, [&](auto t) {

@@ -27,6 +27,23 @@ _inductor.register("fusedact")  # torch.compile may fuse the ops (fusedact.confi
 __all__ = ["swish", "mish", "hard_swish", "acon_c", "convert", "nn", "reference", "config", "build_info", "BACKENDS"]
 
 
+# Submodules loaded on first use, so that `import fusedact` stays as fast as it was:
+# fusedact.testing (assert_parity) and fusedact.selftest.
+_LAZY_SUBMODULES = ("testing", "selftest")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))
+
+
 def build_info() -> dict:
     """How this fusedact was built: its version, the torch it was compiled against,
     whether the CUDA kernels are in the binary (and for which archs), and the CPU

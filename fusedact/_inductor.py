@@ -10,9 +10,15 @@ which export and the ONNX exporter read too (and which Inductor refuses under ``
 next to a fallback). Each decomposition first asks ``fusedact.config.compile``: for
 ``"kernel"`` it returns NotImplemented, and the op stays in the graph as our kernel.
 
-The math is activation_math.h's, op for op (the same grouping, saturation guards,
-thresholds and selects), in float32 for 16-bit data, rounded once to x's dtype;
-parameter gradients are float32 (float64) sums returned in the parameter's dtype.
+Where an aten op computes SPEC.md's function with our edge conventions (SiLU, mish
+forward and backward), the decomposition is that op, so a converted model compiles to
+the graph the original compiles to: with a formula of our own, the partitioner chose
+to save more (timm resnet26 with Mish: 593 MB against 480 MB, benchmarks/NOTES.md).
+hard_swish's forward adds the selects SPEC asks for around aten's form (x itself from
+3, -0.0 to -3); its backward is aten's, whose dx at x = NaN is g (not NaN). Elsewhere the math is activation_math.h's, op for
+op (the same grouping, saturation guards and selects), in float32 for 16-bit data,
+rounded once to x's dtype; parameter gradients are float32 (float64) sums returned in
+the parameter's dtype.
 """
 from __future__ import annotations
 
@@ -28,14 +34,17 @@ __all__ = ["AUTO", "mode_for", "register"]
 # "auto": per device type, the ops that Inductor's fusion runs faster than our kernel
 # in a compiled training step (benchmarks/models.py, benchmarks/NOTES.md "Under
 # torch.compile"). Not in the table: "kernel".
+# On the CPU every op fuses: level or faster than our kernel in every model, and never
+# saving more (our kernel makes the partitioner save the activation's input). CUDA: not
+# measured yet (no GPU lent); fused by the same reasoning, Inductor's generated kernels
+# being at the bandwidth bound for elementwise work.
 AUTO = {
-    "cpu": {"swish": "fuse", "mish": "fuse", "hard_swish": "fuse", "acon_c": "kernel"},
+    "cpu": {"swish": "fuse", "mish": "fuse", "hard_swish": "fuse", "acon_c": "fuse"},
     "cuda": {"swish": "fuse", "mish": "fuse", "hard_swish": "fuse", "acon_c": "fuse"},
 }
 
 _HALF = (torch.float16, torch.bfloat16)
 _SATURATION = {torch.float32: 128.0, torch.float64: 1024.0}  # activation_math.h's SigmoidSaturation
-_MISH_THRESHOLD = {torch.float32: 20.0, torch.float64: 40.0}  # MishThreshold
 
 
 def mode_for(op: str, device: torch.device) -> str:
@@ -79,12 +88,16 @@ def _swish_beta(xf, beta, beta_tensor):
 
 
 def swish_forward(x, beta, beta_tensor):
+    if beta_tensor is None and beta == 1.0:
+        return torch.ops.aten.silu(x)
     (xf,) = _opmath(x)
     b = _swish_beta(xf, beta, beta_tensor)
     return (xf / (1 + torch.exp(-(b * xf)))).to(x.dtype)
 
 
 def swish_backward(grad, x, beta, beta_tensor):
+    if beta_tensor is None and beta == 1.0:
+        return torch.ops.aten.silu_backward(grad, x), x.new_empty((0,))
     gf, xf = _opmath(grad, x)
     b = _swish_beta(xf, beta, beta_tensor)
     s, ds = _sigmoid_slope(b * xf)
@@ -95,41 +108,24 @@ def swish_backward(grad, x, beta, beta_tensor):
     return dx, _sum_to(gf * (xf * xds), beta_tensor, ())
 
 
-def _mish_parts(xf):
-    big = xf >= _MISH_THRESHOLD[xf.dtype]
-    e = torch.exp(torch.where(big, 0.0, xf))
-    return big, e, e * (e + 2)
-
-
 def mish_forward(x):
-    (xf,) = _opmath(x)
-    big, _, n = _mish_parts(xf)
-    return (xf * torch.where(big, 1.0, n / (n + 2))).to(x.dtype)
+    return torch.ops.aten.mish(x)
 
 
 def mish_backward(grad, x):
-    gf, xf = _opmath(grad, x)
-    big, e, n = _mish_parts(xf)
-    q = n + 2
-    p = 1 + e
-    r = 1 / (p * q)
-    inv_q = p * r
-    t = torch.where(big, 1.0, n * inv_q)
-    one_minus_t2 = torch.where(big, 0.0, (2 * (q + n) * inv_q) * inv_q)
-    s = e * (q * r)
-    return (gf * (t + xf * one_minus_t2 * s)).to(x.dtype)
+    return torch.ops.aten.mish_backward(grad, x)
 
 
 def hard_swish_forward(x):
-    (xf,) = _opmath(x)
-    y = torch.where(xf >= 3, xf, xf * (xf + 3) / 6)
-    return torch.where(xf <= -3, -0.0, y).to(x.dtype)
+    # x itself from 3 (x (x + 3) overflows from 5.6e37), -0.0 to -3 (-inf * 0 is NaN)
+    return torch.where(x >= 3, x, torch.where(x <= -3, -0.0, torch.ops.aten.hardswish(x)))
 
 
 def hard_swish_backward(grad, x):
-    gf, xf = _opmath(grad, x)
-    dx = torch.where(xf >= 3, gf, gf * (xf / 3 + 0.5))
-    return torch.where(xf <= -3, 0.0, dx).to(x.dtype)
+    # aten's form, which gives g, not NaN, at x = NaN (as compiled F.hardswish does):
+    # our formula, or a select keeping the NaN, made the partitioner save more in timm's
+    # MobileNetV3 (297 against 285 MB, benchmarks/NOTES.md)
+    return torch.ops.aten.hardswish_backward(grad, x)
 
 
 def _acon_params(x, xf, p1, p2, beta, channel_dim):
@@ -166,8 +162,15 @@ def acon_c_backward(grad, x, p1, p2, beta, channel_dim):
             _sum_to(dbeta, beta, beta_axes))
 
 
+# What a compiled graph depends on besides the setting: this file (the decompositions,
+# the AUTO table) and the version.
+with open(__file__, "rb") as _f:
+    _SOURCE_KEY = zlib.crc32(_f.read() + repr(sorted(AUTO.items())).encode())
+del _f
+
+
 def tag_caches() -> None:
-    """Puts config.compile (and the AUTO table it stands for) into the key of
+    """Puts config.compile (and this file's decompositions and AUTO table) into the key of
     torch.compile's caches (torch.compiler.config.cache_key_tag, beside the user's own
     tag), which key on the traced graph: a graph compiled in one mode is not served in
     another, in this process or a later one."""
@@ -175,7 +178,7 @@ def tag_caches() -> None:
         from torch.compiler import config as compiler_config
     except ImportError:  # pragma: no cover  (an older torch: no caches across modes to break)
         return
-    ours = f"fusedact.compile={config.compile}:{zlib.crc32(repr(sorted(AUTO.items())).encode()):08x}"
+    ours = f"fusedact.compile={config.compile}:{_SOURCE_KEY:08x}"
     kept = [t for t in compiler_config.cache_key_tag.split("|") if t and not t.startswith("fusedact.compile=")]
     compiler_config.cache_key_tag = "|".join(kept + [ours])
 

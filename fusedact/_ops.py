@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch.library import register_fake
 
-from .checks import check_acon_args, check_grad, check_swish_beta, check_x
+from .checks import check_acon_args, check_float_beta, check_grad, check_swish_beta, check_x
 
 
 def dense_like(x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +35,8 @@ def _swish_forward(x, beta, beta_tensor):
     check_x("fusedact.swish", x)
     if beta_tensor is not None:
         check_swish_beta("fusedact.swish", beta_tensor, x)
+    else:
+        check_float_beta("fusedact.swish", beta, x)
     return dense_like(x)
 
 
@@ -43,6 +45,7 @@ def _swish_backward(grad, x, beta, beta_tensor):
     check_x("fusedact.swish_backward", x)
     check_grad("fusedact.swish_backward", grad, x)
     if beta_tensor is None:
+        check_float_beta("fusedact.swish_backward", beta, x)
         return dense_like(x), x.new_empty((0,))
     check_swish_beta("fusedact.swish_backward", beta_tensor, x)
     return dense_like(x), param_grad(beta_tensor)

@@ -4,6 +4,8 @@ channel_layout.h: the eager backend, the fakes (fusedact/_ops.py) and the Triton
 from fusedact, so every module can import them."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -27,6 +29,38 @@ def check_x(op: str, x: torch.Tensor) -> None:
     )
 
 
+# The smallest double that rounds to inf in float32 (2^128 - 2^103): csrc/checks.h's bound.
+FLOAT32_OVERFLOW = float.fromhex("0x1.ffffffp+127")
+
+
+def check_float_beta(op: str, beta, x: torch.Tensor) -> float:
+    """swish's beta as a float: a TypeError for anything but a real number, a ValueError
+    where x's opmath (float32, for every dtype but float64) cannot hold it: there it
+    would round to inf and give NaN in dx, and in y at x = 0."""
+    if isinstance(beta, (torch.SymFloat, torch.SymInt)):  # traced with a symbolic beta: not a constant to check
+        return beta
+    if not isinstance(beta, numbers.Real):
+        raise TypeError(f"{op}: beta must be a float or a tensor with one element, got {type(beta).__name__}")
+    try:
+        b = float(beta)
+    except OverflowError:  # an int beyond float64
+        raise ValueError(f"{op}: beta = {beta} is outside float64's range") from None
+    if x.dtype != torch.float64 and FLOAT32_OVERFLOW <= abs(b) < float("inf"):
+        raise ValueError(f"{op}: beta = {b!r} is outside float32's range, in which the kernels compute for "
+                         f"{x.dtype} x (it would round to inf and give NaN); use a smaller beta or float64 x")
+    return b
+
+
+def check_channel_dim(op: str, channel_dim) -> None:
+    if isinstance(channel_dim, bool) or not isinstance(channel_dim, (int, torch.SymInt)):
+        raise TypeError(f"{op}: channel_dim must be an int, got {type(channel_dim).__name__}")
+
+
+def check_tensor(op: str, name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+
+
 def check_param(op: str, name: str, p: torch.Tensor, x: torch.Tensor) -> None:
     _check(
         p.device == x.device,
@@ -48,6 +82,7 @@ def check_grad(op: str, grad: torch.Tensor, x: torch.Tensor) -> None:
 
 
 def check_swish_beta(op: str, beta: torch.Tensor, x: torch.Tensor) -> None:
+    check_tensor(op, "beta", beta)
     check_param(op, "beta", beta, x)
     _check(
         beta.numel() == 1,
@@ -76,6 +111,9 @@ def _is_sample_shape(b: torch.Tensor, x: torch.Tensor, cd: int) -> bool:
 def check_acon_args(op, x, p1, p2, beta, channel_dim) -> tuple[int, bool]:
     """Checks acon_c's arguments; returns (channel_dim >= 0, beta is per sample)."""
     check_x(op, x)
+    for name, p in (("p1", p1), ("p2", p2), ("beta", beta)):
+        check_tensor(op, name, p)
+    check_channel_dim(op, channel_dim)
     _check(x.dim() >= 1, lambda: f"{op}: x must have at least one dimension (the channels)")
     _check(
         -x.dim() <= channel_dim < x.dim(),

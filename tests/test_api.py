@@ -293,3 +293,76 @@ def test_set_cpu_isa():
                 fusedact._C.set_cpu_isa(isa)
     finally:
         fusedact._C.set_cpu_isa(before)
+
+
+def _bad_calls():
+    x, x3 = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
+    p = torch.randn(3)
+    return [
+        ("acon_c beta list", lambda: fusedact.acon_c(x3, p, p, [1.0]), TypeError, "fusedact.acon_c: beta must be a tensor, got list"),
+        ("acon_c p1 float", lambda: fusedact.acon_c(x3, 1.0, p, p), TypeError, "fusedact.acon_c: p1 must be a tensor, got float"),
+        ("acon_c p2 None", lambda: fusedact.acon_c(x3, p, None, p), TypeError, "fusedact.acon_c: p2 must be a tensor, got NoneType"),
+        ("acon_c beta str", lambda: fusedact.acon_c(x3, p, p, "b"), TypeError, "fusedact.acon_c: beta must be a tensor, got str"),
+        ("acon_c channel_dim float", lambda: fusedact.acon_c(x3, p, p, p, channel_dim=1.5), TypeError,
+         "fusedact.acon_c: channel_dim must be an int, got float"),
+        ("AconC module channel_dim", lambda: fusedact.acon_c(x3, p, p, p, channel_dim="1"), TypeError,
+         "channel_dim must be an int, got str"),
+        ("swish beta str", lambda: fusedact.swish(x, "a"), TypeError,
+         "fusedact.swish: beta must be a float or a tensor with one element, got str"),
+        ("swish beta None", lambda: fusedact.swish(x, None), TypeError, "fusedact.swish: beta must be a float .* got NoneType"),
+        ("swish beta list", lambda: fusedact.swish(x, [1.0]), TypeError, "fusedact.swish: beta must be a float .* got list"),
+        ("swish beta 1e39", lambda: fusedact.swish(x, 1e39), ValueError, "fusedact.swish: beta = 1e\\+39 is outside float32's range"),
+        ("swish beta -1e300", lambda: fusedact.swish(x, -1e300), ValueError, "outside float32's range"),
+        ("swish beta 10**39 (int)", lambda: fusedact.swish(x, 10**39), ValueError, "outside float32's range"),
+        ("swish beta 10**400 (int)", lambda: fusedact.swish(x.double(), 10**400), ValueError, "outside float64's range"),
+        ("swish bf16 beta 1e39", lambda: fusedact.swish(x.bfloat16(), 1e39), ValueError, "for torch.bfloat16 x"),
+        ("swish beta rounding to inf", lambda: fusedact.swish(x, float.fromhex("0x1.ffffffp+127")), ValueError,
+         "outside float32's range"),
+        ("Swish module beta 1e39", lambda: fusedact.nn.Swish(1e39)(x), ValueError, "outside float32's range"),
+        ("swish eager beta 1e39", lambda: fusedact.swish(x, 1e39, backend="eager"), ValueError, "outside float32's range"),
+        ("op swish_forward beta 1e39", lambda: torch.ops.fusedact.swish_forward(x, 1e39, None), RuntimeError,
+         "fusedact.swish: beta = 1e\\+39 is outside float32's range"),
+        ("op swish_backward beta 1e39", lambda: torch.ops.fusedact.swish_backward(x, x, 1e39, None), RuntimeError,
+         "fusedact.swish_backward: beta = 1e\\+39 is outside float32's range"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_bad_calls())), ids=[c[0] for c in _bad_calls()])
+def test_bad_arguments_name_the_argument(case):
+    """Bad parameters raise a TypeError or ValueError that names the argument (not an
+    AttributeError from deep inside, or a bare float() error), and a Python beta that
+    float32 cannot hold is an error, not NaN, for every x but float64."""
+    _, call, exc, message = _bad_calls()[case]
+    with pytest.raises(exc, match=message):
+        call()
+
+
+def test_large_float_beta_is_fine_where_it_fits():
+    """float64 x computes with any finite beta; float32 x with the largest beta float32
+    holds (and the largest double that rounds to it)."""
+    x = torch.tensor([-1.0, 0.0, 1e-40, 2.0], dtype=torch.float64)
+    torch.testing.assert_close(fusedact.swish(x, 1e39), fusedact.reference.swish(x, 1e39))
+    for beta in (3.4028234663852886e38, float.fromhex("0x1.fffffefffffffp+127")):
+        y = fusedact.swish(x.float(), beta)
+        assert not y.isnan().any(), y
+
+
+SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"
+
+
+@pytest.mark.skipif(not SHARED_SPEC.exists(), reason="no ../shared/SPEC.md beside this checkout")
+def test_docs_spec_is_the_shared_spec():
+    """docs/SPEC.md, the copy users read, is the project's math contract word for word."""
+    ours = Path(__file__).resolve().parents[1] / "docs" / "SPEC.md"
+    assert ours.read_text() == SHARED_SPEC.read_text(), "docs/SPEC.md differs from ../shared/SPEC.md: copy it again"
+
+
+def test_readme_links_resolve():
+    """Every relative link of the README points to a file in the repository."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    text = (root / "README.md").read_text()
+    links = [m for m in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text) if "://" not in m]
+    missing = [m for m in links if not (root / m).exists()]
+    assert not missing, missing

@@ -26,7 +26,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import custom_op, triton_op, wrap_triton
 
 from .. import _inductor
-from ..checks import check_acon_args, check_grad, check_swish_beta, check_x
+from ..checks import check_acon_args, check_float_beta, check_grad, check_swish_beta, check_x
 from . import kernels as k
 
 __all__ = []
@@ -149,6 +149,8 @@ def swish_forward(x: torch.Tensor, beta: float, beta_tensor: Optional[torch.Tens
     check_x("fusedact.swish", x)
     if beta_tensor is not None:
         check_swish_beta("fusedact.swish", beta_tensor, x)
+    else:
+        check_float_beta("fusedact.swish", beta, x)
     x = _dense(x)
     y = torch.empty_like(x)
     n = x.numel()
@@ -168,6 +170,8 @@ def swish_backward(grad: torch.Tensor, x: torch.Tensor, beta: float,
     check_grad("fusedact.swish_backward", grad, x)
     if beta_tensor is not None:
         check_swish_beta("fusedact.swish_backward", beta_tensor, x)
+    else:
+        check_float_beta("fusedact.swish_backward", beta, x)
     x = _dense(x)
     g = _with_layout_of(grad, x)
     dx = torch.empty_like(x)
