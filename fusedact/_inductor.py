@@ -236,7 +236,7 @@ def register(namespace: str) -> bool:
     table; False where this torch has no such table."""
     try:
         from torch._inductor import decomposition as inductor_decomposition
-    except ImportError:  # pragma: no cover
+    except (ImportError, AttributeError):  # e.g. a triton too old for torch's Dynamo: no compile here
         return False
     ops = getattr(torch.ops, namespace)
     overloads = [getattr(ops, name).default for name in DECOMPOSITIONS]
