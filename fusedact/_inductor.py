@@ -176,10 +176,12 @@ def tag_caches() -> None:
     another, in this process or a later one."""
     try:
         from torch.compiler import config as compiler_config
-    except ImportError:  # pragma: no cover  (an older torch: no caches across modes to break)
+
+        tag = compiler_config.cache_key_tag
+    except (ImportError, AttributeError):  # pragma: no cover  (an older torch: no such key)
         return
     ours = f"fusedact.compile={config.compile}:{_SOURCE_KEY:08x}"
-    kept = [t for t in compiler_config.cache_key_tag.split("|") if t and not t.startswith("fusedact.compile=")]
+    kept = [t for t in tag.split("|") if t and not t.startswith("fusedact.compile=")]
     compiler_config.cache_key_tag = "|".join(kept + [ours])
 
 

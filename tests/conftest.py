@@ -86,10 +86,10 @@ def cpu_isa(request):
 # ---- the `install` marker: the subset that .ci/install_paths.sh runs against torch 2.13
 # (CPU only) after the whole suite has run on the main install. Whole files that touch
 # every layer: the API and its argument checks, numerics (every float16/bfloat16 value),
-# autograd, opcheck, double backward and torch.compile, conversion, fusedact.testing and
-# the selftest; of the parity grid, the CPU native cases in contiguous and channels_last.
+# autograd, opcheck, double backward, torch.compile and its Inductor decompositions,
+# conversion, fusedact.testing and the selftest; of the parity grid, the CPU native cases in contiguous and channels_last.
 INSTALL_FILES = {"test_api.py", "test_numerics.py", "test_autograd_and_ops.py", "test_compile.py",
-                 "test_convert.py", "test_testing.py", "test_selftest.py"}
+                 "test_convert.py", "test_testing.py", "test_selftest.py", "test_inductor.py"}
 
 
 def _in_install_subset(item) -> bool:
