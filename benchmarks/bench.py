@@ -186,14 +186,17 @@ def copy_time(numel, dtype, device, args):
 # ---- memory
 
 
-def saved_bytes(run):
-    """Bytes of the distinct storages the autograd graph of run() saves."""
+def saved_bytes(run, exclude=()):
+    """Bytes of the distinct storages the autograd graph of run() saves, but those of
+    the tensors in ``exclude`` (a model's parameters, say)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen = {}
 
     def pack(t):
         try:
             st = t.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+            if st.data_ptr() not in skip:
+                seen[st.data_ptr()] = st.nbytes()
         except Exception:  # a tensor without storage (compiled graphs may save symbols)
             pass
         return t

@@ -31,7 +31,7 @@ from torch import nn  # noqa: E402
 import fusedact  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import versions  # noqa: E402
+from bench import saved_bytes, versions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -130,25 +130,12 @@ def make_step(model, x, labels, loss_fn):
     return step
 
 
-def saved_bytes(model, x, labels, loss_fn):
+def graph_bytes(model, x, labels, loss_fn):
     """Bytes of the distinct non-parameter storages the autograd graph of one step saves."""
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
-
-    def pack(t):
-        try:
-            st = t.untyped_storage()
-            if st.data_ptr() not in params:
-                seen[st.data_ptr()] = st.nbytes()
-        except Exception:  # a tensor without storage
-            pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = model(x)
+    saved, out = saved_bytes(lambda: model(x), exclude=list(model.parameters()))
     loss = _feature_loss(out) if loss_fn is None else loss_fn(out, labels)
     loss.backward()
-    return sum(seen.values())
+    return saved
 
 
 def time_steps(step, min_time):
@@ -189,7 +176,7 @@ def run_model(name, args, writer, meta):
             step()  # compiles
             compile_s = time.perf_counter() - t0
             step()
-            saved[label] = saved_bytes(model, x, labels, loss_fn)
+            saved[label] = graph_bytes(model, x, labels, loss_fn)
         finally:
             fusedact.config.compile = before
         steps[label] = step

@@ -16,10 +16,10 @@ the graph the original compiles to: with a formula of our own, the partitioner c
 to save more (timm resnet26 with Mish: 593 MB against 480 MB, benchmarks/NOTES.md).
 hard_swish's forward keeps SPEC's ends around aten's form (x itself from 3, -0.0 to
 -3, through a clamp: a second select made the partitioner save 11 MB more in
-MobileNetV3); its backward is aten's, whose dx at x = NaN is g (not NaN). Elsewhere the math is activation_math.h's, op for
-op (the same grouping, saturation guards and selects), in float32 for 16-bit data,
-rounded once to x's dtype; parameter gradients are float32 (float64) sums returned in
-the parameter's dtype.
+MobileNetV3); its backward is aten's, whose dx at x = NaN is g (not NaN). Elsewhere
+the math is activation_math.h's, op for op (the same grouping, saturation guards and
+selects), in float32 for 16-bit data, rounded once to x's dtype; parameter gradients
+are float32 (float64) sums returned in the parameter's dtype.
 """
 from __future__ import annotations
 
@@ -30,15 +30,14 @@ import torch
 from . import config
 from .reference import channel_view
 
-__all__ = ["AUTO", "mode_for", "register"]
+__all__ = ["AUTO", "DECOMPOSITIONS", "mode_for", "op_of", "register"]
 
-# "auto": per device type, the ops that Inductor's fusion runs faster than our kernel
-# in a compiled training step (benchmarks/models.py, benchmarks/NOTES.md "Under
-# torch.compile"). Not in the table: "kernel".
-# On the CPU every op fuses: level or faster than our kernel in every model, and never
-# saving more (our kernel makes the partitioner save the activation's input). CUDA: not
-# measured yet (no GPU lent); fused by the same reasoning, Inductor's generated kernels
-# being at the bandwidth bound for elementwise work.
+# "auto": per device type and op, "fuse" or "kernel", whichever runs a compiled training
+# step faster (benchmarks/models.py, benchmarks/NOTES.md "Under torch.compile"); an op
+# or device not in the table keeps the kernel. On the CPU every op fuses: level or
+# faster than our kernel in every model, and never saving more (our kernel makes the
+# partitioner save the activation's input). CUDA: not measured yet (no GPU lent); fused
+# by the same reasoning, Inductor's elementwise kernels being at the bandwidth bound.
 AUTO = {
     "cpu": {"swish": "fuse", "mish": "fuse", "hard_swish": "fuse", "acon_c": "fuse"},
     "cuda": {"swish": "fuse", "mish": "fuse", "hard_swish": "fuse", "acon_c": "fuse"},
@@ -60,19 +59,22 @@ def _opmath(*ts: torch.Tensor):
     return tuple(t.float() if t.dtype in _HALF else t for t in ts)
 
 
-def _sigmoid_slope(z):
-    """s(z) and s (1 - s), both from e^-|z| (activation_math.h's sigmoid_slope)."""
+def _sigmoid_halves(z):
+    """s(|z|) and 1 - s(|z|), both from e^-|z|, which never overflows."""
     a = torch.exp(-z.abs())
     r = 1 / (1 + a)
-    ar = a * r
+    return r, a * r
+
+
+def _sigmoid_slope(z):
+    """s(z) and s (1 - s) (activation_math.h's sigmoid_slope)."""
+    r, ar = _sigmoid_halves(z)
     return torch.where(z >= 0, r, ar), r * ar
 
 
 def _sigmoid_pair(z):
     """s(z) and 1 - s(z) (sigmoid_pair)."""
-    a = torch.exp(-z.abs())
-    r = 1 / (1 + a)
-    ar = a * r
+    r, ar = _sigmoid_halves(z)
     pos = z >= 0
     return torch.where(pos, r, ar), torch.where(pos, ar, r)
 
@@ -165,7 +167,7 @@ def acon_c_backward(grad, x, p1, p2, beta, channel_dim):
 
 
 # What a compiled graph depends on besides the setting: this file (the decompositions,
-# the AUTO table) and the version.
+# the AUTO table).
 with open(__file__, "rb") as _f:
     _SOURCE_KEY = zlib.crc32(_f.read() + repr(sorted(AUTO.items())).encode())
 del _f
@@ -214,7 +216,8 @@ DECOMPOSITIONS = {
 }
 
 
-def _op_name(name: str) -> str:
+def op_of(name: str) -> str:
+    """The activation of an op name: "hard_swish" of "hard_swish_backward"."""
     return name.rsplit("_", 1)[0]
 
 
@@ -246,7 +249,7 @@ def register(namespace: str) -> bool:
     overloads = [getattr(ops, name).default for name in DECOMPOSITIONS]
     for overload, (name, fn) in zip(overloads, DECOMPOSITIONS.items()):
         if overload not in inductor_decomposition.decompositions:
-            inductor_decomposition.register_decomposition([overload])(_deciding(_op_name(name), fn, overloads))
+            inductor_decomposition.register_decomposition([overload])(_deciding(op_of(name), fn, overloads))
     # select_decomp_table() returns a cached copy of the table: drop it, in case a graph
     # was compiled before this registration
     cached = getattr(inductor_decomposition, "fast_random_decomps", None)

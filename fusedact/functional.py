@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from . import _C, reference
-from .checks import FLOAT_DTYPES, check_acon_args, check_float_beta, check_swish_beta, check_x
+from .checks import FLOAT32_OVERFLOW, FLOAT_DTYPES, check_acon_args, check_float_beta, check_swish_beta, check_x
 from .functions import invoke
 from .onnx import _DECOMPOSITIONS as _ONNX_FORMS
 from .onnx import exporting as _onnx_exporting
@@ -132,9 +132,9 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, backend: str | N
     ``beta``: a Python float, or a one-element tensor, which then gets a gradient.
     """
     if backend is None or backend == "native":
-        # not isinstance(beta, Tensor): 3x its cost; a beta float32 may not hold goes the
+        # not isinstance(beta, Tensor): 3x its cost; a beta float32 cannot hold goes the
         # long way, to its check
-        if (type(beta) is float or type(beta) is int) and -3.4e38 < beta < 3.4e38:
+        if (type(beta) is float or type(beta) is int) and -FLOAT32_OVERFLOW < beta < FLOAT32_OVERFLOW:
             y = _lane_swish(x, beta)
             if y is not None:
                 return y

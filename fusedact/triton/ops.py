@@ -46,7 +46,7 @@ def _fusing(fn, name: str):
     the op into its body and fusedact.config.compile chooses "fuse": a triton_op is
     decomposed there (FunctionalTensorMode), before Inductor's table is asked."""
     decomposition = _inductor.DECOMPOSITIONS[name]
-    op = name.rsplit("_", 1)[0]
+    op = _inductor.op_of(name)
 
     @functools.wraps(fn)
     def body(*args):
