@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import torch
 
+from ._opinfo import OPS
+
+UNARY = tuple(op.name for op in OPS if op.unary)
+
 __all__ = ["vmap_rules"]
 
 
@@ -100,7 +104,7 @@ def vmap_rules(ops, invoke) -> dict:
             return rule
         return add
 
-    for name in ("mish", "hard_swish"):
+    for name in UNARY:
         def unary_forward(info, in_dims, x, op=f"{name}_forward"):
             return invoke(ops, op, x), in_dims[0]
 

@@ -30,22 +30,14 @@ import warnings
 from torch import nn
 
 from . import nn as fnn
+from ._opinfo import OPS
 from .functional import _backend
 
 __all__ = ["convert"]
 
-# (module, class name) of the plain activations, by what replaces them
-_PLAIN = {
-    ("torch.nn.modules.activation", "SiLU"): fnn.Swish,
-    ("timm.layers.activations", "Swish"): fnn.Swish,
-    ("timm.layers.activations_me", "SwishMe"): fnn.Swish,
-    ("torch.nn.modules.activation", "Mish"): fnn.Mish,
-    ("timm.layers.activations", "Mish"): fnn.Mish,
-    ("timm.layers.activations_me", "MishMe"): fnn.Mish,
-    ("torch.nn.modules.activation", "Hardswish"): fnn.HardSwish,
-    ("timm.layers.activations", "HardSwish"): fnn.HardSwish,
-    ("timm.layers.activations_me", "HardSwishMe"): fnn.HardSwish,
-}
+# (module, class name) of the plain activations, by what replaces them: each entry's
+# ``replaces`` and ``module`` (fusedact/_opinfo.py)
+_PLAIN = {where: getattr(fnn, op.module[0]) for op in OPS for where in op.replaces}
 _FUSEDACT = (fnn.Swish, fnn.Mish, fnn.HardSwish, fnn.AconC, fnn.MetaAconC)
 
 

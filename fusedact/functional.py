@@ -3,13 +3,10 @@
 ``backend``: ``None`` or ``"native"`` runs the fused C++/CUDA kernels (torch.ops.fusedact),
 ``"triton"`` the Triton kernels (torch.ops.fusedact_triton; a clear error where triton
 is missing), ``"eager"`` the reference implementations (fusedact.reference). Every
-backend checks its arguments here, in Python (fusedact/checks.py), before any op runs: a
-user's bad argument then raises a RuntimeError whatever the C++ build does with an
-exception (on one machine, torch 2.11 with its own compiler, the C++ checks' exceptions
-crashed the process with SIGSEGV; `python -m fusedact.selftest` runs those calls in a
-child process to tell). The ops check again in C++ (and in the fakes under
-torch.compile), with the same messages. The Python checks cost a few microseconds a call
-(more for acon_c's four tensors): safety first, where the two goals meet.
+backend checks its arguments here, in Python (fusedact/checks.py), before any op runs,
+so a bad argument raises a Python exception whatever the C++ build does with one
+(docs/testing.md, "The SIGSEGV on the H100 machine"); the ops check again in C++ and in
+their fakes, with the same messages. The call graph: docs/design.md.
 """
 from __future__ import annotations
 
@@ -57,45 +54,38 @@ def _run(backend: str, name: str, *args):
     return invoke(_ops(backend), name, *args)
 
 
-# The native ops' short way (csrc/fast_path.cpp): the op below autograd when no gradient
-# is wanted, else a C++ autograd Function, for the calls that make up a small tensor's
-# cost (about 0.3 us a call here, against 3 us through torch.ops and 7-9 us more for a
-# Python autograd.Function's forward and backward). Taken outside ONNX export,
-# torch.compile (Dynamo records the op itself) and __torch_function__ overrides; it
-# returns None inside a torch.func transform or for a forward-AD dual tensor, and the
-# call goes the op's own way. Bad arguments go the long way, where Python checks them.
-# swish (float beta), mish and hard_swish check x (a plain Tensor or Parameter of a
-# floating dtype, no torch function mode) in C++ (_fast.swish/mish/hard_swish) and ask
-# Python nothing: with caches cold after a large tensor, each Python check or call
-# costs about 0.2 us (0.5% of a 2^20-element hard_swish). Dynamo traces _traced_lane
-# in their place (torch.compiler.substitute_in_graph, below); torch.export without Dynamo
-# (strict=False, what torch.onnx.export(dynamo=True) runs first) traces FakeTensors, a
-# Tensor subclass, which C++ declines: those calls go the op's own way.
+# The native ops' fast path (csrc/fast_path.cpp, _C.fast): the op below autograd when no
+# gradient is wanted, else a C++ autograd Function; None where it does not apply (a
+# torch.func transform, a forward-AD dual tensor, a FakeTensor, an argument Python must
+# check), and the call goes the op's own way. Not taken under ONNX export, torch.compile
+# (Dynamo traces _fast_path_traced in its place and records the op) or __torch_function__
+# overrides. swish (float beta), mish and hard_swish check x in C++ and ask Python
+# nothing. Why, in microseconds: benchmarks/NOTES.md, "The fast path's costs".
 _fast = _C.fast
 _is_compiling = torch.compiler.is_compiling
 _has_torch_function = torch._C._has_torch_function
 
 
-def _short_way(tensors: tuple) -> bool:
+def _fast_path_allowed(tensors: tuple) -> bool:
     return not (_onnx_exporting() or _is_compiling() or _has_torch_function(tensors))
 
 
-# What Dynamo traces in place of the C++ lanes: None, the op's own way (torch.compile
+# What Dynamo traces in place of the C++ entry points: None, the op's own way (torch.compile
 # records the op). torch.export without Dynamo and the ONNX exporter trace FakeTensors,
-# which the lanes decline themselves.
-def _traced_lane(*args):
+# which the entry points decline themselves.
+def _fast_path_traced(*args):
     return None
 
 
-_lane_swish, _lane_mish, _lane_hard_swish = _fast.swish, _fast.mish, _fast.hard_swish
+_fast_swish, _fast_mish, _fast_hard_swish = _fast.swish, _fast.mish, _fast.hard_swish
 try:
-    for _lane in (_lane_swish, _lane_mish, _lane_hard_swish):
-        torch.compiler.substitute_in_graph(_lane, skip_signature_check=True)(_traced_lane)
+    for _entry in (_fast_swish, _fast_mish, _fast_hard_swish):
+        torch.compiler.substitute_in_graph(_entry, skip_signature_check=True)(_fast_path_traced)
 except (AttributeError, TypeError):  # a torch without it: ask Dynamo in Python, a call more
-    def _asking_dynamo(lane):
-        return lambda *args: None if _is_compiling() else lane(*args)
+    def _asking_dynamo(entry):
+        return lambda *args: None if _is_compiling() else entry(*args)
 
-    _lane_swish, _lane_mish, _lane_hard_swish = map(_asking_dynamo, (_lane_swish, _lane_mish, _lane_hard_swish))
+    _fast_swish, _fast_mish, _fast_hard_swish = map(_asking_dynamo, (_fast_swish, _fast_mish, _fast_hard_swish))
 
 
 # ---- torch.fx.symbolic_trace
@@ -107,9 +97,9 @@ def _fx_node(fn, args: tuple, kwargs: dict):
     """Under torch.fx.symbolic_trace (torchvision's create_feature_extractor, FX
     quantization, timm's FX feature extraction), the call as one call_function node of
     ``fn``, a leaf as torch.fx.wrap makes one: the traced GraphModule then calls the
-    public function, with its own checks, short way and autograd. None when no argument
+    public function, with its own checks, fast path and autograd. None when no argument
     is a Proxy (the calls that are not traced). swish, mish and hard_swish ask only after
-    their short way declined the call, so it costs their fast calls nothing; acon_c,
+    their fast path declined the call, so it costs their fast calls nothing; acon_c,
     whose Python checks come first, asks before them (about 0.2 us a call)."""
     for a in args:
         if isinstance(a, _Proxy):
@@ -135,12 +125,12 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, backend: str | N
         # not isinstance(beta, Tensor): 3x its cost; a beta float32 cannot hold goes the
         # long way, to its check
         if (type(beta) is float or type(beta) is int) and -FLOAT32_OVERFLOW < beta < FLOAT32_OVERFLOW:
-            y = _lane_swish(x, beta)
+            y = _fast_swish(x, beta)
             if y is not None:
                 return y
         elif isinstance(beta, torch.Tensor) and isinstance(x, torch.Tensor) and x.dtype in FLOAT_DTYPES:
             check_swish_beta("fusedact.swish", beta, x)
-            if _short_way((x, beta)):
+            if _fast_path_allowed((x, beta)):
                 y = _fast.swish_forward(x, 1.0, beta)
                 if y is not None:
                     return y
@@ -163,7 +153,7 @@ def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0, *, backend: str | N
 def mish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Mish, ``x * tanh(softplus(x))``."""
     if backend is None or backend == "native":
-        y = _lane_mish(x)
+        y = _fast_mish(x)
         if y is not None:
             return y
     traced = _fx_node(mish, (x,), _kw(backend))
@@ -179,7 +169,7 @@ def mish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
 def hard_swish(x: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """Hard-Swish, ``x * relu6(x + 3) / 6`` (x itself for x >= 3)."""
     if backend is None or backend == "native":
-        y = _lane_hard_swish(x)
+        y = _fast_hard_swish(x)
         if y is not None:
             return y
     traced = _fx_node(hard_swish, (x,), _kw(backend))
@@ -212,7 +202,7 @@ def acon_c(
         return traced
     backend = _backend(backend)
     check_acon_args("fusedact.acon_c", x, p1, p2, beta, channel_dim)
-    if backend == "native" and _short_way((x, p1, p2, beta)):
+    if backend == "native" and _fast_path_allowed((x, p1, p2, beta)):
         y = _fast.acon_c_forward(x, p1, p2, beta, channel_dim)
         if y is not None:
             return y

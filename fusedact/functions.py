@@ -26,13 +26,13 @@ transforms all go through one path.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 from torch.autograd import Function, forward_ad
 
-from . import config, reference
+from . import config
+from ._opinfo import OPS, OpInfo
 
 __all__ = ["register_autograd", "invoke"]
 
@@ -45,36 +45,6 @@ def _differentiating(args) -> bool:
     """A gradient is wanted: backward (grad mode and an input that requires grad), or
     forward AD (a dual level is open: its dual tensors do not require grad)."""
     return (torch.is_grad_enabled() and _any_requires_grad(*args)) or forward_ad._current_level >= 0
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    """An activation's ops. ``slots``: the positions of the forward's (optional) Tensor
-    arguments, one gradient each from the backward op, in order. ``reference(args)``:
-    the eager forward as a function of the tensors given at those slots, with the other
-    arguments of ``args`` fixed."""
-
-    name: str
-    slots: tuple[int, ...]
-    reference: Callable
-
-
-def _swish_ref(args):
-    beta = args[1]
-    return lambda x, beta_tensor=None: reference.swish(x, beta if beta_tensor is None else beta_tensor)
-
-
-def _acon_c_ref(args):
-    cd = args[4]
-    return lambda x, p1, p2, beta: reference.acon_c(x, p1, p2, beta, channel_dim=cd)
-
-
-SPECS = (
-    OpSpec("swish", (0, 2), _swish_ref),
-    OpSpec("mish", (0,), lambda args: reference.mish),
-    OpSpec("hard_swish", (0,), lambda args: reference.hard_swish),
-    OpSpec("acon_c", (0, 1, 2, 3), _acon_c_ref),
-)
 
 
 _TENSOR = object()
@@ -136,12 +106,12 @@ def _jvp(fn: Callable, primals: tuple, tangents: tuple):
     return jvps if isinstance(out, tuple) else jvps[0]
 
 
-def _present(spec: OpSpec, args) -> list[int]:
+def _present(spec: OpInfo, args) -> list[int]:
     """The slots holding a tensor in this call (swish's beta_tensor may be None)."""
     return [s for s in spec.slots if args[s] is not None]
 
 
-def _per_slot(spec: OpSpec, args, values, grad: torch.Tensor):
+def _per_slot(spec: OpInfo, args, values, grad: torch.Tensor):
     """The backward op's outputs (or their tangents) from ``values``, one per present slot
     of args in order: one output per slot, an empty tensor where swish's beta_tensor is
     None (as the op returns), the single output of a one-slot op bare."""
@@ -168,7 +138,7 @@ def _function_class(name, doc, forward, setup_context, backward, jvp, vmap) -> t
     return cls
 
 
-def _forward_function(spec: OpSpec, ops, forward_op, vmap, name: str) -> type:
+def _forward_function(spec: OpInfo, ops, forward_op, vmap, name: str) -> type:
     def fused_backward(*args):
         return _as_tuple(invoke(ops, f"{spec.name}_backward", *args))
 
@@ -196,7 +166,7 @@ def _forward_function(spec: OpSpec, ops, forward_op, vmap, name: str) -> type:
             out = fused_backward(tangents[0], *args)[0]
         params = [s for s in _present(spec, args) if s != 0]
         if any(tangents[s] is not None for s in params):
-            ref = spec.reference(args)
+            ref = spec.reference_of(args)
             primals = tuple(args[s] for s in params)
             dirs = tuple(tangents[s] if tangents[s] is not None else torch.zeros_like(args[s]) for s in params)
             part = _jvp(lambda *p: ref(x.detach(), *p), primals, dirs)
@@ -207,7 +177,7 @@ def _forward_function(spec: OpSpec, ops, forward_op, vmap, name: str) -> type:
                            "fused backward op.", forward, setup_context, backward, jvp, vmap)
 
 
-def _backward_function(spec: OpSpec, backward_op, vmap, name: str) -> type:
+def _backward_function(spec: OpInfo, backward_op, vmap, name: str) -> type:
     def forward(grad, *args):
         with _below_autograd():
             return backward_op(grad, *args)
@@ -223,7 +193,7 @@ def _backward_function(spec: OpSpec, backward_op, vmap, name: str) -> type:
         grad, *args = _saved_args(ctx)
         present, primals = primals_of(args)
         cots = tuple(c for slot, c in zip(spec.slots, cotangents) if args[slot] is not None)
-        ggrad, *gprimals = _reference_second_order(spec.reference(args), grad, primals, cots)
+        ggrad, *gprimals = _reference_second_order(spec.reference_of(args), grad, primals, cots)
         grads = [None] * len(args)
         for slot, g in zip(present, gprimals):
             grads[slot] = g
@@ -237,7 +207,7 @@ def _backward_function(spec: OpSpec, backward_op, vmap, name: str) -> type:
         # forward AD's dual tensors may not overlap themselves: a stride-0 grad (of a
         # sum) or tangent is made dense first
         dense = tuple(t.contiguous() for t in (grad, *primals)), tuple(t.contiguous() for t in dirs)
-        return _per_slot(spec, args, _jvp(_first_order(spec.reference(args)), *dense), grad)
+        return _per_slot(spec, args, _jvp(_first_order(spec.reference_of(args)), *dense), grad)
 
     return _function_class(name, f"{spec.name}'s backward op, differentiable: the second derivative follows "
                            "the reference.", forward, setup_context, backward, jvp, vmap)
@@ -254,17 +224,17 @@ def _in_jvp() -> bool:
     return any(i.key() == jvp for i in (torch._C._functorch.get_interpreter_stack() or ()))
 
 
-def _reference_call(spec: OpSpec, backward: bool, args):
+def _reference_call(spec: OpInfo, backward: bool, args):
     """The op's eager form at args: the forward op's output, or the backward op's
     (the VJP of the reference, one output per slot, empty for swish's absent beta)."""
     if not backward:
-        return spec.reference(args)(*[args[s] for s in _present(spec, args)])
+        return spec.reference_of(args)(*[args[s] for s in _present(spec, args)])
     grad, *rest = args
-    values = _first_order(spec.reference(rest))(grad, *[rest[s] for s in _present(spec, rest)])
+    values = _first_order(spec.reference_of(rest))(grad, *[rest[s] for s in _present(spec, rest)])
     return _per_slot(spec, rest, values, grad)
 
 
-def _autograd_kernel(function: type, op, spec: OpSpec, backward: bool) -> Callable:
+def _autograd_kernel(function: type, op, spec: OpInfo, backward: bool) -> Callable:
     """The op's Autograd kernel: the Function when a gradient is wanted, else the kernel."""
     after_autograd = torch._C._after_autograd_keyset
 
@@ -333,7 +303,7 @@ def register_autograd(namespace: str, prefix: str = "") -> dict[str, type]:
     op_rules = vmap_rules(ops, lambda ops, name, *args: getattr(ops, name)(*args))
     lib = torch.library.Library(namespace, "FRAGMENT")
     functions = {}
-    for spec in SPECS:
+    for spec in OPS:  # fusedact/_opinfo.py
         forward_op = getattr(ops, f"{spec.name}_forward").default
         backward_op = getattr(ops, f"{spec.name}_backward").default
         camel = prefix + "".join(part.capitalize() for part in spec.name.split("_"))

@@ -19,9 +19,8 @@ from __future__ import annotations
 
 import torch
 import torch.onnx
-import torch.nn.functional as F
 
-from . import reference
+from ._opinfo import OPS
 
 __all__ = ["install", "decompositions", "exporting"]
 
@@ -40,26 +39,10 @@ def exporting() -> bool:
     return _export_flags._is_onnx_exporting
 
 
-_FORWARD_OPS = ("swish_forward", "mish_forward", "hard_swish_forward", "acon_c_forward")
-
-
 # ---- dynamo=True: decompositions into the eager ops
 
 
-def _swish(x, beta, beta_tensor):
-    return reference.swish(x, beta if beta_tensor is None else beta_tensor)
-
-
-def _acon_c(x, p1, p2, beta, channel_dim):
-    return reference.acon_c(x, p1, p2, beta, channel_dim=channel_dim)
-
-
-_DECOMPOSITIONS = {
-    "swish_forward": _swish,
-    "mish_forward": F.mish,
-    "hard_swish_forward": F.hardswish,
-    "acon_c_forward": _acon_c,
-}
+_DECOMPOSITIONS = {op.forward: op.onnx_form for op in OPS}  # fusedact/_opinfo.py
 
 
 # ---- dynamo=False: TorchScript symbolic functions
@@ -151,10 +134,10 @@ def decompositions(namespace: str = "fusedact") -> dict:
     "fusedact_triton"), for ``ExportedProgram.run_decompositions`` before
     ``torch.onnx.export`` of a graph that holds the fused ops."""
     ops = getattr(torch.ops, namespace)
-    return {getattr(ops, name).default: _DECOMPOSITIONS[name] for name in _FORWARD_OPS}
+    return {getattr(ops, name).default: form for name, form in _DECOMPOSITIONS.items()}
 
 
 def install(namespace: str) -> None:
     """Registers the TorchScript exporter's symbolic functions of ``namespace``'s forward ops."""
-    for name in _FORWARD_OPS:
+    for name in _DECOMPOSITIONS:
         torch.onnx.register_custom_op_symbolic(f"{namespace}::{name}", _SYMBOLICS[name], 9)

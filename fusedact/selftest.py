@@ -3,7 +3,7 @@
 For every device (the CPU; CUDA when a GPU and the CUDA kernels are there) and fused
 backend (native; triton where it can run: on a GPU, or on the CPU under Triton's
 interpreter), each op forward and backward in float32, bfloat16, float16 and float64
-against the float64 reference (the test suite's own checks, fusedact.testing), and
+against the float64 reference (the test suite's own checks, fusedact/_numerics.py), and
 gradcheck in float64. Then the bad-argument calls that must raise a RuntimeError, run
 in a child process so that a crash (SIGSEGV) is reported, not fatal. Prints a table,
 the build info and a one-line verdict; exit status 0 when everything passed, 1 if not.
@@ -22,9 +22,9 @@ import time
 import torch
 
 import fusedact
-from fusedact import testing
+from fusedact import _numerics
+from fusedact._opinfo import NAMES as OPS
 
-OPS = ("swish", "mish", "hard_swish", "acon_c")
 DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 SHORT = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
 
@@ -69,16 +69,16 @@ def _row(device, backend, check, dtype, fn) -> dict:
 
 
 def _parity(op, dtype, device, backend):
-    x = testing.rand_x((2, 3, 5), dtype, device)
-    params = testing.make_params(op, x)
-    testing.check_forward_backward(op, x, params, backend=backend)
+    x = _numerics.rand_x((2, 3, 5), dtype, device)
+    params = _numerics.make_params(op, x)
+    _numerics.check_forward_backward(op, x, params, backend=backend)
 
 
 def _gradcheck(op, device, backend):
-    x = testing.rand_x((2, 3, 2), torch.float64, device, scale=2.0).requires_grad_()
+    x = _numerics.rand_x((2, 3, 2), torch.float64, device, scale=2.0).requires_grad_()
     params = [p.requires_grad_() if isinstance(p, torch.Tensor) else p
-              for p in testing.make_params(op, x.detach())]
-    f = testing.op_fn(op, backend)
+              for p in _numerics.make_params(op, x.detach())]
+    f = _numerics.op_fn(op, backend)
     if not torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4):
         raise AssertionError("gradcheck returned False")
 

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 import fusedact  # noqa: E402
-from fusedact.testing import TOL, is_dense, opmath_eps, reduction_tol  # noqa: E402,F401  (shared with the selftest)
+from fusedact._numerics import TOL, is_dense, opmath_eps, reduction_tol  # noqa: E402,F401  (shared with the selftest)
 
 HAS_CUDA = torch.cuda.is_available() and fusedact.build_info()["cuda"]
 HAS_TRITON = fusedact.triton.available()
@@ -40,7 +40,7 @@ def _skip_backend_device_mismatch(request):
     if device == "cuda" and TRITON_INTERPRET:
         pytest.skip("TRITON_INTERPRET=1: Triton kernels run on the CPU only")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
-OPS = ["swish", "mish", "hard_swish", "acon_c"]
+OPS = list(fusedact._opinfo.NAMES)  # fusedact/_opinfo.py
 
 def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     """x's values in the given memory layout (a view or a copy; same values)."""

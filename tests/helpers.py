@@ -8,11 +8,11 @@ import torch
 
 import fusedact
 
-# The op-level checks live in fusedact.testing, shared with `python -m fusedact.selftest`.
-from fusedact.testing import (  # noqa: F401
+# The op-level checks live in fusedact/_numerics.py, shared with `python -m fusedact.selftest`.
+from fusedact.testing import check_no_less_accurate  # noqa: F401
+from fusedact._numerics import (  # noqa: F401
     check_close,
     check_forward_backward,
-    check_no_less_accurate,
     make_params,
     op_fn,
     param_terms_abs,

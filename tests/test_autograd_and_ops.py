@@ -6,7 +6,8 @@ import torch
 
 import fusedact
 from conftest import DEVICES, FUSED_BACKENDS, make_layout
-from helpers import make_params, rand_x
+from fusedact._opinfo import OPS
+from helpers import make_params, op_fn, rand_x
 
 OPS_BY_BACKEND = {"native": "fusedact", "triton": "fusedact_triton"}
 
@@ -21,41 +22,25 @@ def away_from_kinks(x: torch.Tensor) -> torch.Tensor:
     return torch.where(near, x + 0.05, x)
 
 
-GRADCHECK_CASES = [
-    # (name, op, layout, channel_dim, per_sample, module_layout)
-    ("swish-float-beta", "swish", "contiguous", 1, False, False),
-    ("swish-learnable-beta", "swish", "channels_last", 1, False, False),
-    ("mish", "mish", "strided", 1, False, False),
-    ("hard_swish", "hard_swish", "transposed", 1, False, False),
-    ("acon_c-nchw", "acon_c", "contiguous", 1, False, False),
-    ("acon_c-channels_last", "acon_c", "channels_last", 1, False, True),
-    ("acon_c-per-sample", "acon_c", "contiguous", 1, True, False),
-    ("acon_c-per-sample-cl", "acon_c", "channels_last", 1, True, True),
-    ("acon_c-nlc", "acon_c", "contiguous", -1, False, False),
-    ("acon_c-nlc-per-sample", "acon_c", "contiguous", -1, True, False),
-    ("acon_c-strided", "acon_c", "strided", 1, True, False),
-]
+# (op name, GradcheckCase): every entry's cases, fusedact/_opinfo.py
+GRADCHECK_CASES = [(op.name, case) for op in OPS for case in op.gradcheck]
 
 
 def gradcheck_case(case, device, backend, shape4=(2, 3, 4, 5), shape3=(3, 4, 5)):
     """(fn, inputs) for one GRADCHECK_CASES row: float64, off the kinks."""
-    name, op, layout, channel_dim, per_sample, module_layout = case
-    shape = shape4 if channel_dim == 1 else shape3
-    x = make_layout(away_from_kinks(rand_x(shape, torch.float64, device, scale=2.0)), layout)
-    params = make_params(op, x, channel_dim=channel_dim, per_sample=per_sample,
-                         module_layout=module_layout, learnable_beta=(name != "swish-float-beta"))
+    op, c = case
+    shape = shape4 if c.channel_dim == 1 else shape3
+    x = make_layout(away_from_kinks(rand_x(shape, torch.float64, device, scale=2.0)), c.layout)
+    params = make_params(op, x, channel_dim=c.channel_dim, per_sample=c.per_sample,
+                         module_layout=c.module_layout, learnable_beta=c.learnable)
     inputs = [x.detach().requires_grad_()] + [p.detach().requires_grad_() for p in params if isinstance(p, torch.Tensor)]
     fixed = [p for p in params if not isinstance(p, torch.Tensor)]
-    if op == "swish":
-        fn = lambda x, *b: fusedact.swish(x, *(b or fixed), backend=backend)  # noqa: E731
-    elif op == "acon_c":
-        fn = lambda *a: fusedact.acon_c(*a, channel_dim=channel_dim, backend=backend)  # noqa: E731
-    else:
-        fn = lambda x: getattr(fusedact, op)(x, backend=backend)  # noqa: E731
+    f = op_fn(op, backend, c.channel_dim)
+    fn = lambda x, *tensors: f(x, *tensors, *fixed)  # noqa: E731
     return fn, tuple(inputs)
 
 
-@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c.name for _, c in GRADCHECK_CASES])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_gradcheck(device, case, backend):
@@ -63,7 +48,7 @@ def test_gradcheck(device, case, backend):
     assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3)
 
 
-@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
+@pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c.name for _, c in GRADCHECK_CASES])
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_gradgradcheck(device, case, backend):

@@ -19,7 +19,7 @@ import fusedact
 from conftest import DEVICES, HAS_TRITON, TOL, make_layout
 from fusedact import _inductor
 from helpers import compile_mode
-from fusedact.testing import check_close, make_params, param_terms_abs, rand_x, reduction_tol, ref_fn, to64
+from fusedact._numerics import check_close, make_params, param_terms_abs, rand_x, reduction_tol, ref_fn, to64
 
 OPS = ["swish", "swish_beta_tensor", "mish", "hard_swish", "acon_c", "acon_c_per_sample"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]

@@ -26,6 +26,7 @@ from torch._subclasses.functional_tensor import FunctionalTensor
 from torch.library import custom_op, triton_op, wrap_triton
 
 from .. import _inductor
+from .._opinfo import OPS, batch_blocked, is_dense
 from ..checks import check_acon_args, check_float_beta, check_grad, check_swish_beta, check_x
 from . import kernels as k
 
@@ -75,19 +76,9 @@ def _launch(kernel, grid, *args, **meta) -> None:
         kernel[grid](*args, **meta)  # a fake or meta run only wants the outputs
 
 
-def _is_dense(x: torch.Tensor) -> bool:
-    """x's elements fill one block of memory (in some order of its dimensions)."""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(x.stride(), x.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _dense(x: torch.Tensor) -> torch.Tensor:
     """x itself when dense, else a dense copy in the memory format x suggests."""
-    if _is_dense(x):
+    if is_dense(x):
         return x
     out = torch.empty_like(x)
     out.copy_(x)
@@ -222,8 +213,9 @@ def _unary(name: str, fwd_kernel, bwd_kernel) -> None:
         return dx
 
 
-_unary("mish", k._mish_fwd_kernel, k._mish_bwd_kernel)
-_unary("hard_swish", k._hard_swish_fwd_kernel, k._hard_swish_bwd_kernel)
+for _info in OPS:  # fusedact/_opinfo.py
+    if _info.unary:
+        _unary(_info.name, getattr(k, f"_{_info.name}_fwd_kernel"), getattr(k, f"_{_info.name}_bwd_kernel"))
 
 
 # ---- acon_c
@@ -232,11 +224,10 @@ _unary("hard_swish", k._hard_swish_fwd_kernel, k._hard_swish_bwd_kernel)
 def _acon_geometry(op, x, p1, p2, beta, channel_dim):
     """Checks; returns (dense x, N, R, C, inner, per_sample) as csrc/channel_layout.h."""
     cd, per_sample = check_acon_args(op, x, p1, p2, beta, channel_dim)
-    # per-sample beta needs each sample to be one block: dim 0 outermost
     N = x.shape[0] if per_sample else 1
     xd = _dense(x)
     n = xd.numel()
-    if N > 1 and n > 0 and xd.stride(0) * N != n:
+    if per_sample and not batch_blocked(xd):  # the layout rule: fusedact/_opinfo.py
         xd = x.contiguous()
     C = x.shape[cd]
     if n == 0:

@@ -1,4 +1,4 @@
-"""The native ops' short way from the functional API (csrc/fast_path.cpp): taken for the
+"""The native ops' fast path from the functional API (csrc/fast_path.cpp): taken for the
 no-grad call and plain autograd, it gives the op's results bit for bit (forward, first
 and second derivatives), declines inside torch.func transforms and for forward-AD dual
 tensors, and leaves __torch_function__ overrides and dispatch modes their view of the
@@ -22,7 +22,7 @@ FN = {"swish": ("SiluFunction", "SwishFunction", "SwishTensorFunction"), "mish":
       "hard_swish": ("HardSwishFunction",), "acon_c": ("AconCFunction",)}
 
 
-def on_short_way(y, op) -> bool:
+def on_fast_path(y, op) -> bool:
     """y's node is one of op's C++ Functions (csrc/fast_path.cpp)."""
     return y.grad_fn.name() in {f"torch::autograd::CppNode<fusedact::{fn}>" for fn in FN[op]}
 
@@ -69,7 +69,7 @@ def forward_backward(f, x, params, g):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES)
-def test_short_way_gives_the_op_bit_for_bit(case, dtype, device):
+def test_fast_path_gives_the_op_bit_for_bit(case, dtype, device):
     """On the CPU here; on CUDA (the CUDA kernels, through the same dispatcher call) where
     a GPU is present."""
     op, x, params, functional, op_call = case_args(case, dtype, device=device)
@@ -79,8 +79,8 @@ def test_short_way_gives_the_op_bit_for_bit(case, dtype, device):
     g = rand_x(x.shape, dtype, device, seed=7)
     y_short, grads_short = forward_backward(functional, x, params, g)
     y_op, grads_op = forward_backward(op_call, x, params, g)
-    # the short way's node is the C++ Function; the op's own autograd is the Python one
-    assert on_short_way(y_short, op), y_short.grad_fn.name()
+    # the fast path's node is the C++ Function; the op's own autograd is the Python one
+    assert on_fast_path(y_short, op), y_short.grad_fn.name()
     assert "CppNode" not in y_op.grad_fn.name(), y_op.grad_fn.name()
     assert torch.equal(y_short, y_op)
     for a, b in zip(grads_short, grads_op):
@@ -89,12 +89,12 @@ def test_short_way_gives_the_op_bit_for_bit(case, dtype, device):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_short_way_second_derivatives(case):
+def test_fast_path_second_derivatives(case):
     """create_graph=True: the C++ Function's backward calls the backward op with its own
     autograd, so double backward is the op's, and gradgradcheck passes in float64."""
     op, x, params, functional, op_call = case_args(case, torch.float64)
     leaves = fresh_leaves(x, *params)
-    assert on_short_way(functional(*leaves), op)
+    assert on_fast_path(functional(*leaves), op)
     small = [t[:1, :2, :2, :2] if t is leaves[0] else t for t in leaves]
     if case == "meta_acon":  # beta per sample: one sample
         small[-1] = small[-1][:1]
@@ -116,7 +116,7 @@ def test_short_way_second_derivatives(case):
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_short_way_declines_inside_transforms(case):
+def test_fast_path_declines_inside_transforms(case):
     """Inside torch.func.grad and for a dual tensor, _C.fast returns None and the call goes
     the op's way (its Python Function has the vmap rule and the JVP)."""
     op, x, params, functional, _ = case_args(case, torch.float64)
@@ -179,7 +179,7 @@ def _names(calls):
 def test_overrides_see_the_op(case):
     """A __torch_function__ subclass and a TorchFunctionMode see the fused op (the call
     goes the long way, through torch.ops); a TorchDispatchMode sees the forward op on the
-    short way and the backward op in its backward."""
+    fast path and the backward op in its backward."""
     op, x, params, functional, _ = case_args(case, torch.float32)
     fwd, bwd = f"fusedact.{op}_forward.default", f"fusedact.{op}_backward.default"
 
@@ -195,12 +195,12 @@ def test_overrides_see_the_op(case):
     xl = x.clone().requires_grad_()
     with DispatchLog() as mode:
         y = functional(xl, *params)
-        assert on_short_way(y, op)
+        assert on_fast_path(y, op)
         y.sum().backward()
     assert {fwd, bwd} <= _names(mode.calls), mode.calls
 
 
-def test_plain_tensor_lane_declines_what_python_must_see():
+def test_plain_tensor_entry_declines_what_python_must_see():
     """swish (float beta), mish and hard_swish check x in C++ (_C.fast.swish/mish/
     hard_swish): they take a plain Tensor or Parameter of a floating dtype and decline
     (None) a subclass, a FakeTensor (torch.export without Dynamo), an integer dtype, a
@@ -208,19 +208,19 @@ def test_plain_tensor_lane_declines_what_python_must_see():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     x = torch.randn(2, 3)
-    lanes = {"mish": (_C.fast.mish, fusedact.mish), "hard_swish": (_C.fast.hard_swish, fusedact.hard_swish),
+    entries = {"mish": (_C.fast.mish, fusedact.mish), "hard_swish": (_C.fast.hard_swish, fusedact.hard_swish),
              "swish": (lambda t: _C.fast.swish(t, 1.5), lambda t: fusedact.swish(t, 1.5, backend="eager")),
              "silu": (lambda t: _C.fast.swish(t, 1), lambda t: fusedact.swish(t, backend="eager"))}
-    for name, (lane, want) in lanes.items():
-        torch.testing.assert_close(lane(x), want(x), msg=name)
-        assert lane(torch.nn.Parameter(x.clone())).grad_fn is not None, name
-        assert lane(x.as_subclass(Logged)) is None, name
-        assert lane(torch.arange(4)) is None, name
-        assert lane([1.0, 2.0]) is None, name
+    for name, (entry, want) in entries.items():
+        torch.testing.assert_close(entry(x), want(x), msg=name)
+        assert entry(torch.nn.Parameter(x.clone())).grad_fn is not None, name
+        assert entry(x.as_subclass(Logged)) is None, name
+        assert entry(torch.arange(4)) is None, name
+        assert entry([1.0, 2.0]) is None, name
         with FunctionLog():
-            assert lane(x) is None, name
+            assert entry(x) is None, name
         with FakeTensorMode() as mode:
-            assert lane(mode.from_tensor(x)) is None, name
+            assert entry(mode.from_tensor(x)) is None, name
     with pytest.raises(TypeError):
         _C.fast.swish(x, "a")
 
@@ -239,7 +239,7 @@ def test_bad_arguments_take_the_checked_way():
         fusedact.acon_c(torch.randn(2, 3, 4), torch.ones(2), torch.ones(3), torch.ones(3))
 
 
-def test_compiled_autograd_runs_the_short_way_backward():
+def test_compiled_autograd_runs_the_fast_path_backward():
     """Compiled autograd (torch.compile of the backward of an eager forward) runs the C++
     Functions' backward as opaque calls: the gradients of the eager engine."""
     torch.manual_seed(0)
@@ -253,14 +253,14 @@ def test_compiled_autograd_runs_the_short_way_backward():
 
     want = torch.autograd.grad(loss(), [x, p1, p2, b])
     out = loss()
-    assert on_short_way(fusedact.mish(x), "mish")
+    assert on_fast_path(fusedact.mish(x), "mish")
     with torch._dynamo.compiled_autograd._enable(torch.compile(backend="eager")):
         got = torch.autograd.grad(out, [x, p1, p2, b])
     for a, w in zip(got, want):
         torch.testing.assert_close(a, w, rtol=0, atol=0)
 
 
-def test_autograd_behaviours_on_the_short_way():
+def test_autograd_behaviours_on_the_fast_path():
     """What autograd promises holds for the C++ Functions: anomaly mode, saved-tensor hooks
     (what activation offloading and checkpointing use), the in-place check on a saved
     input, and the freed graph after a backward without retain_graph."""
@@ -272,7 +272,7 @@ def test_autograd_behaviours_on_the_short_way():
     packed = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(), lambda t: t):
         y = fusedact.hard_swish(x)
-    assert on_short_way(y, "hard_swish") and len(packed) == 1 and packed[0] is x
+    assert on_fast_path(y, "hard_swish") and len(packed) == 1 and packed[0] is x
     torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0],
                                torch.autograd.grad(torch.ops.fusedact.hard_swish_forward(x).sum(), x)[0], rtol=0, atol=0)
 
@@ -292,15 +292,15 @@ SINGLE_INPUT = ["silu", "swish", "mish", "hard_swish"]  # their nodes are built 
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_short_way_node_is_wired_like_apply(case):
-    """The node the short way builds (csrc/fast_path.cpp, apply_on_x, for one tensor
+def test_fast_path_node_is_wired_like_apply(case):
+    """The node the fast path builds (csrc/fast_path.cpp, apply_on_x, for one tensor
     input) is wired as Function::apply wires it: x's AccumulateGrad (or the producing
     node) as its only next function, retain_graph honoured, the output's version and
     requires_grad as the op's own, and hooks on the node run in backward."""
     op, x, params, functional, _ = case_args(case, torch.float64)
     leaves = fresh_leaves(x, *params)
     y = functional(*leaves)
-    assert on_short_way(y, op) and y.requires_grad and not y.is_leaf and y._version == 0
+    assert on_fast_path(y, op) and y.requires_grad and not y.is_leaf and y._version == 0
     nexts = y.grad_fn.next_functions
     assert len(nexts) == len(leaves)  # one edge per tensor input, to its AccumulateGrad
     assert all(n[0].variable is leaf and n[1] == 0 for n, leaf in zip(nexts, leaves))
@@ -318,15 +318,15 @@ def test_short_way_node_is_wired_like_apply(case):
 @pytest.mark.skipif(not hasattr(torch.autograd.graph, "node_creation_hook"),
                     reason="torch.autograd.graph.node_creation_hook is new in torch 2.14")
 @pytest.mark.parametrize("case", CASES)
-def test_node_creation_hook_sees_the_short_way_node_once(case):
-    """torch 2.14's node creation hooks fire once for the short way's node, with it fully
+def test_node_creation_hook_sees_the_fast_path_node_once(case):
+    """torch 2.14's node creation hooks fire once for the fast path's node, with it fully
     built (next functions wired), as for any node made by Function::apply."""
     op, x, params, functional, _ = case_args(case, torch.float64)
     leaves = fresh_leaves(x, *params)
     seen = []
     with torch.autograd.graph.node_creation_hook(lambda n: seen.append((n, n.next_functions))):
         y = functional(*leaves)
-    assert on_short_way(y, op)
+    assert on_fast_path(y, op)
     ours = [(n, nexts) for n, nexts in seen if type(n).__name__ != "AccumulateGrad"]  # leaves' accumulators fire too
     assert len(ours) == 1 and ours[0][0] is y.grad_fn
     assert len(ours[0][1]) == len(leaves) and all(e[0].variable is leaf for e, leaf in zip(ours[0][1], leaves))
@@ -342,9 +342,9 @@ class InputReturning(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("case", SINGLE_INPUT)
-def test_short_way_under_a_dispatch_mode_returning_the_input(case):
+def test_fast_path_under_a_dispatch_mode_returning_the_input(case):
     """Under a Python dispatch mode the forward may return anything, even its input: the
-    short way then lets Function::apply wrap it (an input returned as-is becomes a view of
+    fast path then lets Function::apply wrap it (an input returned as-is becomes a view of
     it), as the op's own Python Function does, and the gradients agree. Building the node
     by hand there would trip apply_on_x's internal check."""
     op, x, params, functional, op_call = case_args(case, torch.float64)
@@ -355,7 +355,7 @@ def test_short_way_under_a_dispatch_mode_returning_the_input(case):
             y = f(xm)
             assert y is not xm and y._is_view() and torch.equal(y, xm)
             grads.append(torch.autograd.grad(y.sum(), xm)[0])
-        assert f is op_call or on_short_way(y, op)
+        assert f is op_call or on_fast_path(y, op)
     assert torch.equal(*grads)
 
 
@@ -388,10 +388,10 @@ def _another_thread_ran_during(call, repeats=100) -> bool:
 
 @pytest.mark.parametrize("case", SINGLE_INPUT)
 @pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
-def test_short_way_releases_the_gil_for_large_tensors(case, grad):
+def test_fast_path_releases_the_gil_for_large_tensors(case, grad):
     """Tensors of 256 KiB or more run with the GIL released (another Python thread runs
     during the kernel, as under ATen's ops); small ones keep it, and the small case shows
-    the check can fail. The C++ lanes only: swish with a tensor beta and acon_c release it
+    the check can fail. The C++ entry points only: swish with a tensor beta and acon_c release it
     the same way (gil_released_if_large), but their Python checks call torch ops, which
     release the GIL themselves, so this check cannot tell them apart."""
     op, _, _, functional, _ = case_args(case, torch.float32)
@@ -400,4 +400,4 @@ def test_short_way_releases_the_gil_for_large_tensors(case, grad):
     assert _another_thread_ran_during(lambda: torch.nn.functional.silu(big))  # ATen releases it
     assert not _another_thread_ran_during(lambda: functional(small))
     assert _another_thread_ran_during(lambda: functional(big))
-    assert not grad or on_short_way(functional(big), op)
+    assert not grad or on_fast_path(functional(big), op)
