@@ -31,7 +31,7 @@ from torch import nn  # noqa: E402
 import fusedact  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench import saved_bytes, versions  # noqa: E402
+from harness import saved_bytes, versions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
