@@ -5,24 +5,18 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 import fusedact
 from fusedact import reference
+from fusedact._opinfo import NAMES, get
 from harness import bench_cpu, bench_gpu, copy_time, paired_speedup, peak_bytes, saved_bytes
 
-OPS = ["swish", "mish", "hard_swish", "acon_c"]
+OPS = list(NAMES)  # fusedact/_opinfo.py
 PROVIDERS = ["eager", "compile", "native", "triton"]
 MODES = ["forward", "backward", "forward+backward", "memory"]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FLOOR_ELEMENT_PASSES = {"forward": 2, "backward": 3, "forward+backward": 5}
 ACON_C = 64  # channels of the acon_c benchmark tensors: (N, 64, 32, 32) and friends
-
-
-def eager_acon_c(x, p1, p2, beta):
-    """The ACON-C module of the paper's code and YOLOv5."""
-    dpx = (p1 - p2) * x
-    return dpx * torch.sigmoid(beta * dpx) + p2 * x
 
 
 def make_case(op, dtype, numel, layout, beta_kind, device, shape=None):
@@ -32,7 +26,7 @@ def make_case(op, dtype, numel, layout, beta_kind, device, shape=None):
     gen = torch.Generator().manual_seed(0)
     if shape is not None:
         shape = tuple(shape)
-    elif op == "acon_c":
+    elif get(op).channel_dim:
         hw = 32 * 32
         n = max(1, numel // (ACON_C * hw))
         shape = (n, ACON_C, 32, 32)
@@ -45,7 +39,7 @@ def make_case(op, dtype, numel, layout, beta_kind, device, shape=None):
     if layout == "channels_last":
         g = g.contiguous(memory_format=torch.channels_last)
     params = []
-    if op == "acon_c":
+    if get(op).channel_dim:
         pdt = torch.float32  # parameters stay float32, as under autocast (SPEC.md)
         pshape = (1, shape[1], 1, 1)
         bshape = (shape[0], shape[1], 1, 1) if beta_kind == "sample" else pshape
@@ -59,32 +53,23 @@ def fns(op):
     """{provider: f(x, *params)}. native is the call users write, `fusedact.mish(x)` (the
     default backend): with caches cold after a large tensor, the keyword
     `backend="native"` alone costs about 0.5 us a call (2^20 elements, 2 threads)."""
-    if op == "acon_c":
-        def eager(x, p1, p2, beta):
-            return eager_acon_c(x, p1, p2, beta).to(x.dtype)
+    info = get(op)
+    eager = info.eager
+    f = info.function()
 
-        def fused(backend):
-            if backend == "native":
-                return lambda x, p1, p2, beta: fusedact.acon_c(x, p1, p2, beta)
-            return lambda x, p1, p2, beta: fusedact.acon_c(x, p1, p2, beta, backend=backend)
-    else:
-        eager_fn = {"swish": F.silu, "mish": F.mish, "hard_swish": F.hardswish}[op]
-
-        def eager(x):
-            return eager_fn(x)
-
-        def fused(backend):
-            f = getattr(fusedact, op)
-            if backend == "native":
-                return lambda x: f(x)
-            return lambda x: f(x, backend=backend)
+    def fused(backend):
+        if info.unary:  # no *params to pack: the call users write, nothing more
+            return (lambda x: f(x)) if backend == "native" else (lambda x: f(x, backend=backend))
+        if backend == "native":
+            return lambda x, *params: f(x, *params)
+        return lambda x, *params: f(x, *params, backend=backend)
     return {"eager": eager, "compile": eager, "native": fused("native"), "triton": fused("triton")}
 
 
 def reference64(op, x, params):
     xs = x.detach().double().requires_grad_()
     ps = [p.detach().double() for p in params]
-    y = reference.acon_c(xs, *ps) if op == "acon_c" else getattr(reference, op)(xs)
+    y = getattr(reference, op)(xs, *ps)
     return xs, y
 
 
@@ -152,7 +137,7 @@ def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, write
             rounds.update({(p, mode): t for p, t in per_round.items()})
         runs.clear()
 
-    base = {"op": op, "dtype": dtype_name, "layout": layout, "beta": beta_kind if op == "acon_c" else "",
+    base = {"op": op, "dtype": dtype_name, "layout": layout, "beta": beta_kind if get(op).channel_dim else "",
             "numel": n, "shape": "x".join(map(str, shape)), **meta}
     for mode in [m for m in args.modes if m != "memory"]:
         nbytes = FLOOR_ELEMENT_PASSES[mode] * n * es

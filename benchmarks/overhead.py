@@ -7,6 +7,7 @@ import sys
 import torch
 
 import fusedact
+from fusedact._opinfo import get
 from cases import check, fns
 from harness import bench_cpu, csv_writer, paired_speedup
 
@@ -18,10 +19,10 @@ def overhead_case(op, numel):
     """x (and g, params) for the overhead case: 1-D for the unary ops, (4, 16, L) with
     per-channel (16,) parameters for acon_c."""
     gen = torch.Generator().manual_seed(0)
-    shape = (4, 16, max(1, numel // 64)) if op == "acon_c" else (numel,)
+    shape = (4, 16, max(1, numel // 64)) if get(op).channel_dim else (numel,)
     x = torch.randn(shape, generator=gen) * 3
     params = []
-    if op == "acon_c":
+    if get(op).channel_dim:
         params = [torch.randn(1, 16, 1, generator=gen), torch.randn(1, 16, 1, generator=gen), 1 + 0.5 * torch.rand(1, 16, 1, generator=gen)]
     return x, torch.randn(shape, generator=gen), params
 
@@ -37,7 +38,7 @@ def run_overhead(args, meta, writer, rows):
             all_fns = fns(op)
             for size in args.sizes:
                 x, g, params = overhead_case(op, 1 << size)
-                if op == "acon_c":  # fusedact takes (C,) parameters for channel_dim=1 on any rank
+                if get(op).channel_dim:  # fusedact takes (C,) parameters for channel_dim=1 on any rank
                     native = lambda x, p1, p2, b: fusedact.acon_c(x, p1.reshape(-1), p2.reshape(-1), b.reshape(-1))  # noqa: E731
                 else:
                     native = all_fns["native"]
@@ -56,7 +57,7 @@ def run_overhead(args, meta, writer, rows):
                 for mode in OVERHEAD_MODES:
                     for p in funcs:
                         t50, t20, t80 = times[(p, mode)]
-                        row = dict(meta, op=op, dtype="float32", layout="contiguous", beta="channel" if op == "acon_c" else "",
+                        row = dict(meta, op=op, dtype="float32", layout="contiguous", beta="channel" if get(op).channel_dim else "",
                                    numel=x.numel(), shape="x".join(map(str, x.shape)), provider=p,
                                    mode=f"overhead: {mode}, 1 thread", metric="time", unit="ms",
                                    p50=f"{t50:.5f}", p20=f"{t20:.5f}", p80=f"{t80:.5f}", status="ok")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import sys
 
+from fusedact._opinfo import get
 from cases import run_case
 from harness import Progress, csv_writer
 
@@ -31,8 +32,8 @@ def sweep_cases(args):
     acon_c in every layout and beta, the other ops contiguous."""
     cases = []
     for op in args.ops:
-        layouts = args.layouts if op == "acon_c" else ["contiguous"]
-        betas = args.betas if op == "acon_c" else ["-"]
+        layouts = args.layouts if get(op).channel_dim else ["contiguous"]
+        betas = args.betas if get(op).channel_dim else ["-"]
         for dt in args.dtypes:
             for size in args.sizes:
                 cases += [(op, dt, 1 << size, lay, b, None) for lay in layouts for b in betas]

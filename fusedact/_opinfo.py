@@ -67,6 +67,7 @@ class OpInfo:
     gradcheck: tuple[GradcheckCase, ...] = ()
     param_error_scale: Callable | None = None  # see fusedact.testing.param_terms_abs
     default_params: tuple = ()  # what the suite's op_fn passes when given no parameters
+    eager: Callable | None = None  # the eager PyTorch users write (the benchmarks' baseline)
 
     @property
     def unary(self) -> bool:
@@ -150,6 +151,12 @@ def _acon_c_onnx(x, p1, p2, beta, channel_dim):
     return reference.acon_c(x, p1, p2, beta, channel_dim=channel_dim)
 
 
+def _acon_c_eager(x, p1, p2, beta):
+    """The ACON-C module of the paper's code and YOLOv5 (parameters (1, C, 1, 1))."""
+    dpx = (p1 - p2) * x
+    return (dpx * torch.sigmoid(beta * dpx) + p2 * x).to(x.dtype)
+
+
 def _acon_c_params(x, rnd, *, cd, per_sample, module_layout, learnable):
     C = x.shape[cd]
     shape = [C]
@@ -201,16 +208,17 @@ OPS: tuple[OpInfo, ...] = (
         module=("Swish",), replaces=((_TORCH, "SiLU"), (_TIMM, "Swish"), (_TIMM_ME, "SwishMe")),
         sample_params=_swish_params, param_error_scale=_swish_error_scale,
         default_params=(1.7,),  # off 1: the general Swish-beta loop, not SiLU's
+        eager=F.silu,
         gradcheck=(GradcheckCase("swish-float-beta", learnable=False),
                    GradcheckCase("swish-learnable-beta", "channels_last"))),
     OpInfo(
         "mish", "x tanh(softplus(x))", (), slots=(0,), op_args=_unary_op_args,
-        reference_of=lambda args: reference.mish, onnx_form=F.mish,
+        reference_of=lambda args: reference.mish, onnx_form=F.mish, eager=F.mish,
         module=("Mish",), replaces=((_TORCH, "Mish"), (_TIMM, "Mish"), (_TIMM_ME, "MishMe")),
         sample_params=_no_params, gradcheck=(GradcheckCase("mish", "strided"),)),
     OpInfo(
         "hard_swish", "x relu6(x + 3) / 6; x itself from 3 on", (), slots=(0,), op_args=_unary_op_args,
-        reference_of=lambda args: reference.hard_swish, onnx_form=F.hardswish,
+        reference_of=lambda args: reference.hard_swish, onnx_form=F.hardswish, eager=F.hardswish,
         module=("HardSwish",), replaces=((_TORCH, "Hardswish"), (_TIMM, "HardSwish"), (_TIMM_ME, "HardSwishMe")),
         sample_params=_no_params, gradcheck=(GradcheckCase("hard_swish", "transposed"),)),
     OpInfo(
@@ -218,7 +226,7 @@ OPS: tuple[OpInfo, ...] = (
         (ParamInfo("p1", "(C,) or (1, C, 1, ...)"), ParamInfo("p2", "(C,) or (1, C, 1, ...)"),
          ParamInfo("beta", "as p1 (ACON-C), or per sample: (N, C) or (N, C, 1, ...) (Meta-ACON)")),
         slots=(0, 1, 2, 3), op_args=_acon_c_op_args, reference_of=_acon_c_reference_of, onnx_form=_acon_c_onnx,
-        module=("AconC", "MetaAconC"), channel_dim=True, sample_params=_acon_c_params,
+        module=("AconC", "MetaAconC"), channel_dim=True, eager=_acon_c_eager, sample_params=_acon_c_params,
         param_error_scale=_acon_c_error_scale,
         gradcheck=(GradcheckCase("acon_c-nchw"),
                    GradcheckCase("acon_c-channels_last", "channels_last", module_layout=True),

@@ -357,12 +357,42 @@ def test_docs_spec_is_the_shared_spec():
     assert ours.read_text() == SHARED_SPEC.read_text(), "docs/SPEC.md differs from ../shared/SPEC.md: copy it again"
 
 
-def test_readme_links_resolve():
-    """Every relative link of the README points to a file in the repository."""
+DOCS = ("README.md", "docs/integrations.md", "docs/testing.md", "docs/design.md", "benchmarks/README.md")
+
+
+def _anchors(text: str) -> set[str]:
+    """GitHub's anchors of a markdown file's headings."""
+    import re
+
+    out = set()
+    for title in re.findall(r"^#+ (.+)$", text, flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", title.strip().lower()).replace(" ", "-")
+        out.add(slug)
+    return out
+
+
+@pytest.mark.parametrize("doc", DOCS)
+def test_doc_links_resolve(doc):
+    """Every relative link of the README and the docs points to a file in the repository,
+    and every #anchor to a heading of that file."""
     import re
 
     root = Path(__file__).resolve().parents[1]
-    text = (root / "README.md").read_text()
-    links = [m for m in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text) if "://" not in m]
-    missing = [m for m in links if not (root / m).exists()]
-    assert not missing, missing
+    path = root / doc
+    text = path.read_text()
+    bad = []
+    for target, anchor in re.findall(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)", text):
+        if "://" in target:
+            continue
+        file = (path.parent / target).resolve() if target else path
+        if not file.exists():
+            bad.append(target)
+        elif anchor and file.suffix == ".md" and anchor not in _anchors(file.read_text()):
+            bad.append(f"{target}#{anchor}")
+    assert not bad, bad
+
+
+def test_readme_is_short():
+    """The README is for users: at most 250 lines, the rest in docs/ (issue 21)."""
+    root = Path(__file__).resolve().parents[1]
+    assert len((root / "README.md").read_text().splitlines()) <= 250
