@@ -92,8 +92,9 @@ struct CpuBackend {
       return;
     }
     const int64_t rows = geo.N * geo.R, C = geo.C;
-    // One call per task, not per row: a row of 64 channels is 4 AVX-512 vectors, and the
-    // per-row call cost more than its math (channels_last forward at 2^16: 2.7x NCHW's).
+    // One call per task, not per row: a row of 64 channels is 4 AVX-512 vectors, less
+    // work than the call.
+    // Measurements: benchmarks/NOTES.md, "CPU channels_last: one call a task".
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
       run_chunk<ChannelsForwardLoop<OpT, scalar_t, P, NP>>(x, y, C, pv, geo.R, b, e);
     });

@@ -32,9 +32,8 @@ using opmath_t = at::opmath_type<scalar_t>;
 // fp16_ieee_to_fp32_value and fp16_ieee_from_fp32_value (exact one way, round to
 // nearest even the other, as F16C's), on the bits read through a uint16_t pointer; a
 // NaN keeps its sign and the top of its payload, as with vcvtps2ph (c10 writes 0x7E00).
-// Through c10::Half itself GCC vectorized none of the float16 loops ("complicated
-// access pattern"), and they ran at 0.6x (hard_swish) to 0.9x (swish) of ATen's; GCC 12
-// vectorizes no _Float16 conversion either.
+// Not through c10::Half or _Float16, whose conversions GCC does not vectorize.
+// Measurements: benchmarks/NOTES.md, "CPU float16 conversions".
 typedef uint16_t half_bits_alias __attribute__((may_alias));
 using math::bits_to_float;
 using math::float_to_bits;
@@ -74,8 +73,9 @@ FUSEDACT_ALWAYS_INLINE opmath_t<scalar_t> load(const scalar_t* p, int64_t i) {
 }
 
 // opmath -> the tensor's dtype. bfloat16 rounds to nearest even from the bits, with NaN
-// a quiet NaN: c10's conversion, bit for bit, but with a select where c10 branches,
-// which kept GCC from vectorizing the loops that also reduce (7-15x slower).
+// a quiet NaN: c10's conversion, bit for bit, but with a select where c10 branches (the
+// branch keeps GCC from vectorizing the loops that also reduce).
+// Measurements: benchmarks/NOTES.md, "CPU bfloat16 rounding".
 template <typename scalar_t, typename T>
 FUSEDACT_ALWAYS_INLINE scalar_t to_scalar(T v) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16> && std::is_same_v<T, float>) {

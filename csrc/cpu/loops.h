@@ -144,8 +144,8 @@ struct RunsBackwardLoop {
 // One row of C consecutive channels (channels_last, (N, L, C)): the parameters change
 // with every element. The op is built from NP scalar loads (row_params, op_at) and the
 // parameter terms are added with compile-time indices (for_each_param): an array
-// indexed by a loop variable inside the simd loop keeps GCC from vectorizing it, and
-// the loop then ran 8-14x slower than the NCHW one.
+// indexed by a loop variable inside the simd loop keeps GCC from vectorizing it.
+// Measurements: benchmarks/NOTES.md, "CPU channels_last: compile-time indices".
 template <typename P, int NP>
 struct RowParams {
   const P* ptr[NP];  // the row's sample's values, indexed by channel

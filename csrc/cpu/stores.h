@@ -43,11 +43,11 @@ bool page_resident(const void* p) {
 #endif
 }
 
-// Non-temporal stores go only into pages already in memory. An output mapped anew
-// (glibc maps each allocation of 32 MiB or more afresh, and unmaps it when the tensor
-// dies) is faulted in by the stores themselves, the kernel zeroing each page first, and
-// cached stores then win: 5-10% at 16-64 MiB here. glibc writes its chunk header on the
-// first page, so the middle and the last page of the n elements are asked.
+// Non-temporal stores go only into pages already in memory: an output mapped anew (glibc
+// maps each allocation of 32 MiB or more afresh) is faulted in by the stores themselves,
+// and cached stores win there. The middle and the last page of the n elements are asked
+// (glibc writes its chunk header on the first).
+// Measurements: benchmarks/NOTES.md, "CPU store rule: outputs mapped anew".
 template <typename scalar_t>
 bool pages_in(const scalar_t* out, int64_t n) {
   return page_resident(out + n / 2) && page_resident(out + n - 1);
@@ -93,15 +93,9 @@ namespace {
 
 // Large outputs go to memory with non-temporal stores when they could not stay in the
 // last-level cache beside their inputs anyway: a normal store first reads the line it
-// writes (read for ownership), a third more memory traffic for a forward, a quarter for
-// a backward. Forward: output >= 24 MiB (input and output 1.5 times this machine's
-// 32 MiB L3). Streaming stores also take the same time whichever physical pages the
-// output got; cached ones do not: at (32, 64, 56, 56) float32 (24.5 MiB) the cached
-// hard_swish forward ran 0.29-0.37 ms or 0.56-0.78 ms (fast and slow memory states) by
-// the process and the buffer, 0.75x-1.17x of ATen's (cached too), streaming 0.30 and
-// 0.60 ms. At 16-20 MiB streaming measured 0.66x-1.2x of cached. Backward: g, x and dx
-// >= 64 MiB together, and only for a memory-bound loop (hard_swish): with an exp per
-// element (swish, mish) the backward measured 5-15% slower with streaming stores.
+// writes (read for ownership). Forward: output >= 24 MiB. Backward: g, x and dx
+// >= 64 MiB together, and only for a memory-bound loop (hard_swish, kStreamBackward).
+// Measurements: benchmarks/NOTES.md, "CPU store rule".
 constexpr int64_t kStreamBytes = int64_t(24) << 20;
 constexpr int64_t kStreamBackwardBytes = int64_t(64) << 20;
 
@@ -135,8 +129,8 @@ FUSEDACT_TARGET_AVX2 inline void stream_32B_blocks(void* dst, const void* src, i
 
 // dst[j] = f(i + j), rounded to scalar_t, for j < len (f gives opmath values). A
 // float16/bfloat16 result is computed into an opmath buffer and rounded in a second
-// loop: with the rounding in the same loop as the math, GCC interleaved 16- and 32-bit
-// lanes, and the AVX-512 bfloat16 loops ran 1.3x slower (hard_swish forward, 2^20).
+// loop: in the math's loop, GCC interleaves 16- and 32-bit lanes, which runs slower.
+// Measurements: benchmarks/NOTES.md, "CPU rounding in a second loop".
 constexpr int64_t kBlockBytes = 1024;
 
 // kLen > 0: a block of exactly kLen elements (len is ignored), which the compiler unrolls.
@@ -163,10 +157,11 @@ FUSEDACT_ALWAYS_INLINE void compute_block(scalar_t* dst, int64_t i, int64_t len,
   }
 }
 
-// out[i] = f(i) for i < n, the half types in blocks of kBlockBytes of output (float and
-// double in one loop: blocks of four vectors measured slower there, the compiler checking
-// for aliasing in every block). With kVector and `stream`, blocks computed into an
-// aligned buffer are written with non-temporal 32-byte stores.
+// out[i] = f(i) for i < n, the half types in blocks of kBlockBytes of output, float and
+// double in one loop (in blocks, the compiler checks for aliasing in every block). With
+// kVector and `stream`, blocks computed into an aligned buffer are written with
+// non-temporal 32-byte stores.
+// Measurements: benchmarks/NOTES.md, "CPU float and double in one loop".
 template <bool kVector, typename scalar_t, typename F>
 FUSEDACT_ALWAYS_INLINE void store_all(scalar_t* out, int64_t n, bool stream, F f) {
   constexpr int64_t kBlock = kBlockBytes / sizeof(scalar_t);
