@@ -94,8 +94,9 @@ FUSEDACT_HOST_DEVICE float exp_(float x) {
   return x < detail::kExpLow ? 0.0f : e;
 }
 
-// exp_ for x <= 0 (or NaN): the same values, without the clamp against overflow,
-// which cost the sigmoid's backward loops a quarter of their time on AVX-512.
+// exp_ for x <= 0 (or NaN): the same values, without the clamp against overflow, which
+// slows the sigmoid's backward loops.
+// Measurements: benchmarks/NOTES.md, "exp without the clamp".
 FUSEDACT_HOST_DEVICE float exp_nonpositive(float x) {
   const float e = detail::exp_reduced(x);
   return x < detail::kExpLow ? 0.0f : e;
@@ -285,8 +286,10 @@ struct Swish {
   }
 };
 
-// SiLU, swish at beta = 1 (F.silu, YOLOv5's default): the same values as Swish{1}, bit
-// for bit (the multiplications by beta are exact there), without those multiplications.
+// SiLU, swish at beta = 1 (F.silu, YOLOv5's default)
+//   y = x s(x),  dy/dx = s + x s (1 - s)
+// The same values as Swish{1}, bit for bit (the multiplications by beta are exact
+// there), without those multiplications.
 template <typename T>
 struct Silu {
   static constexpr int kParams = 0;
@@ -352,8 +355,8 @@ struct HardSwish {
     return x <= T(-3) ? T(-0.0) : y;
   }
   // Both directions select between values computed for every lane: written as nested
-  // selects, GCC turned each use of g into a masked load (the AVX-512 backward ran at
-  // half speed once out of the L2 cache), and the AVX2 forward took 15% longer.
+  // selects, GCC turns each use of g into a masked load.
+  // Measurements: benchmarks/NOTES.md, "hard_swish as two selects".
   template <class M = Precise>
   FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
     const T inner = g * (x / T(3) + T(0.5));

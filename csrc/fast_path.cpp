@@ -3,8 +3,8 @@
 // autograd forward+backward. Same ops, same kernels, same results; only the trip there is
 // shorter than torch.ops.fusedact.* from Python (argument parsing against the schema, the
 // Python Autograd kernel, an autograd.Function applied from Python and its Python
-// backward: about 3 us a forward and 7-9 us a forward+backward, more than the kernel
-// below 2^16 elements).
+// backward), which on small tensors costs more than the kernel.
+// Measurements: benchmarks/NOTES.md, "The trip from Python to the ops".
 //
 //   no_grad(...)   the op below autograd, through the dispatcher (CPU or CUDA kernel,
 //                  and any mode or subclass that sits below autograd)
@@ -176,9 +176,8 @@ namespace {
 // these can occur when the forward is our kernel: it returns a new tensor (short_way
 // declined dual tensors, and the caller checked wants_grad). Under a Python dispatch
 // mode or for a tensor subclass below autograd the forward may return anything, and
-// apply itself runs. That general handling cost 0.24 us a call with caches warm
-// (hard_swish at 2^8: 1.49 -> 1.25 us with grad, ATen's 1.33) and more after a kernel
-// has evicted them.
+// apply itself runs.
+// Measurements: benchmarks/NOTES.md, "apply's general handling".
 template <class F, class... Rest>
 Tensor apply_on_x(const Tensor& x, Rest... rest) {
   if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python) ||
@@ -265,12 +264,11 @@ Result acon_c(const Tensor& x, const Tensor& p1, const Tensor& p2, const Tensor&
 
 // ---- swish (float beta), mish and hard_swish as plain CPython functions, which the
 // functional API calls first with no Python check (Dynamo traces a stand-in returning
-// None: fusedact/functional.py). Their argument checks are here, not in Python: with
-// caches cold after a 2^20-element kernel, the Python checks cost 0.8 us a call (2% of
-// a 2 thread hard_swish at 2^20), and pybind11's call another 0.1-0.2. Each returns
-// None, and Python goes its checked way, unless x is exactly a torch.Tensor or
-// Parameter (a subclass may override __torch_function__) of a floating dtype and no
-// torch function mode is active.
+// None: fusedact/functional.py). Their argument checks are here: in Python, with
+// pybind11's call on top, they cost more. Each returns None, and Python goes its
+// checked way, unless x is exactly a torch.Tensor or Parameter (a subclass may override
+// __torch_function__) of a floating dtype and no torch function mode is active.
+// Measurements: benchmarks/NOTES.md, "Argument checks in C++".
 
 const Tensor* plain_float_tensor(PyObject* obj) {
   if (!THPVariable_CheckExact(obj) || at::impl::torch_function_mode_enabled()) return nullptr;

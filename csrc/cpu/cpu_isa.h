@@ -22,7 +22,7 @@ bool cpu_isa_from_name(const std::string& name, CpuIsa& isa);
 std::vector<CpuIsa> cpu_isas_available();
 
 // How the CPU loops write their outputs: Auto takes non-temporal (streaming) stores for
-// large outputs whose pages are in memory (activations_cpu.cpp says when); Streaming and
+// large outputs whose pages are in memory (stores.h says when); Streaming and
 // Cached always or never take them, for testing both paths at any size
 // (FUSEDACT_CPU_STORES=auto|streaming|cached at load time, fusedact._C.set_cpu_stores).
 enum class CpuStores { Auto, Streaming, Cached };

@@ -1,0 +1,209 @@
+// The CPU chunk loops, each run through run_chunk for the instruction set in use: flat
+// forward and backward, runs of one channel (NCHW-like), rows of C channels
+// (channels_last), and the backward loops that sum their chunk's parameter gradients.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#include "../channel_layout.h"
+#include "half_convert.h"
+#include "isa.h"
+#include "stores.h"
+
+namespace fusedact {
+namespace {
+
+// f(j) for j = 0 .. NP-1, each j a compile-time constant (std::integral_constant).
+template <int NP, typename F>
+FUSEDACT_ALWAYS_INLINE void for_each_param(F&& f) {
+  [&]<int... J>(std::integer_sequence<int, J...>) {
+    (f(std::integral_constant<int, J>{}), ...);
+  }(std::make_integer_sequence<int, NP>{});
+}
+
+// ---- chunk loops
+
+template <class Op, typename scalar_t>
+struct ForwardLoop {
+  template <bool kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t n, Op op, bool stream) {
+#ifdef FUSEDACT_X86_PATHS
+    if constexpr (kF16c<kVector, scalar_t>) {  // x in blocks converted with F16C
+      constexpr int64_t kB = kBlockBytes / sizeof(scalar_t);
+      alignas(64) float xb[kB];
+      for (int64_t b = 0; b < n; b += kB) {
+        const int64_t m = std::min(kB, n - b);
+        halves_to_floats(x + b, xb, m);
+        store_all<kVector>(y + b, m, stream, [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return op.forward(xb[j]); });
+      }
+      return;
+    }
+#endif
+    store_all<kVector>(y, n, stream, [=](int64_t i) FUSEDACT_LAMBDA_INLINE { return op.forward(load(x, i)); });
+  }
+};
+
+template <class Op, typename scalar_t>
+struct BackwardLoop {
+  template <bool kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
+                                         int64_t n, Op op, bool stream) {
+#ifdef FUSEDACT_X86_PATHS
+    if constexpr (kF16c<kVector, scalar_t>) {  // g and x in blocks converted with F16C
+      constexpr int64_t kB = kBlockBytes / sizeof(scalar_t);
+      alignas(64) float gb[kB], xb[kB];
+      for (int64_t b = 0; b < n; b += kB) {
+        const int64_t m = std::min(kB, n - b);
+        halves_to_floats(g + b, gb, m);
+        halves_to_floats(x + b, xb, m);
+        store_all<kVector>(dx + b, m, stream, [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return op.backward(gb[j], xb[j]); });
+      }
+      return;
+    }
+#endif
+    store_all<kVector>(dx, n, stream, [=](int64_t i) FUSEDACT_LAMBDA_INLINE {
+      return op.backward(load(g, i), load(x, i));
+    });
+  }
+};
+
+// dx over a run with one set of parameters, and the run's sums of g * dy/dparam:
+// kLanes independent accumulators (vector lanes), added in a fixed order at the end.
+template <class Op, typename scalar_t>
+struct ReduceBackwardLoop {
+  static constexpr int NP = Op::kParams;
+  static constexpr int kLanes = 16;
+  using T = opmath_t<scalar_t>;
+
+  template <bool kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
+                                         int64_t n, Op op, T* sums) {
+    T acc[NP][kLanes] = {};
+    const int64_t nv = n - n % kLanes;
+    for (int64_t i = 0; i < nv; i += kLanes) {
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) {
+        T dp[NP];
+        store(dx, i + l, op.backward(load(g, i + l), load(x, i + l), dp));
+        for_each_param<NP>([&](auto j) { acc[j][l] += dp[j]; });
+      }
+    }
+    for (int64_t i = nv; i < n; ++i) {
+      T dp[NP];
+      store(dx, i, op.backward(load(g, i), load(x, i), dp));
+      for_each_param<NP>([&](auto j) { acc[j][i - nv] += dp[j]; });
+    }
+    for (int j = 0; j < NP; ++j) {
+      T s = 0;
+      for (int l = 0; l < kLanes; ++l) s += acc[j][l];
+      sums[j] = s;
+    }
+  }
+};
+
+// Runs of `inner` elements that share a channel (NCHW-like), rows [begin, end) of the
+// [N][R][C] runs taken in one call: with short maps (7x7, 14x14) a call per run cost more
+// than its math. Row `row` is of channel row % C and sample row / (R C).
+template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+struct RunsForwardLoop {
+  template <bool kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t inner, int64_t C,
+                                         int64_t RC, ParamView<P, NP> pv, int64_t begin,
+                                         int64_t end, bool stream) {
+    using T = opmath_t<scalar_t>;
+    for (int64_t row = begin; row < end; ++row) {
+      T v[NP];
+      pv.load(row / RC, row % C, v);
+      ForwardLoop<OpT<T>, scalar_t>::template run<kVector>(x + row * inner, y + row * inner, inner,
+                                                           OpT<T>::from(v), stream);
+    }
+  }
+};
+
+// The same rows backward; sums[(row - begin) * NP + j] gets the run's sum for parameter j.
+template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+struct RunsBackwardLoop {
+  using T = opmath_t<scalar_t>;
+  template <bool kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
+                                         int64_t inner, int64_t C, int64_t RC, ParamView<P, NP> pv,
+                                         int64_t begin, int64_t end, T* sums) {
+    for (int64_t row = begin; row < end; ++row) {
+      T v[NP];
+      pv.load(row / RC, row % C, v);
+      const int64_t off = row * inner;
+      ReduceBackwardLoop<OpT<T>, scalar_t>::template run<kVector>(
+          g + off, x + off, dx + off, inner, OpT<T>::from(v), sums + (row - begin) * NP);
+    }
+  }
+};
+
+// One row of C consecutive channels (channels_last, (N, L, C)): the parameters change
+// with every element. The op is built from NP scalar loads (row_params, op_at) and the
+// parameter terms are added with compile-time indices (for_each_param): an array
+// indexed by a loop variable inside the simd loop keeps GCC from vectorizing it.
+// Measurements: benchmarks/NOTES.md, "CPU channels_last: compile-time indices".
+template <typename P, int NP>
+struct RowParams {
+  const P* ptr[NP];  // the row's sample's values, indexed by channel
+};
+
+template <typename P, int NP>
+FUSEDACT_ALWAYS_INLINE RowParams<P, NP> row_params(const ParamView<P, NP>& pv, int64_t n) {
+  RowParams<P, NP> rp;
+  for (int j = 0; j < NP; ++j) rp.ptr[j] = pv.ptr[j] + n * pv.n_stride[j];
+  return rp;
+}
+
+template <template <typename> class OpT, typename T, typename P, int NP>
+FUSEDACT_ALWAYS_INLINE OpT<T> op_at(const RowParams<P, NP>& rp, int64_t c) {
+  return [&]<int... J>(std::integer_sequence<int, J...>) {
+    return OpT<T>{static_cast<T>(rp.ptr[J][c])...};
+  }(std::make_integer_sequence<int, NP>{});
+}
+
+template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+struct ChannelsForwardLoop {
+  template <bool kVector>
+  // Rows [begin, end) of C elements; row r is of sample r / R.
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t C,
+                                         ParamView<P, NP> pv, int64_t R, int64_t begin, int64_t end) {
+    using T = opmath_t<scalar_t>;
+    for (int64_t row = begin; row < end; ++row) {
+      const RowParams<P, NP> rp = row_params(pv, row / R);
+      const scalar_t* xr = x + row * C;
+      store_all<kVector>(y + row * C, C, false, [&](int64_t c) FUSEDACT_LAMBDA_INLINE {
+        return op_at<OpT, T>(rp, c).forward(load(xr, c));
+      });
+    }
+  }
+};
+
+// acc[j * C + c] += g * dy/dparam_j for the row's channel c.
+template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+struct ChannelsBackwardLoop {
+  using T = opmath_t<scalar_t>;
+  template <bool kVector>
+  // `rows` consecutive rows of C elements, all of sample n.
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
+                                         int64_t C, ParamView<P, NP> pv, int64_t n, int64_t rows,
+                                         T* acc) {
+    const RowParams<P, NP> rp = row_params(pv, n);
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* gr = g + r * C;
+      const scalar_t* xr = x + r * C;
+      store_all<kVector>(dx + r * C, C, false, [&](int64_t c) FUSEDACT_LAMBDA_INLINE {
+        T dp[NP];
+        const T v = op_at<OpT, T>(rp, c).backward(load(gr, c), load(xr, c), dp);
+        for_each_param<NP>([&](auto j) { acc[j * C + c] += dp[j]; });
+        return v;
+      });
+    }
+  }
+};
+
+}  // namespace
+}  // namespace fusedact

@@ -1,0 +1,191 @@
+// How the CPU loops write their outputs: the store rule (when non-temporal stores pay,
+// FUSEDACT_CPU_STORES and set_cpu_stores, the mincore check of the output's pages) and
+// store_all, which computes an output block by block and stores or streams each block.
+// Included by activations_cpu.cpp alone: it defines cpu_isa.h's store-mode functions.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstdlib>
+#include <string>
+#include <type_traits>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+#include "../activation_math.h"
+#include "cpu_isa.h"
+#include "half_convert.h"
+#include "isa.h"
+
+namespace fusedact {
+
+// ---- store mode
+
+namespace {
+// Whether the page holding p is in memory (yes on an error, or without mincore).
+bool page_resident(const void* p) {
+#ifdef __linux__
+  static const uintptr_t page = static_cast<uintptr_t>(sysconf(_SC_PAGESIZE));
+  unsigned char in = 0;
+  void* start = reinterpret_cast<void*>(reinterpret_cast<uintptr_t>(p) & ~(page - 1));
+  return mincore(start, 1, &in) != 0 || (in & 1);
+#else
+  (void)p;
+  return true;
+#endif
+}
+
+// Non-temporal stores go only into pages already in memory: an output mapped anew (glibc
+// maps each allocation of 32 MiB or more afresh) is faulted in by the stores themselves,
+// and cached stores win there. The middle and the last page of the n elements are asked
+// (glibc writes its chunk header on the first).
+// Measurements: benchmarks/NOTES.md, "CPU store rule: outputs mapped anew".
+template <typename scalar_t>
+bool pages_in(const scalar_t* out, int64_t n) {
+  return page_resident(out + n / 2) && page_resident(out + n - 1);
+}
+
+CpuStores initial_stores() {
+  CpuStores mode = CpuStores::Auto;
+  if (const char* env = std::getenv("FUSEDACT_CPU_STORES")) cpu_stores_from_name(env, mode);
+  return mode;
+}
+std::atomic<int>& stores_slot() {
+  static std::atomic<int> slot{static_cast<int>(initial_stores())};
+  return slot;
+}
+}  // namespace
+
+CpuStores cpu_stores() { return static_cast<CpuStores>(stores_slot().load(std::memory_order_relaxed)); }
+void set_cpu_stores(CpuStores mode) { stores_slot().store(static_cast<int>(mode)); }
+bool cpu_pages_in(const void* p, int64_t bytes) {
+  return bytes <= 0 || pages_in(static_cast<const char*>(p), bytes);
+}
+
+std::string cpu_stores_name(CpuStores mode) {
+  switch (mode) {
+    case CpuStores::Streaming: return "streaming";
+    case CpuStores::Cached: return "cached";
+    default: return "auto";
+  }
+}
+
+bool cpu_stores_from_name(const std::string& name, CpuStores& mode) {
+  for (CpuStores candidate : {CpuStores::Auto, CpuStores::Streaming, CpuStores::Cached})
+    if (name == cpu_stores_name(candidate)) {
+      mode = candidate;
+      return true;
+    }
+  return false;
+}
+
+namespace {
+
+// ---- stores
+
+// Large outputs go to memory with non-temporal stores when they could not stay in the
+// last-level cache beside their inputs anyway: a normal store first reads the line it
+// writes (read for ownership). Forward: output >= 24 MiB. Backward: g, x and dx
+// >= 64 MiB together, and only for a memory-bound loop (hard_swish, kStreamBackward).
+// Measurements: benchmarks/NOTES.md, "CPU store rule".
+constexpr int64_t kStreamBytes = int64_t(24) << 20;
+constexpr int64_t kStreamBackwardBytes = int64_t(64) << 20;
+
+// Whether an output of n elements is written with non-temporal stores: by the rules
+// above (auto), or always or never (FUSEDACT_CPU_STORES, set_cpu_stores).
+template <typename scalar_t>
+bool stream_output(const scalar_t* out, int64_t n, bool large) {
+  switch (cpu_stores()) {
+    case CpuStores::Streaming: return true;
+    case CpuStores::Cached: return false;
+    default: return large && pages_in(out, n);
+  }
+}
+template <typename scalar_t>
+bool stream_forward_output(const scalar_t* y, int64_t n) {
+  return stream_output(y, n, n * int64_t(sizeof(scalar_t)) >= kStreamBytes);
+}
+
+template <class Op>
+constexpr bool kStreamBackward = false;
+template <typename T>
+constexpr bool kStreamBackward<math::HardSwish<T>> = true;
+
+#ifdef FUSEDACT_X86_PATHS
+FUSEDACT_TARGET_AVX2 inline void stream_32B_blocks(void* dst, const void* src, int64_t bytes) {
+  for (int64_t k = 0; k < bytes; k += 32)
+    _mm256_stream_si256(reinterpret_cast<__m256i*>(static_cast<char*>(dst) + k),
+                        _mm256_load_si256(reinterpret_cast<const __m256i*>(static_cast<const char*>(src) + k)));
+}
+#endif
+
+// dst[j] = f(i + j), rounded to scalar_t, for j < len (f gives opmath values). A
+// float16/bfloat16 result is computed into an opmath buffer and rounded in a second
+// loop: in the math's loop, GCC interleaves 16- and 32-bit lanes, which runs slower.
+// Measurements: benchmarks/NOTES.md, "CPU rounding in a second loop".
+constexpr int64_t kBlockBytes = 1024;
+
+// kLen > 0: a block of exactly kLen elements (len is ignored), which the compiler unrolls.
+template <int64_t kLen, bool kVector, typename scalar_t, typename F>
+FUSEDACT_ALWAYS_INLINE void compute_block(scalar_t* dst, int64_t i, int64_t len, F& f) {
+  using T = opmath_t<scalar_t>;
+  const int64_t m = kLen > 0 ? kLen : len;
+  if constexpr (std::is_same_v<scalar_t, T>) {
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) dst[j] = f(i + j);
+  } else {
+    constexpr int64_t kBuf = kBlockBytes / sizeof(scalar_t);
+    alignas(64) T buf[kBuf];
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) buf[j] = f(i + j);
+#ifdef FUSEDACT_X86_PATHS
+    if constexpr (kF16c<kVector, scalar_t>) {
+      floats_to_halves(buf, dst, m);
+      return;
+    }
+#endif
+#pragma omp simd
+    for (int64_t j = 0; j < m; ++j) store(dst, j, buf[j]);
+  }
+}
+
+// out[i] = f(i) for i < n, the half types in blocks of kBlockBytes of output, float and
+// double in one loop (in blocks, the compiler checks for aliasing in every block). With
+// kVector and `stream`, blocks computed into an aligned buffer are written with
+// non-temporal 32-byte stores.
+// Measurements: benchmarks/NOTES.md, "CPU float and double in one loop".
+template <bool kVector, typename scalar_t, typename F>
+FUSEDACT_ALWAYS_INLINE void store_all(scalar_t* out, int64_t n, bool stream, F f) {
+  constexpr int64_t kBlock = kBlockBytes / sizeof(scalar_t);
+  int64_t i = 0;
+#ifdef FUSEDACT_X86_PATHS
+  if constexpr (kVector) {
+    if (stream) {
+      const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 32);
+      const int64_t head = misalign % sizeof(scalar_t) ? n : std::min(n, ((32 - misalign) % 32) / int64_t(sizeof(scalar_t)));
+      compute_block<0, kVector>(out, 0, head, f);
+      alignas(32) scalar_t buf[kBlock];
+      for (i = head; i + kBlock <= n; i += kBlock) {
+        compute_block<kBlock, kVector>(buf, i, kBlock, f);
+        stream_32B_blocks(out + i, buf, sizeof buf);
+      }
+      _mm_sfence();
+    }
+  }
+#endif
+  if constexpr (!std::is_same_v<scalar_t, opmath_t<scalar_t>>) {
+    for (; i + kBlock <= n; i += kBlock) compute_block<kBlock, kVector>(out + i, i, kBlock, f);
+  }
+  compute_block<0, kVector>(out + i, i, n - i, f);
+}
+
+}  // namespace
+}  // namespace fusedact
