@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 
+import block
 import overhead
 import sweep
 from cases import DTYPES, MODES, OPS, PROVIDERS
@@ -68,6 +69,12 @@ def parse_args(argv=None):
     ap.add_argument("--overhead", action="store_true",
                     help="the call-overhead case instead: tensors of 2^8, 2^12, 2^16 elements (or --sizes), "
                          "one thread, CPU, no-grad forward and forward+backward, native against eager")
+    ap.add_argument("--block", action="store_true",
+                    help="the BatchNorm + activation block instead (benchmarks/block.py): a training step, fused "
+                         "against nn.BatchNorm2d + the eager activation and torch.compile of it; CPU")
+    ap.add_argument("--block-acts", nargs="+", default=block.BLOCK_ACTS, choices=block.BLOCK_ACTS)
+    ap.add_argument("--block-providers", nargs="+", default=["eager", "compile", "fused"],
+                    choices=["eager", "compile", "fused"])
     ap.add_argument("--warmup-ms", type=float, default=10.0)
     ap.add_argument("--rep-ms", type=float, default=60.0)
     ap.add_argument("--min-run-time", type=float, default=0.6, help="CPU: seconds per provider and case")
@@ -78,7 +85,10 @@ def parse_args(argv=None):
         if args.device == "cuda":
             ap.error("--overhead times the CPU: use --device cpu")
         args.sizes = args.sizes or overhead.OVERHEAD_SIZES
+    block_shapes = args.shapes
     sweep.fill_defaults(args)
+    if args.block:
+        args.shapes = block_shapes or ["x".join(map(str, s)) for s in block.BLOCK_SHAPES]
     args.shapes = [tuple(int(v) for v in sh.lower().split("x")) for sh in args.shapes]
     return args
 
@@ -88,11 +98,12 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     meta = versions(args.device)
-    csv_path = Path(args.csv) if args.csv else results_csv(meta, "-overhead" if args.overhead else "")
+    suffix = "-overhead" if args.overhead else "-block" if args.block else ""
+    csv_path = Path(args.csv) if args.csv else results_csv(meta, suffix)
     csv_path.parent.mkdir(parents=True, exist_ok=True)
-    (overhead if args.overhead else sweep).run(args, meta, csv_path)
+    (overhead if args.overhead else block if args.block else sweep).run(args, meta, csv_path)
     print(f"\nCSV: {csv_path}")
-    if args.plot and not args.overhead:
+    if args.plot and not (args.overhead or args.block):
         import subprocess
 
         subprocess.run([sys.executable, str(ROOT / "plot.py"), str(csv_path)], check=True)

@@ -40,7 +40,7 @@ def make_case(op, dtype, numel, layout, beta_kind, device, shape=None):
         g = g.contiguous(memory_format=torch.channels_last)
     params = []
     if get(op).channel_dim:
-        pdt = torch.float32  # parameters stay float32, as under autocast (SPEC.md)
+        pdt = torch.float32  # parameters stay float32, as under autocast (docs/SPEC.md)
         pshape = (1, shape[1], 1, 1)
         bshape = (shape[0], shape[1], 1, 1) if beta_kind == "sample" else pshape
         params = [torch.randn(pshape, generator=gen).to(pdt), torch.randn(pshape, generator=gen).to(pdt),

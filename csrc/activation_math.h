@@ -1,4 +1,4 @@
-// The one place the math lives (SPEC.md). Per-element forward and backward of every
+// The one place the math lives (docs/SPEC.md). Per-element forward and backward of every
 // activation, templated on the compute type T (float for float/half/bfloat16 inputs,
 // double for double), used unchanged by the CPU loops and the CUDA kernels.
 //
@@ -58,7 +58,7 @@ FUSEDACT_HOST_DEVICE uint32_t float_to_bits(float f) {
 // polynomial for e^r, and the scale 2^k applied as 2 * 2^(k-1), whose factor 2 is
 // folded into the polynomial (exact): 2^(k-1) is then a normal float for every k
 // used, built with one shift. Results below e^-86.9 (1.9e-38, under float's normal
-// range) flush to 0, as SPEC.md allows below ~1e-33; above FLT_MAX the last product
+// range) flush to 0, as docs/SPEC.md allows below ~1e-33; above FLT_MAX the last product
 // overflows to +inf.
 namespace detail {
 constexpr float kExpLow = -86.9f;  // k >= -125, so k - 1 >= -126
@@ -395,6 +395,80 @@ struct AconC {
     dp[1] = gx * (sc * (T(1) - zc * s));
     dp[2] = g * square_times_ds(u, z, s, sc);
     return g * (d * h + p2);
+  }
+};
+
+// identity: y = x; batch_norm_act's act="identity" (a plain BatchNorm).
+template <typename T>
+struct Identity {
+  static constexpr int kParams = 0;
+
+  template <class M = Precise>
+  FUSEDACT_HOST_DEVICE T forward(T x) const { return x; }
+  template <class M = Precise>
+  FUSEDACT_HOST_DEVICE T backward(T g, T) const { return g; }
+};
+
+// BatchNorm's normalization and affine as an activation's prologue (batch_norm_act):
+//   z = (x - mean) a + b (a = weight * invstd), y = act(z), dz = g act'(z).
+// Parameters: mean, a, b, then the activation's. The backward returns dz (not dx: dx
+// needs the sums, BnDx below) and sums dz (x - mean) and dz (dweight / invstd, dbias);
+// slot 2 is unused (zero), the activation's parameter gradients follow.
+template <template <typename> class Act>
+struct BnAct {
+  template <typename T>
+  struct Op {
+    static constexpr int kAct = Act<T>::kParams;
+    static constexpr int kParams = 3 + kAct;
+    T mean, a, b;
+    Act<T> act;
+
+    static FUSEDACT_HOST_DEVICE Op from(const T* v) {
+      if constexpr (kAct == 0) {
+        return {v[0], v[1], v[2], Act<T>{}};
+      } else {
+        return {v[0], v[1], v[2], Act<T>::from(v + 3)};
+      }
+    }
+    template <class M = Precise>
+    FUSEDACT_HOST_DEVICE T forward(T x) const {
+      return act.template forward<M>((x - mean) * a + b);
+    }
+    template <class M = Precise>
+    FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
+      const T xm = x - mean;
+      const T z = xm * a + b;
+      T dz;
+      if constexpr (kAct == 0) {
+        dz = act.template backward<M>(g, z);
+      } else {
+        T da[kAct];
+        dz = act.template backward<M>(g, z, da);
+        for (int j = 0; j < kAct; ++j) dp[3 + j] = da[j];
+      }
+      dp[0] = dz * xm;
+      dp[1] = dz;
+      dp[2] = T(0);
+      return dz;
+    }
+  };
+};
+
+// BatchNorm's dx from dz (BnAct's backward): dx = k1 dz + k2 (x - mean) + c per channel;
+// training: k1 = a, k2 = -a invstd^2 sum(dz (x - mean)) / M, c = -a sum(dz) / M;
+// inference: k1 = a, k2 = c = 0. Its slots sum nothing (zeros).
+template <typename T>
+struct BnDx {
+  static constexpr int kParams = 4;  // k1, k2, mean, c
+  T k1, k2, mean, c;
+
+  static FUSEDACT_HOST_DEVICE BnDx from(const T* v) { return {v[0], v[1], v[2], v[3]}; }
+  template <class M = Precise>
+  FUSEDACT_HOST_DEVICE T forward(T x) const { return x; }
+  template <class M = Precise>
+  FUSEDACT_HOST_DEVICE T backward(T dz, T x, T (&dp)[kParams]) const {
+    dp[0] = dp[1] = dp[2] = dp[3] = T(0);
+    return k1 * dz + (k2 * (x - mean) + c);
   }
 };
 

@@ -55,6 +55,25 @@ inline ChannelGeometry flat_geometry(const at::Tensor& x) {
   return g;
 }
 
+// The tensor the kernels walk (x dense; contiguous where per-sample parameters need
+// each sample to be one block, dim 0 outermost) and its geometry, channels at cd.
+inline ChannelGeometry channel_geometry(const at::Tensor& x, int64_t cd, bool per_sample, at::Tensor& walked) {
+  const int64_t N = per_sample ? x.size(0) : 1;
+  walked = dense(x);
+  const int64_t numel = walked.numel();
+  if (N > 1 && numel > 0 && walked.stride(0) * N != numel) walked = x.contiguous();
+  ChannelGeometry geo;
+  geo.N = N;
+  geo.C = x.size(cd);
+  if (numel == 0) {
+    geo.R = 0;
+  } else {
+    geo.inner = geo.C > 1 ? walked.stride(cd) : numel / N;
+    geo.R = numel / (N * geo.C * geo.inner);
+  }
+  return geo;
+}
+
 // acon_c's arguments, checked, in the form the kernels take.
 struct AconArgs {
   at::Tensor x;                     // dense
@@ -116,20 +135,7 @@ inline AconArgs acon_args(const char* op, const at::Tensor& x, const at::Tensor&
     a.beta_per_sample = true;
   }
   for (int j = 0; j < 3; ++j) a.param[j] = ps[j]->contiguous();
-
-  // Per-sample beta needs each sample to be one block: dim 0 outermost.
-  const int64_t N = a.beta_per_sample ? x.size(0) : 1;
-  a.x = dense(x);
-  const int64_t numel = a.x.numel();
-  if (N > 1 && numel > 0 && a.x.stride(0) * N != numel) a.x = x.contiguous();
-  a.geo.N = N;
-  a.geo.C = C;
-  if (numel == 0) {
-    a.geo.R = 0;
-  } else {
-    a.geo.inner = C > 1 ? a.x.stride(cd) : numel / N;
-    a.geo.R = numel / (N * C * a.geo.inner);
-  }
+  a.geo = channel_geometry(x, cd, a.beta_per_sample, a.x);
   return a;
 }
 

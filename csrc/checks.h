@@ -37,7 +37,7 @@ inline void check_same_dtype(const char* op, const char* name, const at::Tensor&
 }
 
 // A parameter is x's dtype, or float32 beside a float16/bfloat16 x (autocast keeps
-// parameters in float32; SPEC.md, mixed precision).
+// parameters in float32; docs/SPEC.md, mixed precision).
 inline void check_param_dtype(const char* op, const char* name, const at::Tensor& p,
                               const at::Tensor& x) {
   check_floating(op, name, p);

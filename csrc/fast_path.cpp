@@ -1,4 +1,4 @@
-// The functional API's short way to the native ops (fusedact/functional.py, `_run`), for
+// The functional API's fast path to the native ops (fusedact/functional.py, `_run`), for
 // the two calls that dominate a small tensor's cost: the no-grad forward and the plain
 // autograd forward+backward. Same ops, same kernels, same results; only the trip there is
 // shorter than torch.ops.fusedact.* from Python (argument parsing against the schema, the
@@ -173,7 +173,7 @@ namespace {
 // the same node (CppNode<F>, the same fields, so the engine, hooks and compiled autograd
 // see no difference), built without apply's general handling of several inputs and
 // outputs, outputs that are inputs or views, dirty inputs and forward-mode AD. None of
-// these can occur when the forward is our kernel: it returns a new tensor (short_way
+// these can occur when the forward is our kernel: it returns a new tensor (fast_path_allowed
 // declined dual tensors, and the caller checked wants_grad). Under a Python dispatch
 // mode or for a tensor subclass below autograd the forward may return anything, and
 // apply itself runs.
@@ -215,12 +215,12 @@ bool wants_grad(std::initializer_list<const Tensor*> ts) {
   return false;
 }
 
-// Whether the short way applies: no torch.func transform (functorch's layers are in the
+// Whether the fast path applies: no torch.func transform (functorch's layers are in the
 // thread's included dispatch keys, what torch._C._are_functorch_transforms_active reads)
 // and no dual tensor of forward-mode AD (a tangent at level 0, the only level
 // torch.autograd.forward_ad opens). The C++ Functions have no vmap rule and no JVP; the
 // Python Functions do.
-bool short_way(std::initializer_list<const Tensor*> ts) {
+bool fast_path_allowed(std::initializer_list<const Tensor*> ts) {
   const auto included = c10::impl::tls_local_dispatch_key_set().included_;
   if (included.has(c10::DispatchKey::FuncTorchDynamicLayerFrontMode) ||
       included.has(c10::DispatchKey::FuncTorchDynamicLayerBackMode))
@@ -230,34 +230,34 @@ bool short_way(std::initializer_list<const Tensor*> ts) {
   return true;
 }
 
-// Each returns None where the short way does not apply; Python then calls the op.
+// Each returns None where the fast path does not apply; Python then calls the op.
 using Result = c10::optional<Tensor>;
 
 Result swish(const Tensor& x, double beta, const OptTensor& beta_tensor) {
   if (beta_tensor.has_value()) {
-    if (!short_way({&x, &*beta_tensor})) return c10::nullopt;
+    if (!fast_path_allowed({&x, &*beta_tensor})) return c10::nullopt;
     if (wants_grad({&x, &*beta_tensor})) return SwishTensorFunction::apply(x, *beta_tensor);
   } else {
-    if (!short_way({&x})) return c10::nullopt;
+    if (!fast_path_allowed({&x})) return c10::nullopt;
     if (wants_grad({&x})) return beta == 1.0 ? apply_on_x<SiluFunction>(x) : apply_on_x<SwishFunction>(x, beta);
   }
   return below_autograd(ops().swish_fwd, x, beta, beta_tensor);
 }
 
 Result mish(const Tensor& x) {
-  if (!short_way({&x})) return c10::nullopt;
+  if (!fast_path_allowed({&x})) return c10::nullopt;
   if (wants_grad({&x})) return apply_on_x<MishFunction>(x);
   return below_autograd(ops().mish_fwd, x);
 }
 
 Result hard_swish(const Tensor& x) {
-  if (!short_way({&x})) return c10::nullopt;
+  if (!fast_path_allowed({&x})) return c10::nullopt;
   if (wants_grad({&x})) return apply_on_x<HardSwishFunction>(x);
   return below_autograd(ops().hard_swish_fwd, x);
 }
 
 Result acon_c(const Tensor& x, const Tensor& p1, const Tensor& p2, const Tensor& beta, int64_t channel_dim) {
-  if (!short_way({&x, &p1, &p2, &beta})) return c10::nullopt;
+  if (!fast_path_allowed({&x, &p1, &p2, &beta})) return c10::nullopt;
   if (wants_grad({&x, &p1, &p2, &beta})) return AconCFunction::apply(x, p1, p2, beta, channel_dim);
   return below_autograd(ops().acon_fwd, x, p1, p2, beta, channel_dim);
 }
@@ -326,15 +326,15 @@ PyObject* py_unary(PyObject*, PyObject* arg) {
 
 PyMethodDef fast_methods[] = {
     {"swish", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_swish)), METH_FASTCALL,
-     "swish(x, beta: float): y, or None where the short way does not apply"},
-    {"mish", py_unary<mish>, METH_O, "mish(x): y, or None where the short way does not apply"},
-    {"hard_swish", py_unary<hard_swish>, METH_O, "hard_swish(x): y, or None where the short way does not apply"},
+     "swish(x, beta: float): y, or None where the fast path does not apply"},
+    {"mish", py_unary<mish>, METH_O, "mish(x): y, or None where the fast path does not apply"},
+    {"hard_swish", py_unary<hard_swish>, METH_O, "hard_swish(x): y, or None where the fast path does not apply"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
 
 void register_fast_path(pybind11::module& m) {
-  auto fast = m.def_submodule("fast", "The functional API's short way to the native ops (csrc/fast_path.cpp).");
+  auto fast = m.def_submodule("fast", "The functional API's fast path to the native ops (csrc/fast_path.cpp).");
   // swish with a tensor beta and acon_c: their Python wrappers check the parameters first
   fast.def("swish_forward", [](const Tensor& x, double beta, const OptTensor& b) {
     return gil_released_if_large(x, [&] { return swish(x, beta, b); });

@@ -1,6 +1,6 @@
 // The Python module fusedact._C: loading it registers the ops; it also tells what the binary
 // was built with, lets tests pick the CPU instruction set, and holds the functional API's
-// short way to the ops (_C.fast, fast_path.cpp).
+// fast path to the ops (_C.fast, fast_path.cpp).
 #include <pybind11/pybind11.h>
 #include <c10/util/Exception.h>
 #include <torch/version.h>

@@ -18,6 +18,7 @@
 #include <c10/util/Optional.h>
 
 #include <tuple>
+#include <vector>
 
 #include "activation_math.h"
 #include "channel_layout.h"
@@ -224,6 +225,152 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward(
   return {dx, dp[0], dp[1], dp[2]};
 }
 
+// ---- batch_norm_act's passes (fusedact/batch_norm.py): params are opmath-typed
+// (C,) tensors, or (N, C) for a per-sample one (acon_c's beta); channels at dim 1.
+
+struct BnArgs {
+  at::Tensor x;  // as the kernels walk it
+  std::vector<at::Tensor> params;
+  ChannelGeometry geo;
+  std::vector<int64_t> n_stride;
+};
+
+inline BnArgs bn_args(const char* op, const at::Tensor& x, at::TensorList params, size_t count) {
+  check_floating(op, "x", x);
+  TORCH_CHECK(x.dim() >= 2, op, ": x must be (N, C, ...), got ", x.dim(), " dimension(s)");
+  TORCH_CHECK(params.size() == count, op, ": expected ", count, " parameter tensors, got ", params.size());
+  const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t N = x.size(0), C = x.size(1);
+  BnArgs a;
+  bool per_sample = false;
+  for (const at::Tensor& p : params) {
+    check_same_device(op, "params", p, x);
+    TORCH_CHECK(p.scalar_type() == opmath, op, ": params must be ", opmath, " for ", x.scalar_type(),
+                " x, got ", p.scalar_type());
+    const bool sample = p.numel() == N * C && p.numel() != C;
+    TORCH_CHECK(p.numel() == C || sample, op, ": params must have C = ", C, " or N * C elements, got ", p.sizes());
+    per_sample = per_sample || sample;
+    a.params.push_back(p.contiguous());
+    a.n_stride.push_back(sample ? C : 0);
+  }
+  a.geo = channel_geometry(x, 1, per_sample, a.x);
+  return a;
+}
+
+template <typename P, int NP>
+inline ParamView<P, NP> bn_param_view(const BnArgs& a) {
+  ParamView<P, NP> v;
+  for (int j = 0; j < NP; ++j) {
+    v.ptr[j] = a.params[j].data_ptr<P>();
+    v.n_stride[j] = a.n_stride[j];
+  }
+  return v;
+}
+
+template <class B, template <typename> class OpT>
+at::Tensor bn_forward(const at::Tensor& x, at::TensorList params) {
+  constexpr const char* name = "fusedact.bn_act_forward";
+  c10::DeviceGuard guard(x.device());
+  at::Tensor y;
+  FUSEDACT_DISPATCH(x.scalar_type(), [&] {
+    using P = at::opmath_type<scalar_t>;
+    constexpr int NP = OpT<P>::kParams;
+    const BnArgs a = bn_args(name, x, params, NP);
+    y = at::empty_like(a.x);
+    if (a.x.numel() == 0) return;
+    B::template channel_forward<OpT>(a.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a.geo,
+                                     bn_param_view<P, NP>(a));
+  });
+  return y;
+}
+
+// (dx or dz, the per-channel sums of every slot, in opmath)
+template <class B, template <typename> class OpT>
+std::tuple<at::Tensor, std::vector<at::Tensor>> bn_backward(const char* name, const at::Tensor& grad,
+                                                            const at::Tensor& x, at::TensorList params) {
+  check_grad(name, grad, x);
+  c10::DeviceGuard guard(x.device());
+  at::Tensor dx;
+  std::vector<at::Tensor> sums;
+  FUSEDACT_DISPATCH(x.scalar_type(), [&] {
+    using P = at::opmath_type<scalar_t>;
+    constexpr int NP = OpT<P>::kParams;
+    const BnArgs a = bn_args(name, x, params, NP);
+    const at::Tensor g = with_layout_of(grad, a.x);
+    dx = at::empty_like(a.x);
+    auto s = B::template channel_backward<OpT>(g.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(),
+                                               dx.data_ptr<scalar_t>(), a.geo, bn_param_view<P, NP>(a),
+                                               a.x.options());
+    for (int j = 0; j < NP; ++j)
+      sums.push_back(s[j]);
+  });
+  return {dx, sums};
+}
+
+// batch_norm_act's batch statistics: (mean, biased variance) per channel (dim 1), in
+// opmath, two read-only passes (the mean, then the squares about it).
+template <class B>
+std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x_in) {
+  constexpr const char* name = "fusedact.bn_stats";
+  check_floating(name, "x", x_in);
+  TORCH_CHECK(x_in.dim() >= 2, name, ": x must be (N, C, ...), got ", x_in.dim(), " dimension(s)");
+  c10::DeviceGuard guard(x_in.device());
+  at::Tensor x;
+  const ChannelGeometry geo = channel_geometry(x_in, 1, false, x);
+  const int64_t C = geo.C, M = C ? x.numel() / C : 0;
+  TORCH_CHECK(M > 0, name, ": x has no elements per channel");
+  const auto opmath = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  at::Tensor mean = at::empty({C}, x.options().dtype(opmath)), var = at::empty({C}, x.options().dtype(opmath));
+  FUSEDACT_DISPATCH(x.scalar_type(), [&] {
+    using T = at::opmath_type<scalar_t>;
+    std::vector<T> shift(C, T(0));
+    std::vector<double> s1(C), s2(C);
+    B::channel_sums(x.data_ptr<scalar_t>(), geo, shift.data(), s1.data(), s2.data());
+    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<T>(s1[c] / M);
+    B::channel_sums(x.data_ptr<scalar_t>(), geo, shift.data(), s1.data(), s2.data());
+    T* m = mean.data_ptr<T>();
+    T* v = var.data_ptr<T>();
+    for (int64_t c = 0; c < C; ++c) {
+      const double d = s1[c] / M;  // the residual of the shift, tiny (NaN about an infinite mean)
+      m[c] = static_cast<T>(std::isfinite(d) ? shift[c] + d : double(shift[c]));
+      v[c] = static_cast<T>(std::max(0.0, s2[c] / M - d * d));
+    }
+  });
+  return {mean, var};
+}
+
+// The activation by name: f.template operator()<OpT>() with OpT its BnAct.
+#define FUSEDACT_BN_ACT_DISPATCH(ACT, NAME, CALL)                                            \
+  if (ACT == "identity") return CALL(math::BnAct<math::Identity>::template Op);            \
+  if (ACT == "silu") return CALL(math::BnAct<math::Silu>::template Op);                    \
+  if (ACT == "swish") return CALL(math::BnAct<math::Swish>::template Op);                  \
+  if (ACT == "mish") return CALL(math::BnAct<math::Mish>::template Op);                    \
+  if (ACT == "hard_swish") return CALL(math::BnAct<math::HardSwish>::template Op);         \
+  if (ACT == "acon_c") return CALL(math::BnAct<math::AconC>::template Op);                 \
+  TORCH_CHECK(false, NAME, ": unknown act '", ACT, "' (identity, silu, swish, mish, hard_swish, acon_c)")
+
+template <class B>
+at::Tensor bn_act_forward(const at::Tensor& x, at::TensorList params, c10::string_view act) {
+#define FUSEDACT_CALL(OPT) bn_forward<B, OPT>(x, params)
+  FUSEDACT_BN_ACT_DISPATCH(act, "fusedact.bn_act_forward", FUSEDACT_CALL);
+#undef FUSEDACT_CALL
+}
+
+// (dz, sums): slot 0 sum(dz (x - mean)), 1 sum(dz), 2 zero, then the activation's.
+template <class B>
+std::tuple<at::Tensor, std::vector<at::Tensor>> bn_act_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                at::TensorList params, c10::string_view act) {
+#define FUSEDACT_CALL(OPT) bn_backward<B, OPT>("fusedact.bn_act_backward", grad, x, params)
+  FUSEDACT_BN_ACT_DISPATCH(act, "fusedact.bn_act_backward", FUSEDACT_CALL);
+#undef FUSEDACT_CALL
+}
+
+// dx = k1 dz + k2 (x - mean) + c per channel; params = (k1, k2, mean, c).
+template <class B>
+at::Tensor bn_dx(const at::Tensor& dz, const at::Tensor& x, at::TensorList params) {
+  return std::get<0>(bn_backward<B, math::BnDx>("fusedact.bn_dx", dz, x, params));
+}
+
 // Registers one backend's implementations of every op under its dispatch key.
 #define FUSEDACT_REGISTER_BACKEND(KEY, B)                             \
   TORCH_LIBRARY_IMPL(fusedact, KEY, m) {                              \
@@ -235,6 +382,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward(
     m.impl("hard_swish_backward", &fusedact::hard_swish_backward<B>); \
     m.impl("acon_c_forward", &fusedact::acon_c_forward<B>);           \
     m.impl("acon_c_backward", &fusedact::acon_c_backward<B>);         \
+  }
+
+// batch_norm_act's passes: the CPU only for now (their CUDA instantiations spilled a few
+// registers in the SASS check and have not run on a GPU; CUDA x takes the unfused path).
+#define FUSEDACT_REGISTER_BN_ACT(KEY, B)                     \
+  TORCH_LIBRARY_IMPL(fusedact, KEY, m) {                     \
+    m.impl("bn_act_forward", &fusedact::bn_act_forward<B>);  \
+    m.impl("bn_act_backward", &fusedact::bn_act_backward<B>); \
+    m.impl("bn_dx", &fusedact::bn_dx<B>);                    \
+    m.impl("bn_stats", &fusedact::bn_stats<B>);              \
   }
 
 }  // namespace fusedact

@@ -17,14 +17,14 @@ from . import nn, reference
 from ._build_config import CUDA_ARCH_LIST as _CUDA_ARCH_LIST
 from ._build_config import VERSION as __version__
 from .conversion import convert
-from .functional import BACKENDS, acon_c, hard_swish, mish, swish
+from .functional import BACKENDS, acon_c, batch_norm_act, hard_swish, mish, swish
 from . import triton  # noqa: E402  (never fails without triton)
 
 _register_autograd("fusedact")  # torch.ops.fusedact.* differentiable by themselves
 _onnx.install("fusedact")  # torch.onnx.export turns the ops into standard ONNX operators
 _inductor.register("fusedact")  # torch.compile may fuse the ops (fusedact.config.compile)
 
-__all__ = ["swish", "mish", "hard_swish", "acon_c", "convert", "nn", "reference", "config", "build_info", "BACKENDS"]
+__all__ = ["swish", "mish", "hard_swish", "acon_c", "batch_norm_act", "convert", "nn", "reference", "config", "build_info", "BACKENDS"]
 
 
 # Submodules loaded on first use, so that `import fusedact` stays as fast as it was:

@@ -10,7 +10,7 @@ which export and the ONNX exporter read too (and which Inductor refuses under ``
 next to a fallback). Each decomposition first asks ``fusedact.config.compile``: for
 ``"kernel"`` it returns NotImplemented, and the op stays in the graph as our kernel.
 
-Where an aten op computes SPEC.md's function with our edge conventions (SiLU, mish
+Where an aten op computes docs/SPEC.md's function with our edge conventions (SiLU, mish
 forward and backward), the decomposition is that op, so a converted model compiles to
 the graph the original compiles to: with a formula of our own, the partitioner chose
 to save more (timm resnet26 with Mish: 593 MB against 480 MB, benchmarks/NOTES.md).
@@ -30,7 +30,7 @@ import torch
 from . import config
 from .reference import channel_view
 
-__all__ = ["AUTO", "DECOMPOSITIONS", "mode_for", "op_of", "register"]
+__all__ = ["AUTO", "AUTO_BLOCKS", "DECOMPOSITIONS", "mode_for", "op_of", "register"]
 
 # "auto": per device type and op, "fuse" or "kernel", whichever runs a compiled training
 # step faster (benchmarks/models.py, benchmarks/NOTES.md "Under torch.compile"); an op
@@ -43,6 +43,12 @@ AUTO = {
     "cuda": {"swish": "fuse", "mish": "fuse", "hard_swish": "fuse", "acon_c": "fuse"},
 }
 
+# The fused blocks (fusedact.batch_norm_act): "fuse" hands Inductor the eager form
+# (F.batch_norm, then the activation) to fuse with its neighbours, "kernel" keeps our op.
+# CPU: our block ran 1.3-2.9x torch.compile of the eager block (bench.py --block,
+# benchmarks/README.md); CUDA has no fused block kernel yet.
+AUTO_BLOCKS = {"cpu": {"batch_norm_act": "kernel"}, "cuda": {"batch_norm_act": "fuse"}}
+
 _HALF = (torch.float16, torch.bfloat16)
 _SATURATION = {torch.float32: 128.0, torch.float64: 1024.0}  # activation_math.h's SigmoidSaturation
 
@@ -51,7 +57,8 @@ def mode_for(op: str, device: torch.device) -> str:
     """"fuse" or "kernel": what config.compile means for ``op`` on ``device``."""
     mode = config.compile
     if mode == "auto":
-        return AUTO.get(device.type, {}).get(op, "kernel")
+        table = AUTO_BLOCKS if op in AUTO_BLOCKS["cpu"] else AUTO
+        return table.get(device.type, {}).get(op, "kernel")
     return mode
 
 

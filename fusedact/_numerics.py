@@ -82,7 +82,7 @@ def to64(t):
 
 def param_terms_abs(op, x64, g64, params64, channel_dim):
     """Per parameter value, the sum over the elements it touches of the magnitudes of
-    the factors of g * dy/dp (SPEC.md's derivatives): the scale of its rounding error.
+    the factors of g * dy/dp (docs/SPEC.md's derivatives): the scale of its rounding error.
     It equals sum |g dy/dp| except where a factor such as 1 + beta u (1 - s) crosses
     zero, where the error is relative to its parts, not to their sum. Each is scaled by
     1 + |z|, z the sigmoid's argument: z itself carries a few ulp of rounding (beta *

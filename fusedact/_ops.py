@@ -66,3 +66,38 @@ def _acon_c_backward(grad, x, p1, p2, beta, channel_dim):
     _, per_sample = check_acon_args(op, x, p1, p2, beta, channel_dim)
     check_grad(op, grad, x)
     return output_like(x, per_sample), param_grad(p1), param_grad(p2), param_grad(beta)
+
+
+# ---- batch_norm_act's passes (fusedact/batch_norm.py)
+
+
+def _bn_out(x, params):
+    per_sample = any(p.numel() != x.shape[1] for p in params)
+    return output_like(x, per_sample)
+
+
+@register_fake("fusedact::bn_act_forward")
+def _bn_act_forward(x, params, act):
+    check_x("fusedact.bn_act_forward", x)
+    return _bn_out(x, params)
+
+
+@register_fake("fusedact::bn_act_backward")
+def _bn_act_backward(grad, x, params, act):
+    check_x("fusedact.bn_act_backward", x)
+    check_grad("fusedact.bn_act_backward", grad, x)
+    return _bn_out(x, params), [p.new_empty(p.shape) for p in params]
+
+
+@register_fake("fusedact::bn_dx")
+def _bn_dx(dz, x, params):
+    check_x("fusedact.bn_dx", x)
+    check_grad("fusedact.bn_dx", dz, x)
+    return _bn_out(x, params)
+
+
+@register_fake("fusedact::bn_stats")
+def _bn_stats(x):
+    check_x("fusedact.bn_stats", x)
+    stat = x.new_empty((x.shape[1],), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return stat, torch.empty_like(stat)

@@ -3,7 +3,7 @@
 ``fusedact.config.compile`` (env ``FUSEDACT_COMPILE``): what Inductor does with the fused
 ops when ``torch.compile`` compiles a graph that holds them.
 
-- ``"fuse"``: Inductor decomposes each op into aten ops (SPEC.md's math, the kernels'
+- ``"fuse"``: Inductor decomposes each op into aten ops (docs/SPEC.md's math, the kernels'
   edge conventions) and fuses them with their neighbours; the min-cut partitioner may
   then recompute the activation's input instead of saving it.
 - ``"kernel"``: our kernels stay opaque calls in the compiled graph.

@@ -25,6 +25,7 @@ difference. Hooks registered on a replaced module are not carried over.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 
 from torch import nn
@@ -137,11 +138,78 @@ def _replacement(m: nn.Module, backend) -> nn.Module | None:
     return new.train(m.training)
 
 
-def convert(model: nn.Module, *, backend: str | None = None) -> nn.Module:
+def _fusible(act) -> bool:
+    """An activation batch_norm_act runs in its pass, with no parameters (which would
+    move in the state_dict) and the native backend."""
+    return (type(act) in (fnn.Swish, fnn.Mish, fnn.HardSwish) and next(act.parameters(), None) is None
+            and act.backend in (None, "native"))
+
+
+def _is_bn(m, dims=(1, 2)) -> bool:
+    return (type(m) is nn.BatchNorm2d and 2 in dims) or (type(m) is nn.BatchNorm1d and 1 in dims)
+
+
+def _bn_act(bn, act):
+    cls = fnn.BatchNormAct2d if type(bn) is nn.BatchNorm2d else fnn.BatchNormAct1d
+    return cls.from_modules(bn, act)
+
+
+def _conv_bn_act(m, x):
+    """ultralytics' Conv.forward, act(bn(conv(x))), with bn a BatchNormAct2d holding act."""
+    return m.bn(m.conv(x))
+
+
+def _ultralytics_conv_forward():
+    import sys
+
+    mod = sys.modules.get("ultralytics.nn.modules.conv")
+    return getattr(getattr(mod, "Conv", None), "forward", None)
+
+
+def _fuse_bn(model: nn.Module) -> nn.Module:
+    """BatchNorm directly followed by an activation, as one BatchNormAct: in an
+    nn.Sequential; ultralytics' Conv family (a class whose forward is Conv.forward,
+    act(bn(conv(x)))), whose instance forward becomes bn(conv(x)) with the act inside
+    bn, so that ultralytics' fuse() (which folds bn into conv and calls act(conv(x)))
+    stays right; timm's BatchNormAct2d without dropout. State_dict keys do not change."""
+    conv_forward = _ultralytics_conv_forward()
+    seen = set()
+
+    def visit(m):
+        if id(m) in seen:
+            return m
+        seen.add(id(m))
+        t = type(m)
+        if (t.__module__, t.__name__) == ("timm.layers.norm_act", "BatchNormAct2d") and \
+                type(m.drop) is nn.Identity and _fusible(m.act) and not isinstance(m, fnn.BatchNormAct2d):
+            return fnn.BatchNormAct2d.from_modules(m, m.act)
+        if conv_forward is not None and getattr(t, "forward", None) is conv_forward and \
+                _is_bn(getattr(m, "bn", None), (2,)) and _fusible(getattr(m, "act", None)):
+            m.bn = _bn_act(m.bn, m.act)
+            m.forward = functools.partial(_conv_bn_act, m)
+        if isinstance(m, nn.Sequential):
+            keys = list(m._modules)
+            for a, b in zip(keys, keys[1:]):
+                if _is_bn(m._modules[a]) and _fusible(m._modules[b]):
+                    m._modules[a] = _bn_act(m._modules[a], m._modules[b])
+                    m._modules[b] = nn.Identity()
+        for name, child in list(m._modules.items()):
+            if child is not None:
+                new = visit(child)
+                if new is not child:
+                    setattr(m, name, new)
+        return m
+
+    return visit(model)
+
+
+def convert(model: nn.Module, *, backend: str | None = None, fuse_bn: bool = True) -> nn.Module:
     """Replaces, in place, every SiLU, Mish, Hardswish and ACON-C / Meta-ACON module in
     ``model`` by its fusedact module (see this module's docstring for the exact rules),
     keeping their parameters, and returns the model. ``backend`` is that of the new
     modules, and is given to the fusedact modules already there when it is not None.
+    ``fuse_bn``: a BatchNorm directly followed by a parameter-free activation becomes one
+    fusedact.nn.BatchNormAct2d/1d (see _fuse_bn); False keeps them apart.
 
     Only modules are converted: activations called as functions inside a forward
     (``F.silu(x)``) stay as they are. When ``model`` itself is such a module, the
@@ -172,4 +240,5 @@ def convert(model: nn.Module, *, backend: str | None = None) -> nn.Module:
                 setattr(m, name, replaced)
         return m
 
-    return visit(model)
+    model = visit(model)
+    return _fuse_bn(model) if fuse_bn else model

@@ -1,4 +1,4 @@
-"""Modules: Swish, Mish, HardSwish, AconC, MetaAconC.
+"""Modules: Swish, Mish, HardSwish, AconC, MetaAconC, BatchNormAct2d, BatchNormAct1d.
 
 AconC and MetaAconC keep the parameter layout of the ACON paper's code and YOLOv5
 (p1, p2 ~ randn and beta = 1, shape (1, C, 1, 1)), so their state dicts load as they are.
@@ -10,7 +10,7 @@ from torch import nn
 
 from . import functional as F
 
-__all__ = ["Swish", "Mish", "HardSwish", "AconC", "MetaAconC"]
+__all__ = ["Swish", "Mish", "HardSwish", "AconC", "MetaAconC", "BatchNormAct2d", "BatchNormAct1d"]
 
 
 class Swish(nn.Module):
@@ -149,3 +149,93 @@ class MetaAconC(nn.Module):
 
     def extra_repr(self) -> str:
         return f"channels={self.p1.numel()}, hidden={self.fc1.out_channels}, bn={self.bn1 is not None}"
+
+
+# ---- BatchNorm + activation
+
+
+def _act_call(act: nn.Module):
+    """(act name, act_params, backend) for batch_norm_act from an activation module."""
+    backend = getattr(act, "backend", None)
+    if isinstance(act, Swish):
+        return "swish", ((act.beta,) if isinstance(act.beta, torch.Tensor) or act.beta != 1.0 else ()), backend
+    if isinstance(act, Mish):
+        return "mish", (), backend
+    if isinstance(act, HardSwish):
+        return "hard_swish", (), backend
+    if isinstance(act, AconC) and act.channel_dim == 1:
+        return "acon_c", (act.p1.reshape(-1), act.p2.reshape(-1), act.beta.reshape(-1)), backend
+    if type(act) is nn.Identity:
+        return "identity", (), None
+    raise TypeError(f"fusedact.nn.BatchNormAct: act must be Swish, Mish, HardSwish, AconC (channel_dim=1), "
+                    f"nn.Identity or one of their names, got {type(act).__name__}")
+
+
+def _make_act(act, num_features: int, backend) -> nn.Module:
+    if isinstance(act, nn.Module):
+        _act_call(act)  # checks it
+        return act
+    kw = {} if backend is None else {"backend": backend}
+    makers = {"swish": lambda: Swish(**kw), "silu": lambda: Swish(**kw), "mish": lambda: Mish(**kw),
+              "hard_swish": lambda: HardSwish(**kw), "acon_c": lambda: AconC(num_features, **kw),
+              "identity": nn.Identity}
+    if act not in makers:
+        raise ValueError(f"fusedact.nn.BatchNormAct: unknown act {act!r}; choose one of {sorted(makers)}")
+    return makers[act]()
+
+
+class _BatchNormActMixin:
+    """nn.BatchNorm's state (weight, bias, running_mean, running_var, num_batches_tracked:
+    the same state_dict keys) and its momentum rules, then the activation, in one op."""
+
+    def __init__(self, num_features: int, act="swish", eps: float = 1e-5, momentum: float | None = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, *, backend: str | None = None,
+                 device=None, dtype=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
+        self.act = _make_act(act, num_features, backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._bn_act_forward(x)
+
+    def _bn_act_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        # nn.BatchNorm's own rules: momentum=None is the cumulative average
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        track = not self.training or self.track_running_stats
+        name, params, backend = _act_call(self.act)
+        kw = {} if backend is None else {"backend": backend}
+        return F.batch_norm_act(x, self.running_mean if track else None, self.running_var if track else None,
+                                self.weight, self.bias, bn_training, factor, self.eps, name, *params, **kw)
+
+    @classmethod
+    def from_modules(cls, bn: nn.modules.batchnorm._BatchNorm, act: nn.Module):
+        """A BatchNormAct over bn's own Parameter and buffer objects (an optimizer built
+        before keeps them) and the activation module ``act`` (a fusedact activation or
+        nn.Identity)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
+            setattr(new, attr, getattr(bn, attr))
+        for name, p in bn._parameters.items():
+            new._parameters[name] = p
+        for name, b in bn._buffers.items():
+            new._buffers[name] = b
+        new._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
+        new.train(bn.training)
+        new.act = _make_act(act, bn.num_features, None)
+        return new
+
+
+class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
+    """``act(nn.BatchNorm2d(x))`` in one op (fusedact.batch_norm_act): saves x and the
+    statistics, never the BatchNorm output. ``act``: "swish", "mish", "hard_swish",
+    "acon_c", "identity" or a fusedact activation module; its parameters are under
+    ``act.``."""
+
+
+class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
+    """BatchNormAct2d for (N, C) and (N, C, L) input."""

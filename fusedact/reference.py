@@ -1,4 +1,4 @@
-"""Plain eager implementations, written from SPEC.md; autograd by PyTorch.
+"""Plain eager implementations, written from docs/SPEC.md; autograd by PyTorch.
 
 These are the yardstick the kernels are tested against (evaluated in float64) and the
 ``backend="eager"`` of the functional API. They keep the eager memory cost: autograd
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["swish", "mish", "hard_swish", "acon_c"]
+__all__ = ["swish", "mish", "hard_swish", "acon_c", "batch_norm_act"]
 
 
 def swish(x: torch.Tensor, beta: float | torch.Tensor = 1.0) -> torch.Tensor:
@@ -67,3 +67,32 @@ def acon_c(
     beta = channel_view(beta, x, cd, per_sample)
     d = p1 - p2
     return (x * (d * torch.sigmoid(beta * (d * x)) + p2)).to(x.dtype)
+
+
+def activation(z: torch.Tensor, act: str, beta: float = 1.0, p1=None, p2=None, act_beta=None) -> torch.Tensor:
+    """batch_norm_act's activation of z (N, C, ...) by name; act_beta: swish's tensor beta
+    or acon_c's beta."""
+    if act == "identity":
+        return z
+    if act == "swish":
+        return swish(z, beta if act_beta is None else act_beta)
+    if act == "acon_c":
+        return acon_c(z, p1.reshape(-1), p2.reshape(-1), act_beta.reshape(-1) if act_beta.numel() == z.shape[1]
+                      else act_beta.reshape(z.shape[0], z.shape[1]), channel_dim=1)
+    return {"mish": mish, "hard_swish": hard_swish}[act](z)
+
+
+def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
+                   act="swish", *act_params) -> torch.Tensor:
+    """F.batch_norm (updating the running statistics in training, as nn.BatchNorm2d) then
+    the activation: fusedact.batch_norm_act's eager form."""
+    z = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    beta, p1, p2, act_beta = 1.0, None, None, None
+    if act == "acon_c":
+        p1, p2, act_beta = act_params
+    elif act == "swish" and act_params:
+        if isinstance(act_params[0], torch.Tensor):
+            act_beta = act_params[0]
+        else:
+            beta = float(act_params[0])
+    return activation(z, act, beta, p1, p2, act_beta)

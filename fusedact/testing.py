@@ -150,8 +150,8 @@ def check_no_less_accurate(named: Sequence[tuple], slack: float) -> ParityReport
 def slack_for(dtype: torch.dtype) -> float:
     """What a fused tensor may add to twice the eager error, relative: float16 and
     bfloat16 kernels compute in float32 and round once, half an ulp of the dtype
-    (SPEC.md); float32 and float64 kernels compute in the dtype itself, within a few ulp
-    of it (SPEC.md: "float32 within a few ulp"), taken as 4 ulp, the bound fusedact's
+    (docs/SPEC.md); float32 and float64 kernels compute in the dtype itself, within a few ulp
+    of it (docs/SPEC.md: "float32 within a few ulp"), taken as 4 ulp, the bound fusedact's
     conversion tests have always used."""
     eps = torch.finfo(dtype).eps
     return eps / 2 if dtype in (torch.float16, torch.bfloat16) else 4 * eps

@@ -1,5 +1,5 @@
 """torch.autocast: a CNN of fusedact modules runs under autocast (CPU bfloat16; CUDA
-float16 and bfloat16), its parameters stay float32 with float32 gradients (SPEC.md's
+float16 and bfloat16), its parameters stay float32 with float32 gradients (docs/SPEC.md's
 mixed precision), and its output and gradients are as accurate as the eager model's.
 
 The fused ops are in none of autocast's cast lists, like torch.nn.functional.silu:

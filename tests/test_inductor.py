@@ -1,5 +1,5 @@
 """torch.compile's choice between our kernels and Inductor's fusion (fusedact.config.compile,
-fusedact/_inductor.py): the decompositions compute SPEC.md's functions with the kernels'
+fusedact/_inductor.py): the decompositions compute docs/SPEC.md's functions with the kernels'
 edge conventions, "fuse" leaves no fused op in Inductor's code and "kernel" all of them,
 "auto" follows its table, the setting is checked, guarded and part of the cache key, and
 a fused Conv-BN-SiLU block saves what the same block with F.silu saves."""
@@ -336,6 +336,8 @@ def test_auto_table_covers_every_op():
     for device in ("cpu", "cuda"):
         assert set(_inductor.AUTO[device]) == {"swish", "mish", "hard_swish", "acon_c"}
         assert set(_inductor.AUTO[device].values()) <= {"fuse", "kernel"}
+        assert set(_inductor.AUTO_BLOCKS[device]) == {"batch_norm_act"}
+        assert set(_inductor.AUTO_BLOCKS[device].values()) <= {"fuse", "kernel"}
 
 
 def test_setting_is_checked_and_keys_the_caches():

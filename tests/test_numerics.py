@@ -58,13 +58,13 @@ def check_every_half_value(device, dtype, op, backend):
     y, ref64 = run_forward(op, x, backend)
     expected = ref64.to(dtype)  # correctly rounded
     dist = (ordered(y) - ordered(expected)).abs()
-    # SPEC.md: results below ~1e-33 in magnitude may flush to zero in float32 opmath
+    # docs/SPEC.md: results below ~1e-33 in magnitude may flush to zero in float32 opmath
     flushed = (ref64.abs() < 1e-33) & (y == 0)
     if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
         # Triton's interpreter converts bfloat16 subnormals (float32 subnormals) wrongly
         # in both directions (hard_swish(-6.4e-40) came out -4.4e-39; a GPU's cvt
         # instructions are exact): below float32's normal range (1.2e-38, inside
-        # SPEC.md's flush range) accept any result of that size.
+        # docs/SPEC.md's flush range) accept any result of that size.
         flushed |= (ref64.abs() < torch.finfo(torch.float32).tiny) & (y.double().abs() < 1e-33)
     bad = (dist > 2) & ~flushed
     assert not bad.any(), (

@@ -101,7 +101,7 @@ def test_mixed_precision(device, dtype, op, backend):
 def test_matches_torch_functional(device, dtype, backend):
     """swish at beta = 1 is F.silu, mish is F.mish, hard_swish is F.hardswish, forward and
     backward, for finite inputs. hard_swish in float64 on the CPU is bit-for-bit torch's
-    below 3 and in its gradient; from 3 on it is x itself (SPEC.md), where torch's
+    below 3 and in its gradient; from 3 on it is x itself (docs/SPEC.md), where torch's
     x * 6 / 6 can be an ulp off. torch's CUDA forward multiplies by a float32 1/6
     (relative error 3e-8, inside float64's rtol of 1e-7 used below), so there only the
     gradient is bit-for-bit."""
@@ -132,7 +132,7 @@ def test_matches_torch_functional(device, dtype, backend):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_hard_swish_kink_convention_is_torch(device, backend):
-    """SPEC.md says PyTorch's gradient is 0 at x = -3 and 1 at x = 3; check that against
+    """docs/SPEC.md says PyTorch's gradient is 0 at x = -3 and 1 at x = 3; check that against
     the installed torch, and that we do the same."""
     x = torch.tensor([-3.0, 3.0, -3.0001, 2.9999], dtype=torch.float64, device=device)
     a, b = x.clone().requires_grad_(), x.clone().requires_grad_()

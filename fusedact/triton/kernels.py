@@ -1,6 +1,6 @@
 """The Triton kernels: forward and backward of swish, mish, hard_swish and acon_c.
 
-They compute SPEC.md's functions with the same opmath and the same numerical forms as
+They compute docs/SPEC.md's functions with the same opmath and the same numerical forms as
 csrc/activation_math.h (float32 for float32/float16/bfloat16 inputs, float64 for
 float64, the same exp polynomial, the same guards where the sigmoid saturates), so the
 two backends agree to a few float32 ulp.

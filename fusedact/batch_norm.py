@@ -1,0 +1,327 @@
+"""BatchNorm + activation in one op: ``fusedact.batch_norm_act``.
+
+The normalization is the activation's prologue (docs/design.md): with a = weight *
+invstd per channel, z = (x - mean) a + bias and y = act(z).
+- Training: the per-channel mean and biased variance of x in two read-only passes
+  (``bn_stats``: opmath partials per fixed block, added in double in a fixed order), the
+  running statistics updated as nn.BatchNorm2d does, then one pass writes y. Saved: x,
+  the mean and invstd, the parameters; never z or y.
+- Backward: one pass recomputes z and writes dz = act'(z) g while it sums, per channel,
+  dz (x - mean) and dz (dweight / invstd and dbias) and the activation's parameter
+  gradients; one more pass writes dx = a (dz - mean(dz) - xhat mean(dz xhat)).
+- Inference: the running statistics, one pass.
+The passes are ``torch.ops.fusedact.bn_stats`` / ``bn_act_forward`` / ``bn_act_backward``
+/ ``bn_dx`` (CPU kernels so far; CUDA x takes the unfused path). Users' graphs hold
+``torch.ops.fusedact.batch_norm_stats`` (which updates the running statistics) and
+``batch_norm_act`` (differentiable; backward ``batch_norm_act_backward``). Their eager
+form, F.batch_norm then the activation's function, is what ONNX export and, under
+torch.compile, Inductor see (rule 5 of issue 20: Inductor fuses the block itself).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _inductor, _opinfo
+from .checks import FLOAT_DTYPES, check_float_beta, check_tensor, check_x
+from .onnx import exporting as _onnx_exporting
+
+__all__ = ["batch_norm_act", "ACTS"]
+
+ACTS = ("identity", "swish", "mish", "hard_swish", "acon_c")
+_NO_PARAMS = {"identity": 0, "mish": 0, "hard_swish": 0}
+
+
+def _opmath(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check(op: str, x, running_mean, running_var, weight, bias, training, act, act_params) -> None:
+    check_x(op, x)
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must be (N, C, ...), got {x.dim()} dimension(s)")
+    C = x.shape[1]
+    for name, t in (("running_mean", running_mean), ("running_var", running_var), ("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        check_tensor(op, name, t)
+        if t.numel() != C or t.dim() != 1:
+            raise ValueError(f"{op}: {name} must have shape ({C},) (x.shape[1]), got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{op}: {name} is on {t.device}, x on {x.device}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError(f"{op}: give both running_mean and running_var, or neither")
+    if not training and running_mean is None:
+        raise ValueError(f"{op}: training=False needs running_mean and running_var")
+    if not isinstance(act, str) or act not in ACTS:
+        raise ValueError(f"{op}: act must be one of {ACTS}, got {act!r}")
+    n = {"swish": (0, 1), "acon_c": (3, 3)}.get(act, (0, 0))
+    if not n[0] <= len(act_params) <= n[1]:
+        want = n[0] if n[0] == n[1] else f"{n[0]} to {n[1]}"
+        raise TypeError(f"{op}: act={act!r} takes {want} parameter(s), got {len(act_params)}")
+    if act == "acon_c":
+        for name, p in zip(("p1", "p2", "beta"), act_params):
+            check_tensor(op, name, p)
+            per_sample = name == "beta" and p.numel() == x.shape[0] * C and p.numel() != C
+            if p.numel() != C and not per_sample:
+                raise ValueError(f"{op}: acon_c's {name} must have C = {C} elements (or N*C for beta), "
+                                 f"got shape {tuple(p.shape)}")
+            if p.device != x.device:
+                raise ValueError(f"{op}: {name} is on {p.device}, x on {x.device}")
+    if act == "swish" and act_params and isinstance(act_params[0], Tensor):
+        b = act_params[0]
+        if b.numel() != 1:
+            raise ValueError(f"{op}: swish's beta must be a float or a one-element tensor, got shape {tuple(b.shape)}")
+        if b.device != x.device:
+            raise ValueError(f"{op}: beta is on {b.device}, x on {x.device}")
+    elif act == "swish" and act_params:
+        check_float_beta(op, act_params[0], x)
+    if training:
+        size = x.shape[0] * (x.numel() // max(1, x.shape[0] * C))
+        if size == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+
+
+# ---- the kernels' arguments
+
+
+def _kernel_act(act: str, beta: float, act_beta: Optional[Tensor]) -> str:
+    """The activation the kernels run: SiLU's own loop for swish at a float beta of 1."""
+    if act == "swish" and act_beta is None and beta == 1.0:
+        return "silu"
+    return act
+
+
+def _act_tensors(x: Tensor, act: str, beta: float, p1, p2, act_beta) -> list[Tensor]:
+    """The activation's parameters as the kernels take them: opmath-typed, (C,), or (N, C)
+    for a per-sample beta; swish's beta repeated per channel."""
+    pt, C = _opmath(x), x.shape[1]
+    if act == "acon_c":
+        out = [p1.reshape(-1), p2.reshape(-1), act_beta.reshape(-1)]
+        out[2] = out[2].reshape(x.shape[0], C) if out[2].numel() != C else out[2]
+        return [p.to(pt).contiguous() for p in out]
+    if act == "swish" and act_beta is not None:
+        return [act_beta.reshape(1).to(pt).expand(C).contiguous()]
+    if act == "swish" and beta != 1.0:
+        return [torch.full((C,), beta, dtype=pt, device=x.device)]
+    return []
+
+
+def _stats(x, running_mean, running_var, training, momentum, eps):
+    """(mean, invstd) per channel in opmath; in training, x's batch statistics (two
+    read-only passes, csrc/cpu/bn_stats.h) and the running statistics updated as
+    nn.BatchNorm2d updates them (the unbiased variance, momentum)."""
+    pt = _opmath(x)
+    if training:
+        mean, var = torch.ops.fusedact.bn_stats(x)
+        if running_mean is not None:
+            M = x.numel() // x.shape[1]
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+                running_var.mul_(1 - momentum).add_((var * (M / max(M - 1, 1))).to(running_var.dtype), alpha=momentum)
+    else:
+        mean, var = running_mean.to(pt, copy=True), running_var.to(pt)
+    return mean, torch.rsqrt(var + eps)
+
+
+def _affine(x, weight, bias, invstd):
+    pt = _opmath(x)
+    a = invstd if weight is None else weight.to(pt) * invstd
+    b = torch.zeros_like(invstd) if bias is None else bias.to(pt)
+    return a, b
+
+
+# ---- the ops users' graphs hold: the statistics (which update the running ones in
+# place, with no gradient: their effect on dx is in the backward's formula), then the
+# normalization and activation, differentiable
+
+
+@torch.library.custom_op("fusedact::batch_norm_stats", mutates_args=("running_mean", "running_var"))
+def _batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
+                      momentum: float, eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, invstd) per channel in opmath; in training the running statistics are updated."""
+    return _stats(x, running_mean, running_var, training, momentum, eps)
+
+
+@_batch_norm_stats.register_fake
+def _(x, running_mean, running_var, training, momentum, eps):
+    stat = x.new_empty((x.shape[1],), dtype=_opmath(x))
+    return stat, torch.empty_like(stat)
+
+
+@torch.library.custom_op("fusedact::batch_norm_act", mutates_args=())
+def _batch_norm_act(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                    training: bool, eps: float, act: str, beta: float, p1: Optional[Tensor], p2: Optional[Tensor],
+                    act_beta: Optional[Tensor]) -> Tensor:
+    """act((x - mean) invstd weight + bias); training: mean and invstd are x's own batch
+    statistics (the backward differentiates through them); eps only for the second
+    derivative, which recomputes them."""
+    a, b = _affine(x, weight, bias, invstd)
+    params = [mean, a, b, *_act_tensors(x, act, beta, p1, p2, act_beta)]
+    return torch.ops.fusedact.bn_act_forward(x, params, _kernel_act(act, beta, act_beta))
+
+
+@_batch_norm_act.register_fake
+def _(x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta):
+    return _opinfo.output_like(x, act_beta is not None and act_beta.numel() != x.shape[1])
+
+
+@torch.library.custom_op("fusedact::batch_norm_act_backward", mutates_args=())
+def _batch_norm_act_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                             mean: Tensor, invstd: Tensor, training: bool, act: str, beta: float,
+                             p1: Optional[Tensor], p2: Optional[Tensor],
+                             act_beta: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, dbias, dp1, dp2, dbeta); an empty tensor where the argument is None."""
+    a, b = _affine(x, weight, bias, invstd)
+    params = [mean, a, b, *_act_tensors(x, act, beta, p1, p2, act_beta)]
+    dz, sums = torch.ops.fusedact.bn_act_backward(grad, x, params, _kernel_act(act, beta, act_beta))
+    s_xm, s_dz = sums[0], sums[1]
+    if training:
+        M = x.numel() // x.shape[1]
+        k2 = -a * invstd * invstd * s_xm / M
+        c = -a * s_dz / M
+    else:
+        k2 = c = torch.zeros_like(a)
+    dx = torch.ops.fusedact.bn_dx(dz, x, [a, k2, mean, c])
+    def empty():
+        return x.new_empty((0,))  # one each: a custom op's outputs may not alias
+
+    dweight = (s_xm * invstd).to(weight.dtype) if weight is not None else empty()
+    dbias = s_dz.to(bias.dtype) if bias is not None else empty()
+    dp = [empty(), empty(), empty()]
+    if act == "acon_c":
+        dp = [s.reshape(p.shape).to(p.dtype) for s, p in zip(sums[3:6], (p1, p2, act_beta))]
+    elif act == "swish" and act_beta is not None:
+        dp[2] = sums[3].sum().reshape(act_beta.shape).to(act_beta.dtype)
+    return dx, dweight, dbias, dp[0], dp[1], dp[2]
+
+
+@_batch_norm_act_backward.register_fake
+def _(grad, x, weight, bias, mean, invstd, training, act, beta, p1, p2, act_beta):
+    def like(p):
+        return torch.empty_like(p) if p is not None else x.new_empty((0,))
+
+    return torch.empty_like(x), like(weight), like(bias), like(p1), like(p2), like(act_beta)
+
+
+def _setup_context(ctx, inputs, output):
+    x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta = inputs
+    ctx.save_for_backward(x, weight, bias, mean, invstd, p1, p2, act_beta)
+    ctx.training, ctx.eps, ctx.act, ctx.beta = training, eps, act, beta
+
+
+def _backward(ctx, grad):
+    x, weight, bias, mean, invstd, p1, p2, act_beta = ctx.saved_tensors
+    if torch.is_grad_enabled():  # create_graph=True: the eager form's VJP, differentiable again
+        outs = _eager_vjp(ctx, grad, x, weight, bias, mean, invstd, p1, p2, act_beta)
+    else:
+        outs = _batch_norm_act_backward(grad, x, weight, bias, mean, invstd, ctx.training, ctx.act, ctx.beta,
+                                        p1, p2, act_beta)
+    dx, dw, db, dp1, dp2, dbeta = outs
+    need = ctx.needs_input_grad
+    pick = [dx if need[0] else None, None, None, dw if need[3] and weight is not None else None,
+            db if need[4] and bias is not None else None, None, None, None, None,
+            dp1 if need[9] and p1 is not None else None, dp2 if need[10] and p2 is not None else None,
+            dbeta if need[11] and act_beta is not None else None]
+    return tuple(pick)
+
+
+def _eager_vjp(ctx, grad, x, weight, bias, mean, invstd, p1, p2, act_beta):
+    """The backward as the VJP of the eager form with the batch statistics recomputed
+    from x (training) or fixed (inference), for second derivatives."""
+    from . import reference
+
+    def f(x, weight, bias, p1, p2, act_beta):
+        dims = [0] + list(range(2, x.dim()))
+        shape = [1, x.shape[1]] + [1] * (x.dim() - 2)
+        if ctx.training:
+            m = x.mean(dims, keepdim=True)  # the batch statistics as functions of x
+            istd = torch.rsqrt(((x - m) ** 2).mean(dims, keepdim=True) + ctx.eps)
+        else:
+            m, istd = mean.to(x.dtype).reshape(shape), invstd.to(x.dtype).reshape(shape)
+        z = (x - m) * istd
+        if weight is not None:
+            z = z * weight.reshape(shape)
+        if bias is not None:
+            z = z + bias.reshape(shape)
+        return reference.activation(z, ctx.act, ctx.beta, p1, p2, act_beta)
+
+    primals = (x, weight, bias, p1, p2, act_beta)
+    live = [i for i, p in enumerate(primals) if p is not None]
+    _, vjp = torch.func.vjp(lambda *ps: f(*_fill(primals, live, ps)), *[primals[i] for i in live])
+    grads = vjp(grad)
+    out = [x.new_empty((0,))] * 6
+    for i, g in zip(live, grads):
+        out[i] = g
+    return out
+
+
+def _fill(primals, live, values):
+    out = list(primals)
+    for i, v in zip(live, values):
+        out[i] = v
+    return out
+
+
+torch.library.register_autograd("fusedact::batch_norm_act", _backward, setup_context=_setup_context)
+
+
+# ---- the public function
+
+
+def _inductor_compiling() -> bool:
+    """Under torch.compile (Inductor fuses the eager form), not torch.export (which keeps the ops)."""
+    exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+    return torch.compiler.is_compiling() and not exporting()
+
+
+def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                   momentum: float = 0.1, eps: float = 1e-5, act: str = "swish", *act_params,
+                   backend: str | None = None) -> Tensor:
+    """``act(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
+    eps))`` in one op that saves only x, the statistics and the parameters.
+
+    ``act``: "swish" (``act_params``: nothing for SiLU, a float beta or a one-element
+    tensor), "mish", "hard_swish", "acon_c" (p1, p2, beta: C elements each, beta N*C
+    for Meta-ACON) or "identity". ``backend="eager"``: the eager form.
+    """
+    op = "fusedact.batch_norm_act"
+    _check(op, x, running_mean, running_var, weight, bias, training, act, act_params)
+    beta, p1, p2, act_beta = 1.0, None, None, None
+    if act == "acon_c":
+        p1, p2, act_beta = act_params
+    elif act == "swish" and act_params:
+        if isinstance(act_params[0], Tensor):
+            act_beta = act_params[0]
+        else:
+            beta = float(act_params[0])
+    if (backend == "eager" or _onnx_exporting() or torch.onnx.is_in_onnx_export()
+            or (_inductor_compiling() and _inductor.mode_for("batch_norm_act", x.device) == "fuse")
+            or x.device.type != "cpu"):  # the fused passes are CPU kernels so far (csrc/ops_impl.h)
+        return _unfused(x, running_mean, running_var, weight, bias, training, momentum, eps, act, act_params, backend)
+    if backend not in (None, "native"):
+        raise ValueError(f"{op}: backend {backend!r}: batch_norm_act has the native and eager backends")
+    mean, invstd = _batch_norm_stats(x.detach(), running_mean, running_var, training, momentum, eps)
+    return _batch_norm_act(x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta)
+
+
+def _unfused(x, running_mean, running_var, weight, bias, training, momentum, eps, act, act_params, backend):
+    """F.batch_norm, then the activation's function: what ONNX export translates
+    (BatchNormalization, then the activation's ONNX form) and what Inductor fuses under
+    torch.compile; backend="eager": the reference."""
+    from . import functional
+
+    z = torch.nn.functional.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    kw = {} if backend is None else {"backend": backend}
+    if act == "identity":
+        return z
+    if act == "acon_c":
+        p1, p2, b = act_params
+        b = b.reshape(-1) if b.numel() == x.shape[1] else b.reshape(x.shape[0], x.shape[1])
+        return functional.acon_c(z, p1.reshape(-1), p2.reshape(-1), b, channel_dim=1, **kw)
+    return getattr(functional, act)(z, *act_params, **kw)

@@ -1,0 +1,356 @@
+"""fusedact.batch_norm_act and BatchNormAct2d/1d against nn.BatchNorm2d followed by the
+eager activation: y, dx, dweight, dbias, the activation's parameter gradients and the
+running statistics, train and eval, every act, dtype and layout; gradcheck; the edge
+cases nn.BatchNorm2d has; the modules, convert, compile, export.
+
+The rule for 16-bit and float32 results is assert_parity's (fusedact/testing.py): per
+tensor, the relative 2-norm error against a float64 evaluation is at most twice that of
+PyTorch's own BatchNorm + activation in the same dtype, plus half an ulp (16-bit: the
+one rounding of a float32 result) or 4 ulp (float32). It holds for the parameter
+gradients too, which are sums over N*H*W: eager sums the same terms, so its error grows
+with the reduction length as ours does. float64: within 1e-10 of the float64 reference.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fusedact
+from conftest import make_layout
+from fusedact.testing import relative_error, slack_for
+
+ACT_CASES = [  # (id, act, builder of act_params(x) in float32 for 16-bit x)
+    ("identity", "identity", lambda x, C, pd: ()),
+    ("silu", "swish", lambda x, C, pd: ()),
+    ("swish-float", "swish", lambda x, C, pd: (1.7,)),
+    ("swish-tensor", "swish", lambda x, C, pd: (torch.tensor([1.3], dtype=pd),)),
+    ("mish", "mish", lambda x, C, pd: ()),
+    ("hard_swish", "hard_swish", lambda x, C, pd: ()),
+    ("acon_c", "acon_c", lambda x, C, pd: (torch.randn(C, dtype=pd), torch.randn(C, dtype=pd),
+                                           1 + 0.5 * torch.randn(C, dtype=pd))),
+    ("meta_acon_c", "acon_c", lambda x, C, pd: (torch.randn(C, dtype=pd), torch.randn(C, dtype=pd),
+                                                1 + 0.5 * torch.randn(x.shape[0], C, dtype=pd))),
+]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+LAYOUTS = ["contiguous", "channels_last", "ncl"]
+
+
+def _inputs(act_case, dtype, layout, seed=0):
+    torch.manual_seed(seed)
+    shape = (4, 6, 10) if layout == "ncl" else (4, 6, 5, 7)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype)
+    x = make_layout(x, "channels_last" if layout == "channels_last" else "contiguous")
+    C = shape[1]
+    pd = torch.float64 if dtype == torch.float64 else torch.float32  # as nn.BatchNorm2d under autocast
+    w, b = 1 + 0.3 * torch.randn(C, dtype=pd), 0.2 * torch.randn(C, dtype=pd)
+    rm, rv = 0.1 * torch.randn(C, dtype=pd), 1 + 0.2 * torch.rand(C, dtype=pd)
+    ap = act_case[2](x, C, pd)
+    return x, w, b, rm, rv, ap
+
+
+def _run(f, x, w, b, ap, g):
+    """f's output and the gradients of x, w, b and the tensor act params, for g."""
+    leaves = [x.detach().requires_grad_(), w.detach().requires_grad_(), b.detach().requires_grad_()]
+    tparams = [p.detach().requires_grad_() if isinstance(p, torch.Tensor) else p for p in ap]
+    y = f(*leaves, tparams)
+    wrt = leaves + [p for p in tparams if isinstance(p, torch.Tensor)]
+    return [y] + list(torch.autograd.grad(y, wrt, g))
+
+
+def _fused(act, training, rm, rv, eps=1e-5, momentum=0.1):
+    return lambda x, w, b, ap: fusedact.batch_norm_act(x, rm, rv, w, b, training, momentum, eps, act, *ap)
+
+
+def _eager(act, training, rm, rv, dtype, eps=1e-5, momentum=0.1):
+    """PyTorch's own: F.batch_norm then the eager activation (fusedact.reference), in x's dtype."""
+    def f(x, w, b, ap):
+        return fusedact.reference.batch_norm_act(x, rm, rv, w, b, training, momentum, eps, act, *ap)
+    return f
+
+
+def _to64(ts):
+    return [t.double() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act_case", ACT_CASES, ids=[c[0] for c in ACT_CASES])
+def test_matches_batch_norm_then_activation(act_case, dtype, layout, training):
+    _, act, _ = act_case
+    x, w, b, rm, rv, ap = _inputs(act_case, dtype, layout)
+    g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
+    rm_f, rv_f, rm_e, rv_e = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    fused = _run(_fused(act, training, rm_f, rv_f), x, w, b, ap, g)
+    eager = _run(_eager(act, training, rm_e, rv_e, dtype), x, w, b, ap, g)
+    truth = _run(_eager(act, training, rm.double().clone(), rv.double().clone(), torch.float64),
+                 x.double(), w.double(), b.double(), _to64(ap), g.double())
+    names = ["y", "dx", "dweight", "dbias"] + [f"d{n}" for n in ("p1", "p2", "beta")[: len(fused) - 4]]
+    if act == "swish" and len(fused) == 5:
+        names[4] = "dbeta"
+    assert fused[0].dtype == dtype and fused[0].shape == x.shape
+    assert fused[0].stride() == x.stride(), "y keeps x's layout"
+    act_tol = _act_param_tolerances(act, x, w, b, rm, rv, ap, g, training, truth)
+    for k, (name, a, e, t) in enumerate(zip(names, fused, eager, truth)):
+        assert a.dtype == e.dtype and a.shape == e.shape, name
+        if dtype == torch.float64:
+            torch.testing.assert_close(a, t, rtol=1e-10, atol=1e-12, msg=name)
+            continue
+        err, err_eager = relative_error(a, t), relative_error(e, t)
+        bound = 2 * err_eager + slack_for(dtype)
+        if err <= bound:
+            continue
+        # the activation's parameter gradients are sums over N*H*W whose terms may cancel:
+        # there eager's cascade summation can be far better than any blocked one, and the
+        # bound is the suite's reduction tolerance (fusedact/_numerics.py: 8 + sqrt(n) opmath
+        # ulp of sum |terms| per value, plus the final rounding)
+        assert k >= 4, f"{name}: error {err:.3g} > {bound:.3g} (eager {err_eager:.3g})"
+        tol = act_tol[k - 4]
+        diff = (a.double() - t).abs()
+        assert bool((diff <= tol).all()), f"{name}: error {diff.max():.3g} > reduction tolerance {tol.max():.3g}"
+    # the running statistics, by the same rule against their float64 update
+    rm64, rv64 = rm.double().clone(), rv.double().clone()
+    fusedact.reference.batch_norm_act(x.double(), rm64, rv64, w.double(), b.double(), training, 0.1, 1e-5, act,
+                                      *_to64(ap))
+    for name, a, e, t in (("running_mean", rm_f, rm_e, rm64), ("running_var", rv_f, rv_e, rv64)):
+        err, err_eager = relative_error(a, t), relative_error(e, t)
+        assert err <= 2 * err_eager + slack_for(torch.float32 if dtype != torch.float64 else dtype), name
+
+
+def _act_param_tolerances(act, x, w, b, rm, rv, ap, g, training, truth):
+    """reduction_tol of each activation parameter's gradient, from its terms at the float64
+    BatchNorm output z (fusedact._numerics.param_terms_abs)."""
+    from fusedact import _numerics
+
+    tensors = [p for p in ap if isinstance(p, torch.Tensor)]
+    if not tensors:
+        return []
+    z64 = torch.nn.functional.batch_norm(x.double(), rm.double().clone(), rv.double().clone(), w.double(),
+                                         b.double(), training).detach()
+    p64 = [p.double().reshape(-1) if p.numel() == x.shape[1] else p.double() for p in tensors]
+    if act == "swish":
+        p64 = [p64[0].reshape(())]
+    terms = _numerics.param_terms_abs(act, z64, g.double(), p64, 1)
+    out = []
+    for t, p, ref in zip(terms, tensors, truth[4:]):
+        n = max(1, x.numel() // p.numel())
+        out.append(_numerics.reduction_tol(t.reshape(ref.shape), n, x.dtype, p.dtype, ref.double()))
+    return out
+
+
+def test_the_rule_fails_on_a_sabotaged_result():
+    """The parity rule above rejects a y 0.1% off (float32) and a dweight 1% off."""
+    act_case = ACT_CASES[1]
+    x, w, b, rm, rv, ap = _inputs(act_case, torch.float32, "contiguous")
+    g = torch.randn(x.shape)
+    fused = _run(_fused("swish", True, rm.clone(), rv.clone()), x, w, b, ap, g)
+    eager = _run(_eager("swish", True, rm.clone(), rv.clone(), torch.float32), x, w, b, ap, g)
+    truth = _run(_eager("swish", True, rm.double(), rv.double(), torch.float64), x.double(), w.double(),
+                 b.double(), (), g.double())
+    for k, factor in ((0, 1.001), (2, 1.01)):
+        bad = fused[k] * factor
+        assert relative_error(bad, truth[k]) > 2 * relative_error(eager[k], truth[k]) + slack_for(torch.float32)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_module_running_statistics_follow_batch_norm_over_steps(momentum):
+    torch.manual_seed(0)
+    ref = nn.BatchNorm2d(5, momentum=momentum)
+    ours = fusedact.nn.BatchNormAct2d(5, act="identity", momentum=momentum)
+    ours.load_state_dict(ref.state_dict())
+    for step in range(4):
+        x = torch.randn(3, 5, 4, 4) * (step + 1) + step
+        ref(x), ours(x)
+    # float32 statistics of 48 values a channel, summed in another order than ATen's:
+    # a few float32 ulp apart after 4 updates (rtol 1e-6 is 8 ulp)
+    for k, v in ref.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[k], v, rtol=1e-6, atol=1e-7, msg=k)
+    ref.eval(), ours.eval()
+    x = torch.randn(3, 5, 4, 4)
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("act_case", ACT_CASES, ids=[c[0] for c in ACT_CASES])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_gradcheck(act_case, training):
+    x, w, b, rm, rv, ap = _inputs(act_case, torch.float64, "channels_last")
+    x = x[:3, :, :3, :2]
+    ap = [p[:3] if isinstance(p, torch.Tensor) and p.dim() == 2 else p for p in ap]
+    tensors = [p for p in ap if isinstance(p, torch.Tensor)]
+    floats = [p for p in ap if not isinstance(p, torch.Tensor)]
+
+    def f(x, w, b, *tp):
+        # fresh running statistics every call: the op mutates them
+        return fusedact.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, act_case[1],
+                                       *(list(tp) or floats))
+
+    inputs = [t.detach().requires_grad_() for t in (x, w, b, *tensors)]
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-4, rtol=1e-3)
+
+
+def test_one_value_per_channel_raises_as_batch_norm():
+    x = torch.randn(1, 3, 1, 1)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel") as ours:
+        fusedact.nn.BatchNormAct2d(3)(x)
+    with pytest.raises(ValueError) as theirs:
+        nn.BatchNorm2d(3)(x)
+    assert str(ours.value) == str(theirs.value)
+    fusedact.nn.BatchNormAct2d(3).eval()(x)  # inference is fine
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_and_inf_propagate_as_batch_norm(value):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 4)
+    x[1, 1, 2, 3] = value
+    ref = nn.Sequential(nn.BatchNorm2d(3), nn.SiLU())
+    ours = fusedact.nn.BatchNormAct2d.from_modules(copy.deepcopy(ref[0]), fusedact.nn.Swish())
+    a, e = ours(x), ref(x)
+    assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.isinf(), e.isinf())
+    assert torch.equal(ours.running_mean.isnan(), ref[0].running_mean.isnan())
+
+
+def test_saves_x_and_the_statistics_only():
+    """The autograd graph of one BatchNormAct2d holds x and per-channel tensors: no
+    activation-sized tensor besides x (nn.BatchNorm2d + SiLU save two)."""
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+
+    def saved(module):
+        sizes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+            module(x)
+        return sorted(sizes, reverse=True)
+
+    ours = saved(fusedact.nn.BatchNormAct2d(8, act="mish"))
+    theirs = saved(nn.Sequential(nn.BatchNorm2d(8), nn.Mish()))
+    assert ours[0] == x.numel() and all(n <= 8 for n in ours[1:]), ours
+    assert sum(n == x.numel() for n in theirs) == 2, theirs
+
+
+def test_module_state_dict_keys_and_from_modules():
+    bn = nn.BatchNorm2d(4)
+    ours = fusedact.nn.BatchNormAct2d.from_modules(bn, fusedact.nn.AconC(4))
+    assert ours.weight is bn.weight and ours.running_mean is bn.running_mean
+    assert set(ours.state_dict()) == set(bn.state_dict()) | {"act.p1", "act.p2", "act.beta"}
+    plain = fusedact.nn.BatchNormAct2d(4, act="mish")
+    assert set(plain.state_dict()) == set(nn.BatchNorm2d(4).state_dict())
+    plain.load_state_dict(bn.state_dict())
+    nn.BatchNorm2d(4).load_state_dict(plain.state_dict())
+    one = fusedact.nn.BatchNormAct1d(4, act="hard_swish")
+    torch.testing.assert_close(one(torch.randn(5, 4, 3)).shape, torch.Size([5, 4, 3]))
+    one(torch.randn(5, 4))
+
+
+def _train_step(model, x):
+    model.zero_grad()
+    out = model(x)
+    (out.float() ** 2).mean().backward()
+    return out
+
+
+def test_convert_fuses_a_sequential_and_keeps_optimizer_and_keys():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 4, 1),
+                          nn.BatchNorm2d(4), nn.Hardswish())
+    ref = copy.deepcopy(model)
+    keys = set(model.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    fusedact.convert(model)
+    assert isinstance(model[1], fusedact.nn.BatchNormAct2d) and isinstance(model[2], nn.Identity)
+    assert set(model.state_dict()) == keys
+    x = torch.randn(2, 3, 9, 9)
+    for _ in range(2):
+        torch.testing.assert_close(_train_step(model, x), _train_step(ref, x), rtol=1e-5, atol=1e-5)
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+        opt.step()
+        torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    kept = nn.Sequential(nn.BatchNorm2d(8), nn.SiLU())
+    fusedact.convert(kept, fuse_bn=False)
+    assert type(kept[0]) is nn.BatchNorm2d
+
+
+def test_convert_fuses_ultralytics_conv_and_fuse_still_works():
+    conv = pytest.importorskip("ultralytics.nn.modules.conv")
+    torch.manual_seed(0)
+    model = nn.Sequential(conv.Conv(3, 8, 3), conv.DWConv(8, 8, 3), conv.Conv(8, 4, 1, act=nn.Hardswish()))
+    ref = copy.deepcopy(model)
+    keys = set(model.state_dict())
+    fusedact.convert(model)
+    assert isinstance(model[0].bn, fusedact.nn.BatchNormAct2d) and isinstance(model[2].bn, fusedact.nn.BatchNormAct2d)
+    assert set(model.state_dict()) == keys
+    x = torch.randn(2, 3, 12, 12)
+    torch.testing.assert_close(_train_step(model, x), _train_step(ref, x), rtol=1e-5, atol=1e-5)
+    copy.deepcopy(model)(x)  # EMA copies
+    model.eval(), ref.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    for m in model:  # ultralytics' fuse(): bn folded into conv, then act(conv(x))
+        m.conv = __import__("ultralytics.utils.torch_utils", fromlist=["x"]).fuse_conv_and_bn(m.conv, m.bn)
+        delattr(m, "bn")
+        m.forward = m.forward_fuse
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["fuse", "kernel", "auto"])
+def test_compile_fullgraph_and_the_mode(mode):
+    """fullgraph under inductor; "fuse" leaves no fusedact block op in the graph (Inductor
+    fuses F.batch_norm and the activation), "kernel" keeps ours, "auto" follows the table."""
+    from helpers import compile_mode
+    from torch._inductor.utils import run_and_get_code
+
+    from fusedact import _inductor
+
+    torch.manual_seed(0)
+    m = fusedact.nn.BatchNormAct2d(6, act="swish")
+    x = torch.randn(3, 6, 5, 5, requires_grad=True)
+    ref = copy.deepcopy(m)
+    want = ref(x)
+    with compile_mode(mode):
+        torch._dynamo.reset()
+        c = copy.deepcopy(m)
+        y, codes = run_and_get_code(torch.compile(c, fullgraph=True), x)
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(c.running_var, ref.running_var, rtol=1e-6, atol=1e-7)
+    kept = "fusedact.batch_norm_act" in "\n".join(codes)
+    expect = (_inductor.AUTO_BLOCKS["cpu"]["batch_norm_act"] if mode == "auto" else mode) == "kernel"
+    assert kept == expect, mode
+
+
+def test_export_keeps_the_op_and_opcheck():
+    m = fusedact.nn.BatchNormAct2d(6, act="mish").eval()
+    x = torch.randn(2, 6, 4, 4)
+    ep = torch.export.export(m, (x,))
+    assert "fusedact.batch_norm_act" in str(ep.graph), ep.graph
+    torch.testing.assert_close(ep.module()(x), m(x))
+    for training in (True, False):
+        torch.library.opcheck(torch.ops.fusedact.batch_norm_stats.default,
+                              (x, torch.zeros(6), torch.ones(6), training, 0.1, 1e-5))
+        for act, beta, p in (("mish", 1.0, (None, None, None)), ("swish", 1.5, (None, None, None)),
+                             ("acon_c", 1.0, (torch.randn(6), torch.randn(6), torch.rand(2, 6)))):
+            args = (x.clone().requires_grad_(), torch.randn(6), torch.rand(6) + 0.5, torch.rand(6).requires_grad_(),
+                    torch.rand(6).requires_grad_(), training, 1e-5, act, beta, *p)
+            torch.library.opcheck(torch.ops.fusedact.batch_norm_act.default, args)
+
+
+@pytest.mark.parametrize("dynamo", [True, False], ids=["dynamo", "torchscript"])
+def test_onnx_export_is_batch_normalization_then_the_activation(tmp_path, dynamo):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    if dynamo:
+        pytest.importorskip("onnxscript")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), fusedact.nn.BatchNormAct2d(6, act="hard_swish")).eval()
+    model[1].running_mean.uniform_(-0.5, 0.5)
+    x = torch.randn(2, 3, 8, 8)
+    path = tmp_path / "m.onnx"
+    torch.onnx.export(model, (x,), str(path), dynamo=dynamo)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    # torch's exporters fold an inference BatchNorm after a conv into the conv's weights,
+    # or keep it as BatchNormalization: either way no fusedact op is left
+    assert "HardSwish" in ops and not any("fusedact" in o for o in ops), ops
+    out = ort.InferenceSession(str(path)).run(None, {ort.InferenceSession(str(path)).get_inputs()[0].name: x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(out[0]), model(x), rtol=1e-4, atol=1e-5)
