@@ -13,7 +13,7 @@ export CUDA_HOME ?= /usr/local/cuda
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
 export MAX_JOBS ?= $(shell nproc)
 
-.PHONY: venv build test bench example sass clean
+.PHONY: venv build test bench example sass lint format clean
 
 venv: $(VENV)/.ready
 
@@ -50,6 +50,24 @@ sass: build
 # The training example: fused and eager activations side by side on sklearn's digits.
 example: build
 	$(PY) examples/train_digits.py
+
+# Linters (config: pyproject.toml's [tool.ruff], .clang-format); CI runs `make lint`.
+LINT_TOOLS := ruff==0.17.6 clang-format==23.1.5
+CSRC := $(shell find csrc tests/cpp -name '*.h' -o -name '*.cpp' -o -name '*.cu')
+
+$(VENV)/.lint: $(VENV)/.ready
+	$(PY) -m pip install -q $(LINT_TOOLS)
+	touch $@
+
+lint: $(VENV)/.lint
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/clang-format --dry-run --Werror $(CSRC)
+
+format: $(VENV)/.lint
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/clang-format -i $(CSRC)
 
 clean:
 	rm -rf build fusedact/_C*.so fusedact/_build_config.py *.egg-info $(VENV)/.built

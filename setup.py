@@ -7,6 +7,7 @@ the CPU kernels alone otherwise.
 
 Build with the torch you will run:  pip install --no-build-isolation .
 """
+
 import os
 from pathlib import Path
 
@@ -76,9 +77,7 @@ else:
 # What build_info() reports beside what the binary knows of itself.
 arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST", "all (torch default)") if with_cuda else ""
 (ROOT / "fusedact" / "_build_config.py").write_text(
-    "# Written by setup.py at build time.\n"
-    f"VERSION = {VERSION!r}\n"
-    f"CUDA_ARCH_LIST = {arch_list!r}\n"
+    f"# Written by setup.py at build time.\nVERSION = {VERSION!r}\nCUDA_ARCH_LIST = {arch_list!r}\n"
 )
 
 setup(

@@ -32,6 +32,7 @@ The code: harness.py (timing, memory, versions, CSV), cases.py (each op's provid
 float64 check, one case), sweep.py (the default sweep per device, its table),
 overhead.py (--overhead); README.md says how to run and read them.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,32 +55,57 @@ def parse_args(argv=None):
     ap.add_argument("--ops", nargs="+", default=OPS, choices=OPS)
     ap.add_argument("--dtypes", nargs="+", default=None, choices=list(DTYPES))
     ap.add_argument("--sizes", nargs="*", type=int, default=None, help="log2 of the element counts")
-    ap.add_argument("--shapes", nargs="*", default=None,
-                    help="explicit NCHW shapes as well, e.g. 32x64x56x56 (acon_c's channels are dim 1)")
+    ap.add_argument(
+        "--shapes",
+        nargs="*",
+        default=None,
+        help="explicit NCHW shapes as well, e.g. 32x64x56x56 (acon_c's channels are dim 1)",
+    )
     ap.add_argument("--threads", type=int, default=None, help="CPU: torch.set_num_threads (default: torch's)")
     ap.add_argument("--providers", nargs="+", default=PROVIDERS, choices=PROVIDERS)
     ap.add_argument("--modes", nargs="+", default=MODES, choices=MODES)
-    ap.add_argument("--layouts", nargs="+", default=["contiguous", "channels_last"],
-                    choices=["contiguous", "channels_last"], help="acon_c's layouts (NCHW, channels_last)")
-    ap.add_argument("--betas", nargs="+", default=None, choices=["channel", "sample"],
-                    help="acon_c's beta: per channel (ACON-C) or per sample (Meta-ACON)")
+    ap.add_argument(
+        "--layouts",
+        nargs="+",
+        default=["contiguous", "channels_last"],
+        choices=["contiguous", "channels_last"],
+        help="acon_c's layouts (NCHW, channels_last)",
+    )
+    ap.add_argument(
+        "--betas",
+        nargs="+",
+        default=None,
+        choices=["channel", "sample"],
+        help="acon_c's beta: per channel (ACON-C) or per sample (Meta-ACON)",
+    )
     ap.add_argument("--quick", action="store_true", help="a few sizes, float32 and bfloat16, per-channel beta")
     ap.add_argument("--csv", default=None, help="where the CSV goes (default benchmarks/results/<device>.csv)")
     ap.add_argument("--plot", action="store_true", help="then run benchmarks/plot.py on the CSV")
-    ap.add_argument("--overhead", action="store_true",
-                    help="the call-overhead case instead: tensors of 2^8, 2^12, 2^16 elements (or --sizes), "
-                         "one thread, CPU, no-grad forward and forward+backward, native against eager")
-    ap.add_argument("--block", action="store_true",
-                    help="the BatchNorm + activation block instead (benchmarks/block.py): a training step, fused "
-                         "against nn.BatchNorm2d + the eager activation and torch.compile of it; CPU")
+    ap.add_argument(
+        "--overhead",
+        action="store_true",
+        help="the call-overhead case instead: tensors of 2^8, 2^12, 2^16 elements (or --sizes), "
+        "one thread, CPU, no-grad forward and forward+backward, native against eager",
+    )
+    ap.add_argument(
+        "--block",
+        action="store_true",
+        help="the BatchNorm + activation block instead (benchmarks/block.py): a training step, fused "
+        "against nn.BatchNorm2d + the eager activation and torch.compile of it; CPU",
+    )
     ap.add_argument("--block-acts", nargs="+", default=block.BLOCK_ACTS, choices=block.BLOCK_ACTS)
-    ap.add_argument("--block-providers", nargs="+", default=["eager", "compile", "fused"],
-                    choices=["eager", "compile", "fused"])
+    ap.add_argument(
+        "--block-providers", nargs="+", default=["eager", "compile", "fused"], choices=["eager", "compile", "fused"]
+    )
     ap.add_argument("--warmup-ms", type=float, default=10.0)
     ap.add_argument("--rep-ms", type=float, default=60.0)
     ap.add_argument("--min-run-time", type=float, default=0.6, help="CPU: seconds per provider and case")
-    ap.add_argument("--rounds", type=int, default=9,
-                    help="CPU: alternating rounds; a CPU speedup is the median of the rounds' ratios")
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=9,
+        help="CPU: alternating rounds; a CPU speedup is the median of the rounds' ratios",
+    )
     args = ap.parse_args(argv)
     if args.overhead:
         if args.device == "cuda":

@@ -3,6 +3,7 @@ the block, fused (fusedact.nn.BatchNormAct2d) against nn.BatchNorm2d followed by
 activation in eager PyTorch and against torch.compile of that eager block; the time
 ratio from alternating rounds, and the bytes the autograd graph saves beyond x and the
 parameters. Each provider's y, dx and dweight are checked against float64 first."""
+
 from __future__ import annotations
 
 import copy
@@ -15,8 +16,24 @@ from harness import bench_cpu, csv_writer, paired_speedup, saved_bytes
 
 BLOCK_SHAPES = [(32, 64, 56, 56), (16, 128, 40, 40)]
 BLOCK_ACTS = ["silu", "mish", "hard_swish", "acon_c"]
-FIELDS = ["date", "device", "torch", "fusedact", "isa", "act", "dtype", "shape", "provider", "p50_ms", "p20_ms",
-          "p80_ms", "speedup_vs_eager", "round_ratios", "saved_bytes", "threads"]
+FIELDS = [
+    "date",
+    "device",
+    "torch",
+    "fusedact",
+    "isa",
+    "act",
+    "dtype",
+    "shape",
+    "provider",
+    "p50_ms",
+    "p20_ms",
+    "p80_ms",
+    "speedup_vs_eager",
+    "round_ratios",
+    "saved_bytes",
+    "threads",
+]
 
 
 class _EagerAcon(nn.Module):
@@ -48,6 +65,7 @@ def _step(block, x, g):
         y = block(x)
         y.backward(g)
         return y
+
     return run
 
 
@@ -86,6 +104,7 @@ def _run(args, meta, f, writer):
                 y64.backward(g.double())
                 ref = (y64.detach(), x64.grad)
                 providers = {"eager": eager, "fused": fused}
+                torch._dynamo.reset()  # each case compiles afresh: no recompile limit across cases
                 if "compile" in args.block_providers:
                     providers["compile"] = torch.compile(copy.deepcopy(eager))
                 providers = {p: m for p, m in providers.items() if p in args.block_providers or p == "eager"}
@@ -97,16 +116,29 @@ def _run(args, meta, f, writer):
                 for name in providers:
                     nbytes, _ = saved_bytes(steps[name], exclude=[x, *params])
                     ratio, ratios = paired_speedup(per_round, "eager", name)
-                    row = dict(date=meta.get("date"), device=meta.get("device"), torch=meta.get("torch"),
-                               fusedact=meta.get("fusedact"), isa=meta.get("isa", ""), act=act, dtype=dtype_name,
-                               shape="x".join(map(str, shape)), provider=name, p50_ms=f"{times[name][0]:.3f}",
-                               p20_ms=f"{times[name][1]:.3f}", p80_ms=f"{times[name][2]:.3f}",
-                               speedup_vs_eager=f"{ratio:.3f}", round_ratios=" ".join(f"{r:.3f}" for r in ratios),
-                               saved_bytes=nbytes, threads=torch.get_num_threads())
+                    row = dict(
+                        date=meta.get("date"),
+                        device=meta.get("device"),
+                        torch=meta.get("torch"),
+                        fusedact=meta.get("fusedact"),
+                        isa=meta.get("isa", ""),
+                        act=act,
+                        dtype=dtype_name,
+                        shape="x".join(map(str, shape)),
+                        provider=name,
+                        p50_ms=f"{times[name][0]:.3f}",
+                        p20_ms=f"{times[name][1]:.3f}",
+                        p80_ms=f"{times[name][2]:.3f}",
+                        speedup_vs_eager=f"{ratio:.3f}",
+                        round_ratios=" ".join(f"{r:.3f}" for r in ratios),
+                        saved_bytes=nbytes,
+                        threads=torch.get_num_threads(),
+                    )
                     writer.writerow(row)
                     rows.append(row)
                 f.flush()
-                line = "  ".join(f"{p} {times[p][0]:.2f} ms ({paired_speedup(per_round, 'eager', p)[0]:.2f}x)"
-                                 for p in providers)
+                line = "  ".join(
+                    f"{p} {times[p][0]:.2f} ms ({paired_speedup(per_round, 'eager', p)[0]:.2f}x)" for p in providers
+                )
                 print(f"{act:<10} {dtype_name:<8} {'x'.join(map(str, shape)):<14} {line}", flush=True)
     return rows

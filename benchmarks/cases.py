@@ -1,5 +1,6 @@
 """The cases of the sweep: each op's providers, its tensors, the float64 check of every
 provider, and one case timed in every mode (benchmarks/bench.py runs them)."""
+
 from __future__ import annotations
 
 import math
@@ -43,8 +44,11 @@ def make_case(op, dtype, numel, layout, beta_kind, device, shape=None):
         pdt = torch.float32  # parameters stay float32, as under autocast (docs/SPEC.md)
         pshape = (1, shape[1], 1, 1)
         bshape = (shape[0], shape[1], 1, 1) if beta_kind == "sample" else pshape
-        params = [torch.randn(pshape, generator=gen).to(pdt), torch.randn(pshape, generator=gen).to(pdt),
-                  (1 + 0.5 * torch.randn(bshape, generator=gen)).to(pdt)]
+        params = [
+            torch.randn(pshape, generator=gen).to(pdt),
+            torch.randn(pshape, generator=gen).to(pdt),
+            (1 + 0.5 * torch.randn(bshape, generator=gen)).to(pdt),
+        ]
         params = [p.to(device) for p in params]
     return x, g, params, shape
 
@@ -63,6 +67,7 @@ def fns(op):
         if backend == "native":
             return lambda x, *params: f(x, *params)
         return lambda x, *params: f(x, *params, backend=backend)
+
     return {"eager": eager, "compile": eager, "native": fused("native"), "triton": fused("triton")}
 
 
@@ -97,7 +102,9 @@ def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, write
     copy_ms = copy_time(n, dtype, device, args)[0]
     copy_gbps = 2 * n * es / copy_ms / 1e6
     all_fns = fns(op)
-    providers = [p for p in args.providers if not (p == "triton" and (device != "cuda" or not fusedact.triton.available()))]
+    providers = [
+        p for p in args.providers if not (p == "triton" and (device != "cuda" or not fusedact.triton.available()))
+    ]
     if device == "cuda" or "compile" in providers:
         torch._dynamo.reset()
     funcs, status = {}, {}
@@ -122,12 +129,12 @@ def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, write
             if status[p]:
                 continue
             if mode == "forward":
-                runs[p] = (lambda f=f: f(xl, *leaves_p))
+                runs[p] = lambda f=f: f(xl, *leaves_p)
             elif mode == "forward+backward":
-                runs[p] = (lambda f=f: torch.autograd.grad(f(xl, *leaves_p), inputs, g))
+                runs[p] = lambda f=f: torch.autograd.grad(f(xl, *leaves_p), inputs, g)
             else:
                 y = f(xl, *leaves_p)
-                runs[p] = (lambda y=y: torch.autograd.grad(y, inputs, g, retain_graph=True))
+                runs[p] = lambda y=y: torch.autograd.grad(y, inputs, g, retain_graph=True)
         if device == "cuda":
             for p, r in runs.items():
                 results[(p, mode)] = bench_gpu(r, args.warmup_ms, args.rep_ms)
@@ -137,8 +144,15 @@ def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, write
             rounds.update({(p, mode): t for p, t in per_round.items()})
         runs.clear()
 
-    base = {"op": op, "dtype": dtype_name, "layout": layout, "beta": beta_kind if get(op).channel_dim else "",
-            "numel": n, "shape": "x".join(map(str, shape)), **meta}
+    base = {
+        "op": op,
+        "dtype": dtype_name,
+        "layout": layout,
+        "beta": beta_kind if get(op).channel_dim else "",
+        "numel": n,
+        "shape": "x".join(map(str, shape)),
+        **meta,
+    }
     for mode in [m for m in args.modes if m != "memory"]:
         nbytes = FLOOR_ELEMENT_PASSES[mode] * n * es
         for p in providers:
@@ -148,8 +162,14 @@ def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, write
             else:
                 t50, t20, t80 = results[(p, mode)]
                 gbps = nbytes / t50 / 1e6
-                row.update(p50=f"{t50:.5f}", p20=f"{t20:.5f}", p80=f"{t80:.5f}", gbps=f"{gbps:.1f}",
-                           pct_copy=f"{100 * gbps / copy_gbps:.1f}", status="ok")
+                row.update(
+                    p50=f"{t50:.5f}",
+                    p20=f"{t20:.5f}",
+                    p80=f"{t80:.5f}",
+                    gbps=f"{gbps:.1f}",
+                    pct_copy=f"{100 * gbps / copy_gbps:.1f}",
+                    status="ok",
+                )
                 for ref in ("eager", "compile"):
                     if (ref, mode) not in results:
                         continue
@@ -174,8 +194,15 @@ def run_case(op, dtype_name, numel, layout, beta_kind, args, device, meta, write
                     row.update(p50=str(sb), status="ok")
                     writer.writerow(row)
                     rows.append(row)
-                    row = dict(base, provider=p, mode="memory", metric="peak_bytes", unit="bytes",
-                               p50="" if math.isnan(pk) else str(pk), status="ok" if not math.isnan(pk) else "cpu: not measured")
+                    row = dict(
+                        base,
+                        provider=p,
+                        mode="memory",
+                        metric="peak_bytes",
+                        unit="bytes",
+                        p50="" if math.isnan(pk) else str(pk),
+                        status="ok" if not math.isnan(pk) else "cpu: not measured",
+                    )
                 except Exception as e:
                     row["status"] = f"failed: {type(e).__name__}"
             writer.writerow(row)

@@ -6,6 +6,7 @@ run), the median and the 20/80 quantiles. CPU: torch.utils.benchmark medians, th
 providers timed in alternating rounds (A B, B A, ...), a speedup the median over
 rounds of the two providers' ratio within a round.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,9 +25,35 @@ import fusedact
 
 ROOT = Path(__file__).resolve().parent
 
-CSV_FIELDS = ["date", "device", "torch", "cuda", "triton", "fusedact", "isa", "op", "dtype", "layout", "beta",
-              "numel", "shape", "provider", "mode", "metric", "unit", "p50", "p20", "p80", "gbps",
-              "pct_copy", "speedup_vs_eager", "speedup_vs_compile", "copy_gbps", "status", "eager_round_ratios"]
+CSV_FIELDS = [
+    "date",
+    "device",
+    "torch",
+    "cuda",
+    "triton",
+    "fusedact",
+    "isa",
+    "op",
+    "dtype",
+    "layout",
+    "beta",
+    "numel",
+    "shape",
+    "provider",
+    "mode",
+    "metric",
+    "unit",
+    "p50",
+    "p20",
+    "p80",
+    "gbps",
+    "pct_copy",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
+    "copy_gbps",
+    "status",
+    "eager_round_ratios",
+]
 
 
 def results_csv(meta, suffix=""):
@@ -62,8 +89,10 @@ def bench_cpu(fns_by_provider, min_run_time, rounds):
     ...), so that a drift of the host's state reaches each about equally."""
     from torch.utils import benchmark
 
-    timers = {p: benchmark.Timer(stmt="f()", globals={"f": f}, num_threads=torch.get_num_threads())
-              for p, f in fns_by_provider.items()}
+    timers = {
+        p: benchmark.Timer(stmt="f()", globals={"f": f}, num_threads=torch.get_num_threads())
+        for p, f in fns_by_provider.items()
+    }
     samples = {p: [] for p in timers}
     per_round = {p: [] for p in timers}
     order = list(timers)
@@ -168,9 +197,15 @@ def versions(device):
         except OSError:
             pass
         name = f"cpu: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-    return {"date": datetime.date.today().isoformat(), "device": name, "torch": torch.__version__,
-            "cuda": torch.version.cuda or "", "triton": triton_v, "fusedact": fusedact.__version__,
-            "isa": isa_line(device)}
+    return {
+        "date": datetime.date.today().isoformat(),
+        "device": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda or "",
+        "triton": triton_v,
+        "fusedact": fusedact.__version__,
+        "isa": isa_line(device),
+    }
 
 
 def isa_line(device):
@@ -179,4 +214,3 @@ def isa_line(device):
     if device == "cuda":
         return ""
     return f"torch {torch.backends.cpu.get_cpu_capability()}, fusedact {fusedact.build_info()['cpu_isa']}"
-

@@ -12,6 +12,7 @@ saves (parameters excluded), counted with saved-tensor hooks.
     python benchmarks/models.py                      # every model, this machine
     python benchmarks/models.py --models yolo11n --rounds 5 --compile-modes auto fuse
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,7 +72,11 @@ def acon_yolov5(width=32):
     """Five YOLOv5 Conv blocks (conv, BatchNorm, ACON), AconC and MetaAconC in turn."""
     layers, c = [], 3
     for i, (w, stride) in enumerate([(width, 2), (width, 1), (2 * width, 2), (2 * width, 1), (4 * width, 2)]):
-        layers += [nn.Conv2d(c, w, 3, stride, 1, bias=False), nn.BatchNorm2d(w), AconC(w) if i % 2 == 0 else MetaAconC(w)]
+        layers += [
+            nn.Conv2d(c, w, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(w),
+            AconC(w) if i % 2 == 0 else MetaAconC(w),
+        ]
         c = w
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10))
 
@@ -190,27 +195,60 @@ def run_model(name, args, writer, meta):
     pairs += [("original compiled", f"converted compiled {m}") for m in args.compile_modes]
     for ref, label in [(a, b) for a, b in pairs if a in per_round and b in per_round]:
         ratios = [a / b for a, b in zip(per_round[ref], per_round[label])]
-        row = dict(meta, model=name, input=str(tuple(shape)), variant=label, reference=ref,
-                   ms=f"{statistics.median(per_round[label]) * 1e3:.2f}",
-                   reference_ms=f"{statistics.median(per_round[ref]) * 1e3:.2f}",
-                   speed=f"{statistics.median(ratios):.3f}", speed_min=f"{min(ratios):.3f}",
-                   speed_max=f"{max(ratios):.3f}", saved_mb=f"{saved[label] / 1e6:.2f}",
-                   reference_saved_mb=f"{saved[ref] / 1e6:.2f}", rounds=args.rounds)
+        row = dict(
+            meta,
+            model=name,
+            input=str(tuple(shape)),
+            variant=label,
+            reference=ref,
+            ms=f"{statistics.median(per_round[label]) * 1e3:.2f}",
+            reference_ms=f"{statistics.median(per_round[ref]) * 1e3:.2f}",
+            speed=f"{statistics.median(ratios):.3f}",
+            speed_min=f"{min(ratios):.3f}",
+            speed_max=f"{max(ratios):.3f}",
+            saved_mb=f"{saved[label] / 1e6:.2f}",
+            reference_saved_mb=f"{saved[ref] / 1e6:.2f}",
+            rounds=args.rounds,
+        )
         writer.writerow(row)
-        print(f"| {name} | {label} | {row['reference_ms']} ms | {row['ms']} ms | {row['speed']}x "
-              f"({row['speed_min']}-{row['speed_max']}) | {row['reference_saved_mb']} MB | {row['saved_mb']} MB |")
+        print(
+            f"| {name} | {label} | {row['reference_ms']} ms | {row['ms']} ms | {row['speed']}x "
+            f"({row['speed_min']}-{row['speed_max']}) | {row['reference_saved_mb']} MB | {row['saved_mb']} MB |"
+        )
         sys.stdout.flush()
 
 
-FIELDS = ["date", "device", "torch", "cuda", "triton", "fusedact", "isa", "threads", "model", "input", "variant",
-          "reference", "reference_ms", "ms", "speed", "speed_min", "speed_max", "reference_saved_mb", "saved_mb", "rounds"]
+FIELDS = [
+    "date",
+    "device",
+    "torch",
+    "cuda",
+    "triton",
+    "fusedact",
+    "isa",
+    "threads",
+    "model",
+    "input",
+    "variant",
+    "reference",
+    "reference_ms",
+    "ms",
+    "speed",
+    "speed_min",
+    "speed_max",
+    "reference_saved_mb",
+    "saved_mb",
+    "rounds",
+]
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
-    ap.add_argument("--compile-modes", nargs="+", default=["auto", "fuse", "kernel"], choices=fusedact.config.COMPILE_MODES)
+    ap.add_argument(
+        "--compile-modes", nargs="+", default=["auto", "fuse", "kernel"], choices=fusedact.config.COMPILE_MODES
+    )
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of steps per variant and round")
     ap.add_argument("--threads", type=int, default=None)

@@ -1,5 +1,6 @@
 """The call-overhead case (bench.py --overhead): what a call costs beyond its kernel,
 fused against eager, on small tensors on one CPU thread."""
+
 from __future__ import annotations
 
 import sys
@@ -23,7 +24,11 @@ def overhead_case(op, numel):
     x = torch.randn(shape, generator=gen) * 3
     params = []
     if get(op).channel_dim:
-        params = [torch.randn(1, 16, 1, generator=gen), torch.randn(1, 16, 1, generator=gen), 1 + 0.5 * torch.rand(1, 16, 1, generator=gen)]
+        params = [
+            torch.randn(1, 16, 1, generator=gen),
+            torch.randn(1, 16, 1, generator=gen),
+            1 + 0.5 * torch.rand(1, 16, 1, generator=gen),
+        ]
     return x, torch.randn(shape, generator=gen), params
 
 
@@ -57,10 +62,23 @@ def run_overhead(args, meta, writer, rows):
                 for mode in OVERHEAD_MODES:
                     for p in funcs:
                         t50, t20, t80 = times[(p, mode)]
-                        row = dict(meta, op=op, dtype="float32", layout="contiguous", beta="channel" if get(op).channel_dim else "",
-                                   numel=x.numel(), shape="x".join(map(str, x.shape)), provider=p,
-                                   mode=f"overhead: {mode}, 1 thread", metric="time", unit="ms",
-                                   p50=f"{t50:.5f}", p20=f"{t20:.5f}", p80=f"{t80:.5f}", status="ok")
+                        row = dict(
+                            meta,
+                            op=op,
+                            dtype="float32",
+                            layout="contiguous",
+                            beta="channel" if get(op).channel_dim else "",
+                            numel=x.numel(),
+                            shape="x".join(map(str, x.shape)),
+                            provider=p,
+                            mode=f"overhead: {mode}, 1 thread",
+                            metric="time",
+                            unit="ms",
+                            p50=f"{t50:.5f}",
+                            p20=f"{t20:.5f}",
+                            p80=f"{t80:.5f}",
+                            status="ok",
+                        )
                         if p != "eager":
                             ratio, each = paired_speedup(per_round, ("eager", mode), (p, mode))
                             row["speedup_vs_eager"] = f"{ratio:.3f}"
@@ -82,7 +100,10 @@ def print_overhead_table(rows, out=sys.stdout):
     for r in rows:
         by_key.setdefault((r["op"], int(r["numel"]), r["mode"]), {})[r["provider"]] = float(r["p50"]) * 1e3
     for (op, n, mode), t in by_key.items():
-        print(f"{op:<11}{n:>8}  {mode:<38}{t['eager']:>10.2f}{t['native']:>11.2f}{t['native'] / t['eager']:>13.2f}x", file=out)
+        print(
+            f"{op:<11}{n:>8}  {mode:<38}{t['eager']:>10.2f}{t['native']:>11.2f}{t['native'] / t['eager']:>13.2f}x",
+            file=out,
+        )
 
 
 def run(args, meta, csv_path):

@@ -4,6 +4,7 @@ provider, one panel per mode; and a summary of the forward+backward speedups.
 
     python benchmarks/plot.py benchmarks/results/<device>.csv [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,9 +73,14 @@ def plot_sweeps(rows, out: Path) -> list[Path]:
 def plot_headline(rows, out: Path, numel: int, name: str) -> Path:
     """forward+backward speedup of native (and triton) over eager and torch.compile at
     one size, per op and dtype."""
-    sel = [r for r in rows if r["mode"] == "forward+backward" and int(r["numel"]) == numel
-           and r["provider"] in ("native", "triton") and (r["op"] != "acon_c" or (r["layout"], r["beta"]) in
-                                                       (("contiguous", "channel"), ("", "")))]
+    sel = [
+        r
+        for r in rows
+        if r["mode"] == "forward+backward"
+        and int(r["numel"]) == numel
+        and r["provider"] in ("native", "triton")
+        and (r["op"] != "acon_c" or (r["layout"], r["beta"]) in (("contiguous", "channel"), ("", "")))
+    ]
     labels, vs_eager, vs_compile, provs = [], [], [], []
     for r in sel:
         labels.append(f"{r['op']}\n{r['dtype']}\n{r['provider']}")

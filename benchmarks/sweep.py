@@ -1,5 +1,6 @@
 """The sweep: which ops, dtypes, sizes, shapes, layouts and betas run by default on the
 CPU and on a GPU, the cases they make, and the sweep's table."""
+
 from __future__ import annotations
 
 import math
@@ -17,7 +18,9 @@ def fill_defaults(args):
     two dtypes and beta per channel everywhere)."""
     on_gpu = args.device == "cuda"
     if args.sizes is None:
-        args.sizes = ([16, 20, 24, 26] if not args.quick else [20, 26]) if on_gpu else ([12, 16, 20] if not args.quick else [20])
+        args.sizes = (
+            ([16, 20, 24, 26] if not args.quick else [20, 26]) if on_gpu else ([12, 16, 20] if not args.quick else [20])
+        )
     if args.shapes is None:
         # the first stage of a ResNet/YOLO backbone at batch 32: the CPU's real-model case
         args.shapes = [] if on_gpu else ["32x64x56x56"]
@@ -45,9 +48,13 @@ def sweep_cases(args):
 def run(args, meta, csv_path):
     """Times every case of args into a new CSV at csv_path, then prints the table."""
     cases = sweep_cases(args)
-    print(f"fusedact benchmark on {meta['device']}: torch {meta['torch']}, CUDA {meta['cuda'] or '-'}, "
-          f"triton {meta['triton'] or '-'}, fusedact {meta['fusedact']}"
-          + (f"; instruction sets: {meta['isa']}" if meta["isa"] else "") + f"; {len(cases)} cases", flush=True)
+    print(
+        f"fusedact benchmark on {meta['device']}: torch {meta['torch']}, CUDA {meta['cuda'] or '-'}, "
+        f"triton {meta['triton'] or '-'}, fusedact {meta['fusedact']}"
+        + (f"; instruction sets: {meta['isa']}" if meta["isa"] else "")
+        + f"; {len(cases)} cases",
+        flush=True,
+    )
     rows = []
     progress = Progress(len(cases))
     with csv_writer(csv_path) as (fh, writer):
@@ -60,28 +67,40 @@ def run(args, meta, csv_path):
 
 def print_table(rows, out=sys.stdout):
     """time, GB/s, % of copy and speedups, one line per (case, mode, provider)."""
-    hdr = f"{'op':<10} {'dtype':<8} {'layout':<13} {'beta':<7} {'numel':>10} {'mode':<16} {'provider':<8} " \
-          f"{'ms':>9} {'GB/s':>7} {'%copy':>6} {'x eager':>8} {'x comp':>7}"
+    hdr = (
+        f"{'op':<10} {'dtype':<8} {'layout':<13} {'beta':<7} {'numel':>10} {'mode':<16} {'provider':<8} "
+        f"{'ms':>9} {'GB/s':>7} {'%copy':>6} {'x eager':>8} {'x comp':>7}"
+    )
     print(hdr, file=out)
     print("-" * len(hdr), file=out)
     for r in rows:
         if r["metric"] != "time":
             continue
         if r["status"] != "ok":
-            print(f"{r['op']:<10} {r['dtype']:<8} {r['layout']:<13} {r['beta']:<7} {r['numel']:>10} {r['mode']:<16} "
-                  f"{r['provider']:<8} {r['status']}", file=out)
+            print(
+                f"{r['op']:<10} {r['dtype']:<8} {r['layout']:<13} {r['beta']:<7} {r['numel']:>10} {r['mode']:<16} "
+                f"{r['provider']:<8} {r['status']}",
+                file=out,
+            )
             continue
-        print(f"{r['op']:<10} {r['dtype']:<8} {r['layout']:<13} {r['beta']:<7} {r['numel']:>10} {r['mode']:<16} "
-              f"{r['provider']:<8} {float(r['p50']):9.4f} {float(r['gbps']):7.1f} {float(r['pct_copy']):6.1f} "
-              f"{r.get('speedup_vs_eager') or '':>8} {r.get('speedup_vs_compile') or '':>7}", file=out)
+        print(
+            f"{r['op']:<10} {r['dtype']:<8} {r['layout']:<13} {r['beta']:<7} {r['numel']:>10} {r['mode']:<16} "
+            f"{r['provider']:<8} {float(r['p50']):9.4f} {float(r['gbps']):7.1f} {float(r['pct_copy']):6.1f} "
+            f"{r.get('speedup_vs_eager') or '':>8} {r.get('speedup_vs_compile') or '':>7}",
+            file=out,
+        )
     mem = [r for r in rows if r["metric"] != "time" and r["status"] == "ok"]
     if mem:
         print("\nmemory of one forward+backward (MiB): saved by the autograd graph / peak beyond inputs", file=out)
         keyed = {}
         for r in mem:
-            keyed.setdefault((r["op"], r["dtype"], r["layout"], r["beta"], r["numel"], r["provider"]), {})[r["metric"]] = float(r["p50"])
+            keyed.setdefault((r["op"], r["dtype"], r["layout"], r["beta"], r["numel"], r["provider"]), {})[
+                r["metric"]
+            ] = float(r["p50"])
         for (op, dt, lay, beta, n, p), m in keyed.items():
             pk = m.get("peak_bytes")
-            print(f"{op:<10} {dt:<8} {lay:<13} {beta:<7} {n:>10} {p:<8} saved {m.get('saved_bytes', float('nan')) / 2**20:9.2f}"
-                  + (f"  peak {pk / 2**20:9.2f}" if pk is not None else ""), file=out)
-
+            print(
+                f"{op:<10} {dt:<8} {lay:<13} {beta:<7} {n:>10} {p:<8} saved {m.get('saved_bytes', float('nan')) / 2**20:9.2f}"  # noqa: E501
+                + (f"  peak {pk / 2**20:9.2f}" if pk is not None else ""),
+                file=out,
+            )

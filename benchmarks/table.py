@@ -4,6 +4,7 @@ layout and beta. Several CSVs (e.g. one thread and two) give one column group ea
 
     python benchmarks/table.py benchmarks/results/<run>.csv [more.csv ...] [--provider native]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,7 +47,9 @@ def table(paths, provider="native", min_numel=0):
     lines += ["", head, "|" + "---|" * (3 + 2 * len(runs))]
     for k in cases:
         op, dtype, _, shape = k
-        cells = "".join(f" {c.get(k, {}).get('forward', '')} | {c.get(k, {}).get('forward+backward', '')} |" for c in cols)
+        cells = "".join(
+            f" {c.get(k, {}).get('forward', '')} | {c.get(k, {}).get('forward+backward', '')} |" for c in cols
+        )
         lines.append(f"| {op} | {dtype} | {shape} |{cells}")
     return "\n".join(lines)
 

@@ -13,10 +13,10 @@ the GPU when there is one.
 Exit status 1 when the runs disagree beyond the tolerances (--tol-start, --tol-epoch,
 --tol-acc): the first steps' losses, the epoch mean losses, the final test accuracy.
 """
+
 from __future__ import annotations
 
 import argparse
-import copy
 import sys
 import time
 from pathlib import Path
@@ -29,18 +29,26 @@ import fusedact
 
 def make_model(backend: str) -> nn.Module:
     """A CNN for the digits (upsampled to 16x16) with one of each fusedact activation."""
+
     def conv(cin, cout):
         return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout)]
 
     return nn.Sequential(
-        *conv(1, 32), fusedact.nn.AconC(32, backend=backend),
-        *conv(32, 64), fusedact.nn.MetaAconC(64, r=8, backend=backend),
+        *conv(1, 32),
+        fusedact.nn.AconC(32, backend=backend),
+        *conv(32, 64),
+        fusedact.nn.MetaAconC(64, r=8, backend=backend),
         nn.MaxPool2d(2),  # 8x8
-        *conv(64, 64), fusedact.nn.Swish(1.0, learnable=True, backend=backend),
-        *conv(64, 64), fusedact.nn.Mish(backend=backend),
+        *conv(64, 64),
+        fusedact.nn.Swish(1.0, learnable=True, backend=backend),
+        *conv(64, 64),
+        fusedact.nn.Mish(backend=backend),
         nn.MaxPool2d(2),  # 4x4
-        *conv(64, 128), fusedact.nn.HardSwish(backend=backend),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10),
+        *conv(64, 128),
+        fusedact.nn.HardSwish(backend=backend),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(128, 10),
     )
 
 
@@ -109,14 +117,26 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", default="native", choices=["native", "triton"], help="the fused backend")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tol-start", type=float, default=1e-3,
-                    help="largest |fused - eager| loss over the first 10 steps (default 1e-3; 2e-7 "
-                         "measured on a CPU, where the runs differ in float32 rounding only; GPUs "
-                         "run the convolutions in TF32, 10-bit inputs, which amplifies that)")
-    ap.add_argument("--tol-epoch", type=float, default=0.25,
-                    help="largest relative difference of the epoch mean losses (default 0.25)")
-    ap.add_argument("--tol-acc", type=float, default=0.02,
-                    help="largest difference of the final test accuracies (default 0.02, 7 of 360 digits)")
+    ap.add_argument(
+        "--tol-start",
+        type=float,
+        default=1e-3,
+        help="largest |fused - eager| loss over the first 10 steps (default 1e-3; 2e-7 "
+        "measured on a CPU, where the runs differ in float32 rounding only; GPUs "
+        "run the convolutions in TF32, 10-bit inputs, which amplifies that)",
+    )
+    ap.add_argument(
+        "--tol-epoch",
+        type=float,
+        default=0.25,
+        help="largest relative difference of the epoch mean losses (default 0.25)",
+    )
+    ap.add_argument(
+        "--tol-acc",
+        type=float,
+        default=0.02,
+        help="largest difference of the final test accuracies (default 0.02, 7 of 360 digits)",
+    )
     ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "digits_loss.png"))
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -135,16 +155,18 @@ def main(argv=None) -> int:
         r["saved"] = saved_bytes(r["model"], xtr[: args.batch_size], ytr[: args.batch_size])
 
     steps_per_epoch = (len(xtr) + args.batch_size - 1) // args.batch_size
-    print(f"fusedact {fusedact.__version__}, torch {torch.__version__}, device {device}"
-          f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
-          f"backend {args.backend}; {len(xtr)} train / {len(xte)} test digits, "
-          f"{args.epochs} epochs of {steps_per_epoch} steps")
+    print(
+        f"fusedact {fusedact.__version__}, torch {torch.__version__}, device {device}"
+        f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}, "
+        f"backend {args.backend}; {len(xtr)} train / {len(xte)} test digits, "
+        f"{args.epochs} epochs of {steps_per_epoch} steps"
+    )
     progress = Progress(args.epochs * 2)
     for epoch in range(args.epochs):
         order = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(args.seed * 1000 + epoch))
         # one epoch of each, the first alternating, so that neither always runs on a
         # warmer machine
-        for name in (("fused", "eager") if epoch % 2 == 0 else ("eager", "fused")):
+        for name in ("fused", "eager") if epoch % 2 == 0 else ("eager", "fused"):
             r = runs[name]
             model, opt = r["model"], r["opt"]
             model.train()
@@ -154,7 +176,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             losses = []
             for i in range(0, len(xtr), args.batch_size):
-                idx = order[i:i + args.batch_size].to(device)
+                idx = order[i : i + args.batch_size].to(device)
                 loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -177,14 +199,20 @@ def main(argv=None) -> int:
     for name, r in runs.items():
         t = sorted(r["times"][1:] or r["times"])  # the first epoch carries one-time setup
         r["per_epoch"] = t[len(t) // 2]
-        r["epoch_loss"] = [sum(r["losses"][k:k + steps_per_epoch]) / steps_per_epoch
-                           for k in range(0, len(r["losses"]), steps_per_epoch)]
+        r["epoch_loss"] = [
+            sum(r["losses"][k : k + steps_per_epoch]) / steps_per_epoch
+            for k in range(0, len(r["losses"]), steps_per_epoch)
+        ]
         peak = f"{r['peak'] / 2**20:.1f} MiB" if device.type == "cuda" else "-"
-        print(f"{name:8}{r['per_epoch']:>10.3f}{r['saved'] / 2**10:>17.0f} KiB{peak:>11}"
-              f"{r['epoch_loss'][-1]:>17.4f}{r['accuracy']:>10.3f}")
-    print(f"fused vs eager: {e['per_epoch'] / f['per_epoch']:.2f}x speed, "
-          f"{f['saved'] / e['saved']:.2f}x the saved activation memory"
-          + (f", {f['peak'] / e['peak']:.2f}x the GPU peak" if device.type == "cuda" else ""))
+        print(
+            f"{name:8}{r['per_epoch']:>10.3f}{r['saved'] / 2**10:>17.0f} KiB{peak:>11}"
+            f"{r['epoch_loss'][-1]:>17.4f}{r['accuracy']:>10.3f}"
+        )
+    print(
+        f"fused vs eager: {e['per_epoch'] / f['per_epoch']:.2f}x speed, "
+        f"{f['saved'] / e['saved']:.2f}x the saved activation memory"
+        + (f", {f['peak'] / e['peak']:.2f}x the GPU peak" if device.type == "cuda" else "")
+    )
 
     # The two runs compute the same functions to float32 rounding, so their curves start
     # on top of each other; training then amplifies the rounding differences (the two
@@ -212,8 +240,19 @@ def main(argv=None) -> int:
 
     fig, (ax, ax_d) = plt.subplots(2, 1, figsize=(8, 6), sharex=True, gridspec_kw=dict(height_ratios=[3, 1]))
     steps = range(1, len(diffs) + 1)
-    ax.plot(steps, e["losses"], label=f"eager (test acc {e['accuracy']:.3f}, {e['per_epoch']:.2f} s/epoch)", lw=2.5, alpha=0.6)
-    ax.plot(steps, f["losses"], label=f"fused {args.backend} (test acc {f['accuracy']:.3f}, {f['per_epoch']:.2f} s/epoch)", lw=1)
+    ax.plot(
+        steps,
+        e["losses"],
+        label=f"eager (test acc {e['accuracy']:.3f}, {e['per_epoch']:.2f} s/epoch)",
+        lw=2.5,
+        alpha=0.6,
+    )
+    ax.plot(
+        steps,
+        f["losses"],
+        label=f"fused {args.backend} (test acc {f['accuracy']:.3f}, {f['per_epoch']:.2f} s/epoch)",
+        lw=1,
+    )
     ends = [steps_per_epoch * (k + 1) for k in range(len(e["epoch_loss"]))]
     ax.plot(ends, e["epoch_loss"], "o", color="C0", label="eager, epoch mean")
     ax.plot(ends, f["epoch_loss"], "x", color="C1", label="fused, epoch mean")

@@ -1,11 +1,12 @@
 """fusedact: fused, memory-lean swish, mish, hard_swish and ACON-C for PyTorch.
 
-    import fusedact
-    y = fusedact.mish(x)                                  # functional
-    act = fusedact.nn.AconC(64)                           # modules
-    y = fusedact.acon_c(x, p1, p2, beta, channel_dim=1)   # ACON-C / Meta-ACON
-    model = fusedact.convert(model)                       # SiLU, Mish, Hardswish, ACON -> fused
+import fusedact
+y = fusedact.mish(x)                                  # functional
+act = fusedact.nn.AconC(64)                           # modules
+y = fusedact.acon_c(x, p1, p2, beta, channel_dim=1)   # ACON-C / Meta-ACON
+model = fusedact.convert(model)                       # SiLU, Mish, Hardswish, ACON -> fused
 """
+
 import torch
 
 from . import _C  # noqa: F401  (registers torch.ops.fusedact.*)
@@ -24,7 +25,19 @@ _register_autograd("fusedact")  # torch.ops.fusedact.* differentiable by themsel
 _onnx.install("fusedact")  # torch.onnx.export turns the ops into standard ONNX operators
 _inductor.register("fusedact")  # torch.compile may fuse the ops (fusedact.config.compile)
 
-__all__ = ["swish", "mish", "hard_swish", "acon_c", "batch_norm_act", "convert", "nn", "reference", "config", "build_info", "BACKENDS"]
+__all__ = [
+    "swish",
+    "mish",
+    "hard_swish",
+    "acon_c",
+    "batch_norm_act",
+    "convert",
+    "nn",
+    "reference",
+    "config",
+    "build_info",
+    "BACKENDS",
+]
 
 
 # Submodules loaded on first use, so that `import fusedact` stays as fast as it was:

@@ -21,6 +21,7 @@ the math is activation_math.h's, op for op (the same grouping, saturation guards
 selects), in float32 for 16-bit data, rounded once to x's dtype; parameter gradients
 are float32 (float64) sums returned in the parameter's dtype.
 """
+
 from __future__ import annotations
 
 import zlib
@@ -45,16 +46,18 @@ AUTO = {
 
 # The fused blocks (fusedact.batch_norm_act): "fuse" hands Inductor the eager form
 # (F.batch_norm, then the activation) to fuse with its neighbours, "kernel" keeps our op.
-# CPU: our block ran 1.3-2.9x torch.compile of the eager block (bench.py --block,
-# benchmarks/README.md); CUDA has no fused block kernel yet.
-AUTO_BLOCKS = {"cpu": {"batch_norm_act": "kernel"}, "cuda": {"batch_norm_act": "fuse"}}
+# CPU: "fuse". Our block alone ran 1.3-3.1x torch.compile of the eager block (bench.py
+# --block), but in a compiled YOLO11n step the kept kernel ran 0.93x the compiled
+# original and saved 105.8 MB against its 99.5 MB (benchmarks/README.md, 2026-12-03).
+# CUDA has no fused block kernel yet.
+AUTO_BLOCKS = {"cpu": {"batch_norm_act": "fuse"}, "cuda": {"batch_norm_act": "fuse"}}
 
 _HALF = (torch.float16, torch.bfloat16)
 _SATURATION = {torch.float32: 128.0, torch.float64: 1024.0}  # activation_math.h's SigmoidSaturation
 
 
 def mode_for(op: str, device: torch.device) -> str:
-    """"fuse" or "kernel": what config.compile means for ``op`` on ``device``."""
+    """ "fuse" or "kernel": what config.compile means for ``op`` on ``device``."""
     mode = config.compile
     if mode == "auto":
         table = AUTO_BLOCKS if op in AUTO_BLOCKS["cpu"] else AUTO
@@ -169,8 +172,12 @@ def acon_c_backward(grad, x, p1, p2, beta, channel_dim):
     dbeta = gf * torch.where(saturated, 0.0, (u * s) * (u * sc))
     dx = (gf * (d * h + b)).to(x.dtype)
     beta_axes = (0, cd) if per_sample else (cd,)
-    return (dx, _sum_to(gx * h, p1, (cd,)), _sum_to(gx * (sc * (1 - zc * s)), p2, (cd,)),
-            _sum_to(dbeta, beta, beta_axes))
+    return (
+        dx,
+        _sum_to(gx * h, p1, (cd,)),
+        _sum_to(gx * (sc * (1 - zc * s)), p2, (cd,)),
+        _sum_to(dbeta, beta, beta_axes),
+    )
 
 
 # What a compiled graph depends on besides the setting: this file (the decompositions,
@@ -216,10 +223,14 @@ def _deciding(op: str, fn, overloads: list):
 
 
 DECOMPOSITIONS = {
-    "swish_forward": swish_forward, "swish_backward": swish_backward,
-    "mish_forward": mish_forward, "mish_backward": mish_backward,
-    "hard_swish_forward": hard_swish_forward, "hard_swish_backward": hard_swish_backward,
-    "acon_c_forward": acon_c_forward, "acon_c_backward": acon_c_backward,
+    "swish_forward": swish_forward,
+    "swish_backward": swish_backward,
+    "mish_forward": mish_forward,
+    "mish_backward": mish_backward,
+    "hard_swish_forward": hard_swish_forward,
+    "hard_swish_backward": hard_swish_backward,
+    "acon_c_forward": acon_c_forward,
+    "acon_c_backward": acon_c_backward,
 }
 
 

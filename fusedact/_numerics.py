@@ -2,6 +2,7 @@
 reference, with tolerances derived from the dtype. Used by tests/ and by
 ``python -m fusedact.selftest`` on an installed fusedact; the users' model-level check
 is fusedact.testing.assert_parity."""
+
 from __future__ import annotations
 
 import math
@@ -30,8 +31,9 @@ def opmath_eps(dtype: torch.dtype) -> float:
     return torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
 
 
-def reduction_tol(terms_abs_sum: torch.Tensor, n_terms: int, x_dtype: torch.dtype, p_dtype: torch.dtype,
-                  ref: torch.Tensor) -> torch.Tensor:
+def reduction_tol(
+    terms_abs_sum: torch.Tensor, n_terms: int, x_dtype: torch.dtype, p_dtype: torch.dtype, ref: torch.Tensor
+) -> torch.Tensor:
     """Bound on the error of a parameter gradient: a sum of n_terms products computed in
     opmath. Each term carries a few opmath ulp (8 allowed); rounding errors in a sum
     of n terms accumulate like a random walk, ~sqrt(n) ulp of the running magnitude,
@@ -64,11 +66,20 @@ def ref_fn(op: str, channel_dim: int = 1):
     return lambda x, *params: info.call(fn, x, params or info.default_params, channel_dim=channel_dim)
 
 
-def make_params(op, x, *, channel_dim=1, per_sample=False, module_layout=False, param_dtype=None,
-                learnable_beta=True, seed=1):
+def make_params(
+    op, x, *, channel_dim=1, per_sample=False, module_layout=False, param_dtype=None, learnable_beta=True, seed=1
+):
     """The parameters of op for x (empty list for mish, hard_swish): fusedact/_opinfo.py."""
-    return _opinfo.sample_params(op, x, channel_dim=channel_dim, per_sample=per_sample, module_layout=module_layout,
-                                 param_dtype=param_dtype, learnable_beta=learnable_beta, seed=seed)
+    return _opinfo.sample_params(
+        op,
+        x,
+        channel_dim=channel_dim,
+        per_sample=per_sample,
+        module_layout=module_layout,
+        param_dtype=param_dtype,
+        learnable_beta=learnable_beta,
+        seed=seed,
+    )
 
 
 def rand_x(shape, dtype, device, seed=0, scale=3.0):
@@ -110,7 +121,9 @@ def check_forward_backward(op, x, params, *, channel_dim=1, backend=None, seed=2
     f = op_fn(op, backend, channel_dim)
     r = ref_fn(op, channel_dim)
     # x itself (a leaf in its own layout) and copies of the tensor parameters
-    leaves = [x.detach().requires_grad_()] + [p.detach().clone().requires_grad_() for p in params if isinstance(p, torch.Tensor)]
+    leaves = [x.detach().requires_grad_()] + [
+        p.detach().clone().requires_grad_() for p in params if isinstance(p, torch.Tensor)
+    ]
     args = leaves + [p for p in params if not isinstance(p, torch.Tensor)]
     y = f(*args)
     assert y.dtype == x.dtype and y.shape == x.shape and y.device == x.device

@@ -9,6 +9,7 @@ rounding error. Autograd (functions.py), ONNX (onnx.py), the vmap and fake
 registrations, ``convert``, the selftest, ``fusedact.testing``, the tests and the
 benchmarks iterate over ``OPS``. Adding an activation: docs/design.md.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -19,7 +20,18 @@ import torch.nn.functional as F
 
 from . import reference
 
-__all__ = ["OpInfo", "ParamInfo", "GradcheckCase", "OPS", "NAMES", "get", "is_dense", "per_sample", "batch_blocked", "output_like"]
+__all__ = [
+    "OpInfo",
+    "ParamInfo",
+    "GradcheckCase",
+    "OPS",
+    "NAMES",
+    "get",
+    "is_dense",
+    "per_sample",
+    "batch_blocked",
+    "output_like",
+]
 
 
 @dataclass(frozen=True)
@@ -165,8 +177,11 @@ def _acon_c_params(x, rnd, *, cd, per_sample, module_layout, learnable):
         shape[cd] = C
     p1, p2 = rnd(shape), rnd(shape)
     if per_sample:
-        bshape = [x.shape[0], C] if not module_layout else [
-            x.shape[0] if d == 0 else (C if d == cd else 1) for d in range(x.dim())]
+        bshape = (
+            [x.shape[0], C]
+            if not module_layout
+            else [x.shape[0] if d == 0 else (C if d == cd else 1) for d in range(x.dim())]
+        )
         beta = rnd(bshape, scale=0.5, offset=1.0)
     else:
         beta = rnd(shape, scale=0.5, offset=1.0)
@@ -202,39 +217,79 @@ _TIMM, _TIMM_ME = "timm.layers.activations", "timm.layers.activations_me"
 
 OPS: tuple[OpInfo, ...] = (
     OpInfo(
-        "swish", "x sigmoid(beta x); SiLU at beta = 1",
+        "swish",
+        "x sigmoid(beta x); SiLU at beta = 1",
         (ParamInfo("beta", "a float, or a one-element tensor (learnable)", float_ok=True),),
-        slots=(0, 2), op_args=_swish_op_args, reference_of=_swish_reference_of, onnx_form=_swish_onnx,
-        module=("Swish",), replaces=((_TORCH, "SiLU"), (_TIMM, "Swish"), (_TIMM_ME, "SwishMe")),
-        sample_params=_swish_params, param_error_scale=_swish_error_scale,
+        slots=(0, 2),
+        op_args=_swish_op_args,
+        reference_of=_swish_reference_of,
+        onnx_form=_swish_onnx,
+        module=("Swish",),
+        replaces=((_TORCH, "SiLU"), (_TIMM, "Swish"), (_TIMM_ME, "SwishMe")),
+        sample_params=_swish_params,
+        param_error_scale=_swish_error_scale,
         default_params=(1.7,),  # off 1: the general Swish-beta loop, not SiLU's
         eager=F.silu,
-        gradcheck=(GradcheckCase("swish-float-beta", learnable=False),
-                   GradcheckCase("swish-learnable-beta", "channels_last"))),
+        gradcheck=(
+            GradcheckCase("swish-float-beta", learnable=False),
+            GradcheckCase("swish-learnable-beta", "channels_last"),
+        ),
+    ),
     OpInfo(
-        "mish", "x tanh(softplus(x))", (), slots=(0,), op_args=_unary_op_args,
-        reference_of=lambda args: reference.mish, onnx_form=F.mish, eager=F.mish,
-        module=("Mish",), replaces=((_TORCH, "Mish"), (_TIMM, "Mish"), (_TIMM_ME, "MishMe")),
-        sample_params=_no_params, gradcheck=(GradcheckCase("mish", "strided"),)),
+        "mish",
+        "x tanh(softplus(x))",
+        (),
+        slots=(0,),
+        op_args=_unary_op_args,
+        reference_of=lambda args: reference.mish,
+        onnx_form=F.mish,
+        eager=F.mish,
+        module=("Mish",),
+        replaces=((_TORCH, "Mish"), (_TIMM, "Mish"), (_TIMM_ME, "MishMe")),
+        sample_params=_no_params,
+        gradcheck=(GradcheckCase("mish", "strided"),),
+    ),
     OpInfo(
-        "hard_swish", "x relu6(x + 3) / 6; x itself from 3 on", (), slots=(0,), op_args=_unary_op_args,
-        reference_of=lambda args: reference.hard_swish, onnx_form=F.hardswish, eager=F.hardswish,
-        module=("HardSwish",), replaces=((_TORCH, "Hardswish"), (_TIMM, "HardSwish"), (_TIMM_ME, "HardSwishMe")),
-        sample_params=_no_params, gradcheck=(GradcheckCase("hard_swish", "transposed"),)),
+        "hard_swish",
+        "x relu6(x + 3) / 6; x itself from 3 on",
+        (),
+        slots=(0,),
+        op_args=_unary_op_args,
+        reference_of=lambda args: reference.hard_swish,
+        onnx_form=F.hardswish,
+        eager=F.hardswish,
+        module=("HardSwish",),
+        replaces=((_TORCH, "Hardswish"), (_TIMM, "HardSwish"), (_TIMM_ME, "HardSwishMe")),
+        sample_params=_no_params,
+        gradcheck=(GradcheckCase("hard_swish", "transposed"),),
+    ),
     OpInfo(
-        "acon_c", "(p1 - p2) x sigmoid(beta (p1 - p2) x) + p2 x, per channel",
-        (ParamInfo("p1", "(C,) or (1, C, 1, ...)"), ParamInfo("p2", "(C,) or (1, C, 1, ...)"),
-         ParamInfo("beta", "as p1 (ACON-C), or per sample: (N, C) or (N, C, 1, ...) (Meta-ACON)")),
-        slots=(0, 1, 2, 3), op_args=_acon_c_op_args, reference_of=_acon_c_reference_of, onnx_form=_acon_c_onnx,
-        module=("AconC", "MetaAconC"), channel_dim=True, eager=_acon_c_eager, sample_params=_acon_c_params,
+        "acon_c",
+        "(p1 - p2) x sigmoid(beta (p1 - p2) x) + p2 x, per channel",
+        (
+            ParamInfo("p1", "(C,) or (1, C, 1, ...)"),
+            ParamInfo("p2", "(C,) or (1, C, 1, ...)"),
+            ParamInfo("beta", "as p1 (ACON-C), or per sample: (N, C) or (N, C, 1, ...) (Meta-ACON)"),
+        ),
+        slots=(0, 1, 2, 3),
+        op_args=_acon_c_op_args,
+        reference_of=_acon_c_reference_of,
+        onnx_form=_acon_c_onnx,
+        module=("AconC", "MetaAconC"),
+        channel_dim=True,
+        eager=_acon_c_eager,
+        sample_params=_acon_c_params,
         param_error_scale=_acon_c_error_scale,
-        gradcheck=(GradcheckCase("acon_c-nchw"),
-                   GradcheckCase("acon_c-channels_last", "channels_last", module_layout=True),
-                   GradcheckCase("acon_c-per-sample", per_sample=True),
-                   GradcheckCase("acon_c-per-sample-cl", "channels_last", per_sample=True, module_layout=True),
-                   GradcheckCase("acon_c-nlc", channel_dim=-1),
-                   GradcheckCase("acon_c-nlc-per-sample", channel_dim=-1, per_sample=True),
-                   GradcheckCase("acon_c-strided", "strided", per_sample=True))),
+        gradcheck=(
+            GradcheckCase("acon_c-nchw"),
+            GradcheckCase("acon_c-channels_last", "channels_last", module_layout=True),
+            GradcheckCase("acon_c-per-sample", per_sample=True),
+            GradcheckCase("acon_c-per-sample-cl", "channels_last", per_sample=True, module_layout=True),
+            GradcheckCase("acon_c-nlc", channel_dim=-1),
+            GradcheckCase("acon_c-nlc-per-sample", channel_dim=-1, per_sample=True),
+            GradcheckCase("acon_c-strided", "strided", per_sample=True),
+        ),
+    ),
 )
 
 NAMES: tuple[str, ...] = tuple(op.name for op in OPS)
@@ -249,8 +304,17 @@ def get(name: str) -> OpInfo:
     return _BY_NAME[name]
 
 
-def sample_params(op: OpInfo | str, x: torch.Tensor, *, channel_dim=1, per_sample=False, module_layout=False,
-                  param_dtype=None, learnable_beta=True, seed=1) -> list:
+def sample_params(
+    op: OpInfo | str,
+    x: torch.Tensor,
+    *,
+    channel_dim=1,
+    per_sample=False,
+    module_layout=False,
+    param_dtype=None,
+    learnable_beta=True,
+    seed=1,
+) -> list:
     """Random parameters of op for x, reproducible by seed (empty for mish, hard_swish)."""
     op = get(op) if isinstance(op, str) else op
     gen = torch.Generator().manual_seed(seed)
@@ -259,8 +323,14 @@ def sample_params(op: OpInfo | str, x: torch.Tensor, *, channel_dim=1, per_sampl
     def rnd(shape, scale=1.0, offset=0.0):
         return (torch.randn(tuple(shape), generator=gen, dtype=torch.float64) * scale + offset).to(pd).to(x.device)
 
-    return op.sample_params(x, rnd, cd=channel_dim % max(1, x.dim()), per_sample=per_sample,
-                            module_layout=module_layout, learnable=learnable_beta)
+    return op.sample_params(
+        x,
+        rnd,
+        cd=channel_dim % max(1, x.dim()),
+        per_sample=per_sample,
+        module_layout=module_layout,
+        learnable=learnable_beta,
+    )
 
 
 # ---- the layout rule, Python's one home (csrc/channel_layout.h is the kernels' side):

@@ -2,6 +2,7 @@
 torch.compile traces them without running them and without graph breaks. Each checks
 what the C++ op checks and returns outputs with the shapes, dtypes and strides the
 real op returns."""
+
 from __future__ import annotations
 
 import torch

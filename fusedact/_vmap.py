@@ -13,6 +13,7 @@ never a loop over the batch.
   with p1 = 1, p2 = 0 (the same function: d = 1, y = x (1 s(beta x) + 0)) over x viewed
   as (1, B, -1), one channel per batch element.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,7 +54,7 @@ class _AconBatch:
     def x(self, t: torch.Tensor, bdim) -> torch.Tensor:
         c, B = self.c, self.B
         t = t.movedim(bdim, c) if bdim is not None else t.unsqueeze(c).expand(*t.shape[:c], B, *t.shape[c:])
-        return t.reshape(*self.shape[:c], B * self.C, *self.shape[c + 2:])
+        return t.reshape(*self.shape[:c], B * self.C, *self.shape[c + 2 :])
 
     def param(self, p: torch.Tensor, bdim) -> torch.Tensor:
         return _front(p, bdim, self.B).reshape(self.B * self.C)
@@ -102,9 +103,11 @@ def vmap_rules(ops, invoke) -> dict:
         def add(rule):
             rules[name] = rule
             return rule
+
         return add
 
     for name in UNARY:
+
         def unary_forward(info, in_dims, x, op=f"{name}_forward"):
             return invoke(ops, op, x), in_dims[0]
 
@@ -143,16 +146,30 @@ def vmap_rules(ops, invoke) -> dict:
     def acon_c_forward(info, in_dims, x, p1, p2, beta, channel_dim):
         xd, p1d, p2d, bd, _ = in_dims
         geo = _AconBatch(info.batch_size, x, xd, _numel(_logical_shape(beta, bd)), channel_dim)
-        y = invoke(ops, "acon_c_forward", geo.x(x, xd), geo.param(p1, p1d), geo.param(p2, p2d), geo.beta(beta, bd), geo.c)
+        y = invoke(
+            ops, "acon_c_forward", geo.x(x, xd), geo.param(p1, p1d), geo.param(p2, p2d), geo.beta(beta, bd), geo.c
+        )
         return geo.out(y), geo.c
 
     @register("acon_c_backward")
     def acon_c_backward(info, in_dims, grad, x, p1, p2, beta, channel_dim):
         gd, xd, p1d, p2d, bd, _ = in_dims
         geo = _AconBatch(info.batch_size, x, xd, _numel(_logical_shape(beta, bd)), channel_dim)
-        dx, dp1, dp2, dbeta = invoke(ops, "acon_c_backward", 
-            geo.x(grad, gd), geo.x(x, xd), geo.param(p1, p1d), geo.param(p2, p2d), geo.beta(beta, bd), geo.c)
-        return (geo.out(dx), geo.param_grad(dp1, _logical_shape(p1, p1d)), geo.param_grad(dp2, _logical_shape(p2, p2d)),
-                geo.beta_grad(dbeta, _logical_shape(beta, bd))), (geo.c, 0, 0, 0)
+        dx, dp1, dp2, dbeta = invoke(
+            ops,
+            "acon_c_backward",
+            geo.x(grad, gd),
+            geo.x(x, xd),
+            geo.param(p1, p1d),
+            geo.param(p2, p2d),
+            geo.beta(beta, bd),
+            geo.c,
+        )
+        return (
+            geo.out(dx),
+            geo.param_grad(dp1, _logical_shape(p1, p1d)),
+            geo.param_grad(dp2, _logical_shape(p2, p2d)),
+            geo.beta_grad(dbeta, _logical_shape(beta, bd)),
+        ), (geo.c, 0, 0, 0)
 
     return rules

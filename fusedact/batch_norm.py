@@ -17,6 +17,7 @@ The passes are ``torch.ops.fusedact.bn_stats`` / ``bn_act_forward`` / ``bn_act_b
 form, F.batch_norm then the activation's function, is what ONNX export and, under
 torch.compile, Inductor see (rule 5 of issue 20: Inductor fuses the block itself).
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -68,8 +69,9 @@ def _check(op: str, x, running_mean, running_var, weight, bias, training, act, a
             check_tensor(op, name, p)
             per_sample = name == "beta" and p.numel() == x.shape[0] * C and p.numel() != C
             if p.numel() != C and not per_sample:
-                raise ValueError(f"{op}: acon_c's {name} must have C = {C} elements (or N*C for beta), "
-                                 f"got shape {tuple(p.shape)}")
+                raise ValueError(
+                    f"{op}: acon_c's {name} must have C = {C} elements (or N*C for beta), got shape {tuple(p.shape)}"
+                )
             if p.device != x.device:
                 raise ValueError(f"{op}: {name} is on {p.device}, x on {x.device}")
     if act == "swish" and act_params and isinstance(act_params[0], Tensor):
@@ -141,8 +143,14 @@ def _affine(x, weight, bias, invstd):
 
 
 @torch.library.custom_op("fusedact::batch_norm_stats", mutates_args=("running_mean", "running_var"))
-def _batch_norm_stats(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool,
-                      momentum: float, eps: float) -> tuple[Tensor, Tensor]:
+def _batch_norm_stats(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    momentum: float,
+    eps: float,
+) -> tuple[Tensor, Tensor]:
     """(mean, invstd) per channel in opmath; in training the running statistics are updated."""
     return _stats(x, running_mean, running_var, training, momentum, eps)
 
@@ -154,9 +162,20 @@ def _(x, running_mean, running_var, training, momentum, eps):
 
 
 @torch.library.custom_op("fusedact::batch_norm_act", mutates_args=())
-def _batch_norm_act(x: Tensor, mean: Tensor, invstd: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                    training: bool, eps: float, act: str, beta: float, p1: Optional[Tensor], p2: Optional[Tensor],
-                    act_beta: Optional[Tensor]) -> Tensor:
+def _batch_norm_act(
+    x: Tensor,
+    mean: Tensor,
+    invstd: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    training: bool,
+    eps: float,
+    act: str,
+    beta: float,
+    p1: Optional[Tensor],
+    p2: Optional[Tensor],
+    act_beta: Optional[Tensor],
+) -> Tensor:
     """act((x - mean) invstd weight + bias); training: mean and invstd are x's own batch
     statistics (the backward differentiates through them); eps only for the second
     derivative, which recomputes them."""
@@ -171,10 +190,20 @@ def _(x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta)
 
 
 @torch.library.custom_op("fusedact::batch_norm_act_backward", mutates_args=())
-def _batch_norm_act_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
-                             mean: Tensor, invstd: Tensor, training: bool, act: str, beta: float,
-                             p1: Optional[Tensor], p2: Optional[Tensor],
-                             act_beta: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _batch_norm_act_backward(
+    grad: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    training: bool,
+    act: str,
+    beta: float,
+    p1: Optional[Tensor],
+    p2: Optional[Tensor],
+    act_beta: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dp1, dp2, dbeta); an empty tensor where the argument is None."""
     a, b = _affine(x, weight, bias, invstd)
     params = [mean, a, b, *_act_tensors(x, act, beta, p1, p2, act_beta)]
@@ -187,6 +216,7 @@ def _batch_norm_act_backward(grad: Tensor, x: Tensor, weight: Optional[Tensor], 
     else:
         k2 = c = torch.zeros_like(a)
     dx = torch.ops.fusedact.bn_dx(dz, x, [a, k2, mean, c])
+
     def empty():
         return x.new_empty((0,))  # one each: a custom op's outputs may not alias
 
@@ -219,14 +249,25 @@ def _backward(ctx, grad):
     if torch.is_grad_enabled():  # create_graph=True: the eager form's VJP, differentiable again
         outs = _eager_vjp(ctx, grad, x, weight, bias, mean, invstd, p1, p2, act_beta)
     else:
-        outs = _batch_norm_act_backward(grad, x, weight, bias, mean, invstd, ctx.training, ctx.act, ctx.beta,
-                                        p1, p2, act_beta)
+        outs = _batch_norm_act_backward(
+            grad, x, weight, bias, mean, invstd, ctx.training, ctx.act, ctx.beta, p1, p2, act_beta
+        )
     dx, dw, db, dp1, dp2, dbeta = outs
     need = ctx.needs_input_grad
-    pick = [dx if need[0] else None, None, None, dw if need[3] and weight is not None else None,
-            db if need[4] and bias is not None else None, None, None, None, None,
-            dp1 if need[9] and p1 is not None else None, dp2 if need[10] and p2 is not None else None,
-            dbeta if need[11] and act_beta is not None else None]
+    pick = [
+        dx if need[0] else None,
+        None,
+        None,
+        dw if need[3] and weight is not None else None,
+        db if need[4] and bias is not None else None,
+        None,
+        None,
+        None,
+        None,
+        dp1 if need[9] and p1 is not None else None,
+        dp2 if need[10] and p2 is not None else None,
+        dbeta if need[11] and act_beta is not None else None,
+    ]
     return tuple(pick)
 
 
@@ -279,10 +320,19 @@ def _inductor_compiling() -> bool:
     return torch.compiler.is_compiling() and not exporting()
 
 
-def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                   weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
-                   momentum: float = 0.1, eps: float = 1e-5, act: str = "swish", *act_params,
-                   backend: str | None = None) -> Tensor:
+def batch_norm_act(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+    act: str = "swish",
+    *act_params,
+    backend: str | None = None,
+) -> Tensor:
     """``act(F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum,
     eps))`` in one op that saves only x, the statistics and the parameters.
 
@@ -300,9 +350,13 @@ def batch_norm_act(x: Tensor, running_mean: Optional[Tensor], running_var: Optio
             act_beta = act_params[0]
         else:
             beta = float(act_params[0])
-    if (backend == "eager" or _onnx_exporting() or torch.onnx.is_in_onnx_export()
-            or (_inductor_compiling() and _inductor.mode_for("batch_norm_act", x.device) == "fuse")
-            or x.device.type != "cpu"):  # the fused passes are CPU kernels so far (csrc/ops_impl.h)
+    if (
+        backend == "eager"
+        or _onnx_exporting()
+        or torch.onnx.is_in_onnx_export()
+        or (_inductor_compiling() and _inductor.mode_for("batch_norm_act", x.device) == "fuse")
+        or x.device.type != "cpu"
+    ):  # the fused passes are CPU kernels so far (csrc/ops_impl.h)
         return _unfused(x, running_mean, running_var, weight, bias, training, momentum, eps, act, act_params, backend)
     if backend not in (None, "native"):
         raise ValueError(f"{op}: backend {backend!r}: batch_norm_act has the native and eager backends")

@@ -2,6 +2,7 @@
 channel_layout.h: the eager backend, the fakes (fusedact/_ops.py) and the Triton ops
 (fusedact/triton/ops.py) use them; the native ops check in C++. They import nothing
 from fusedact, so every module can import them."""
+
 from __future__ import annotations
 
 import numbers
@@ -24,8 +25,7 @@ def check_x(op: str, x: torch.Tensor) -> None:
         raise TypeError(f"{op}: x must be a tensor, got {type(x).__name__}")
     _check(
         x.dtype in FLOAT_DTYPES,
-        lambda: f"{op}: x must be a floating-point tensor (float32, float64, float16 or "
-        f"bfloat16), got {x.dtype}",
+        lambda: f"{op}: x must be a floating-point tensor (float32, float64, float16 or bfloat16), got {x.dtype}",
     )
 
 
@@ -46,8 +46,10 @@ def check_float_beta(op: str, beta, x: torch.Tensor) -> float:
     except OverflowError:  # an int beyond float64
         raise ValueError(f"{op}: beta = {beta} is outside float64's range") from None
     if x.dtype != torch.float64 and FLOAT32_OVERFLOW <= abs(b) < float("inf"):
-        raise ValueError(f"{op}: beta = {b!r} is outside float32's range, in which the kernels compute for "
-                         f"{x.dtype} x (it would round to inf and give NaN); use a smaller beta or float64 x")
+        raise ValueError(
+            f"{op}: beta = {b!r} is outside float32's range, in which the kernels compute for "
+            f"{x.dtype} x (it would round to inf and give NaN); use a smaller beta or float64 x"
+        )
     return b
 
 
@@ -64,14 +66,15 @@ def check_tensor(op: str, name: str, t) -> None:
 def check_param(op: str, name: str, p: torch.Tensor, x: torch.Tensor) -> None:
     _check(
         p.device == x.device,
-        lambda: f"{op}: {name} is on {p.device} but x is on {x.device}; all tensors must be "
-        "on one device",
+        lambda: f"{op}: {name} is on {p.device} but x is on {x.device}; all tensors must be on one device",
     )
     half_x = x.dtype in (torch.float16, torch.bfloat16)
     _check(
         p.dtype == x.dtype or (half_x and p.dtype == torch.float32),
-        lambda: f"{op}: {name} has dtype {p.dtype} but x has dtype {x.dtype}; parameters "
-        "must have x's dtype, or float32 when x is float16 or bfloat16",
+        lambda: (
+            f"{op}: {name} has dtype {p.dtype} but x has dtype {x.dtype}; parameters "
+            "must have x's dtype, or float32 when x is float16 or bfloat16"
+        ),
     )
 
 
@@ -103,9 +106,7 @@ def _is_sample_shape(b: torch.Tensor, x: torch.Tensor, cd: int) -> bool:
     N, C = x.shape[0], x.shape[cd]
     if b.dim() == 2 and x.dim() != 2:
         return tuple(b.shape) == (N, C)
-    return b.dim() == x.dim() and all(
-        b.shape[d] == (N if d == 0 else C if d == cd else 1) for d in range(x.dim())
-    )
+    return b.dim() == x.dim() and all(b.shape[d] == (N if d == 0 else C if d == cd else 1) for d in range(x.dim()))
 
 
 def check_acon_args(op, x, p1, p2, beta, channel_dim) -> tuple[int, bool]:
@@ -124,8 +125,9 @@ def check_acon_args(op, x, p1, p2, beta, channel_dim) -> tuple[int, bool]:
     for name, p in (("p1", p1), ("p2", p2), ("beta", beta)):
         _check(
             p.dtype in FLOAT_DTYPES,
-            lambda: f"{op}: {name} must be a floating-point tensor (float32, float64, float16 "
-            f"or bfloat16), got {p.dtype}",
+            lambda: (
+                f"{op}: {name} must be a floating-point tensor (float32, float64, float16 or bfloat16), got {p.dtype}"
+            ),
         )
         check_param(op, name, p, x)
     _check(
@@ -135,16 +137,20 @@ def check_acon_args(op, x, p1, p2, beta, channel_dim) -> tuple[int, bool]:
     for name, p in (("p1", p1), ("p2", p2)):
         _check(
             _is_channel_shape(p, x, cd),
-            lambda: f"{op}: {name} must have C = {C} elements (x.shape[{cd}]), shape (C,) or "
-            f"x.dim() dimensions that are 1 except at channel_dim; got shape {tuple(p.shape)}",
+            lambda: (
+                f"{op}: {name} must have C = {C} elements (x.shape[{cd}]), shape (C,) or "
+                f"x.dim() dimensions that are 1 except at channel_dim; got shape {tuple(p.shape)}"
+            ),
         )
     per_sample = not _is_channel_shape(beta, x, cd)
     if per_sample:
         _check(
             _is_sample_shape(beta, x, cd),
-            lambda: f"{op}: beta must have C = {C} elements (shape (C,) or 1 except at "
-            "channel_dim) or N*C elements for per-sample beta (shape (N, C) or N at dim 0, C "
-            f"at channel_dim, 1 elsewhere), with N = x.shape[0] and channel_dim != 0; got "
-            f"shape {tuple(beta.shape)}",
+            lambda: (
+                f"{op}: beta must have C = {C} elements (shape (C,) or 1 except at "
+                "channel_dim) or N*C elements for per-sample beta (shape (N, C) or N at dim 0, C "
+                f"at channel_dim, 1 elsewhere), with N = x.shape[0] and channel_dim != 0; got "
+                f"shape {tuple(beta.shape)}"
+            ),
         )
     return cd, per_sample

@@ -17,6 +17,7 @@ any tag of the user's), so no cached graph of another mode is served. Both choic
 compute the same function; only speed and memory differ. Eager mode, torch.export and
 ONNX export never read it.
 """
+
 from __future__ import annotations
 
 import os

@@ -23,6 +23,7 @@ In-place activations (``inplace=True``) become out-of-place ones: the output is 
 same tensor values; only code that reads the input after the call would see a
 difference. Hooks registered on a replaced module are not carried over.
 """
+
 from __future__ import annotations
 
 import functools
@@ -105,8 +106,7 @@ def _as_meta_acon_c(m: nn.Module, backend) -> nn.Module | str:
     bns = {name: children.get(name) for name in ("bn1", "bn2")}
     if any(bn is not None and not isinstance(bn, nn.modules.batchnorm._BatchNorm) for bn in bns.values()):
         return "bn1 or bn2 is not a BatchNorm"
-    others = [name for name, c in children.items()
-              if name not in ("fc1", "fc2", "bn1", "bn2") and _has_params(c)]
+    others = [name for name, c in children.items() if name not in ("fc1", "fc2", "bn1", "bn2") and _has_params(c)]
     if others:
         return f"it has other child modules with parameters: {others}"
     C = p1.numel()
@@ -141,8 +141,11 @@ def _replacement(m: nn.Module, backend) -> nn.Module | None:
 def _fusible(act) -> bool:
     """An activation batch_norm_act runs in its pass, with no parameters (which would
     move in the state_dict) and the native backend."""
-    return (type(act) in (fnn.Swish, fnn.Mish, fnn.HardSwish) and next(act.parameters(), None) is None
-            and act.backend in (None, "native"))
+    return (
+        type(act) in (fnn.Swish, fnn.Mish, fnn.HardSwish)
+        and next(act.parameters(), None) is None
+        and act.backend in (None, "native")
+    )
 
 
 def _is_bn(m, dims=(1, 2)) -> bool:
@@ -180,11 +183,19 @@ def _fuse_bn(model: nn.Module) -> nn.Module:
             return m
         seen.add(id(m))
         t = type(m)
-        if (t.__module__, t.__name__) == ("timm.layers.norm_act", "BatchNormAct2d") and \
-                type(m.drop) is nn.Identity and _fusible(m.act) and not isinstance(m, fnn.BatchNormAct2d):
+        if (
+            (t.__module__, t.__name__) == ("timm.layers.norm_act", "BatchNormAct2d")
+            and type(m.drop) is nn.Identity
+            and _fusible(m.act)
+            and not isinstance(m, fnn.BatchNormAct2d)
+        ):
             return fnn.BatchNormAct2d.from_modules(m, m.act)
-        if conv_forward is not None and getattr(t, "forward", None) is conv_forward and \
-                _is_bn(getattr(m, "bn", None), (2,)) and _fusible(getattr(m, "act", None)):
+        if (
+            conv_forward is not None
+            and getattr(t, "forward", None) is conv_forward
+            and _is_bn(getattr(m, "bn", None), (2,))
+            and _fusible(getattr(m, "act", None))
+        ):
             m.bn = _bn_act(m.bn, m.act)
             m.forward = functools.partial(_conv_bn_act, m)
         if isinstance(m, nn.Sequential):

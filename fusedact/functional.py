@@ -8,6 +8,7 @@ so a bad argument raises a Python exception whatever the C++ build does with one
 (docs/testing.md, "The SIGSEGV on the H100 machine"); the ops check again in C++ and in
 their fakes, with the same messages. The call graph: docs/design.md.
 """
+
 from __future__ import annotations
 
 import torch
@@ -82,6 +83,7 @@ try:
     for _entry in (_fast_swish, _fast_mish, _fast_hard_swish):
         torch.compiler.substitute_in_graph(_entry, skip_signature_check=True)(_fast_path_traced)
 except (AttributeError, TypeError):  # a torch without it: ask Dynamo in Python, a call more
+
     def _asking_dynamo(entry):
         return lambda *args: None if _is_compiling() else entry(*args)
 

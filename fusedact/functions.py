@@ -24,6 +24,7 @@ transforms all go through one path.
   parameters alone. The backward ops' JVP (forward-over-reverse, e.g. ``hessian``) is
   the reference's.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -126,15 +127,25 @@ def _function_class(name, doc, forward, setup_context, backward, jvp, vmap) -> t
     Function with ``setup_context`` binds its arguments with inspect.signature on every
     call (about 15 us here); the older form does not, and plain autograd needs no more."""
     methods = dict(forward=forward, setup_context=setup_context, backward=backward, jvp=jvp, vmap=vmap)
-    cls = type(name, (Function,), {"__doc__": doc, "__module__": __name__,
-                                   **{k: staticmethod(v) for k, v in methods.items()}})
+    cls = type(
+        name, (Function,), {"__doc__": doc, "__module__": __name__, **{k: staticmethod(v) for k, v in methods.items()}}
+    )
 
     def plain_forward(ctx, *args):
         setup_context(ctx, args, None)  # saves the inputs only: the output is not used
         return forward(*args)
 
-    cls.plain = type(name, (Function,), {"__doc__": doc, "__module__": __name__, "forward": staticmethod(plain_forward),
-                                         "backward": staticmethod(backward), "jvp": staticmethod(jvp)})
+    cls.plain = type(
+        name,
+        (Function,),
+        {
+            "__doc__": doc,
+            "__module__": __name__,
+            "forward": staticmethod(plain_forward),
+            "backward": staticmethod(backward),
+            "jvp": staticmethod(jvp),
+        },
+    )
     return cls
 
 
@@ -173,8 +184,15 @@ def _forward_function(spec: OpInfo, ops, forward_op, vmap, name: str) -> type:
             out = part if out is None else out + part
         return out if out is not None else torch.zeros_like(x)
 
-    return _function_class(name, f"{spec.name}'s forward op with autograd: saves its inputs, backward is the "
-                           "fused backward op.", forward, setup_context, backward, jvp, vmap)
+    return _function_class(
+        name,
+        f"{spec.name}'s forward op with autograd: saves its inputs, backward is the fused backward op.",
+        forward,
+        setup_context,
+        backward,
+        jvp,
+        vmap,
+    )
 
 
 def _backward_function(spec: OpInfo, backward_op, vmap, name: str) -> type:
@@ -202,19 +220,31 @@ def _backward_function(spec: OpInfo, backward_op, vmap, name: str) -> type:
     def jvp(ctx, grad_t, *tangents):
         grad, *args = _saved_args(ctx)
         present, primals = primals_of(args)
-        dirs = tuple(t if t is not None else torch.zeros_like(p)
-                     for t, p in zip([grad_t] + [tangents[s] for s in present], (grad, *primals)))
+        dirs = tuple(
+            t if t is not None else torch.zeros_like(p)
+            for t, p in zip([grad_t] + [tangents[s] for s in present], (grad, *primals))
+        )
         # forward AD's dual tensors may not overlap themselves: a stride-0 grad (of a
         # sum) or tangent is made dense first
         dense = tuple(t.contiguous() for t in (grad, *primals)), tuple(t.contiguous() for t in dirs)
         return _per_slot(spec, args, _jvp(_first_order(spec.reference_of(args)), *dense), grad)
 
-    return _function_class(name, f"{spec.name}'s backward op, differentiable: the second derivative follows "
-                           "the reference.", forward, setup_context, backward, jvp, vmap)
+    return _function_class(
+        name,
+        f"{spec.name}'s backward op, differentiable: the second derivative follows the reference.",
+        forward,
+        setup_context,
+        backward,
+        jvp,
+        vmap,
+    )
 
 
-_FUNCTORCH_KEYS = torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode) | torch._C.DispatchKeySet(
-    torch._C.DispatchKey.FuncTorchBatched) | torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
+_FUNCTORCH_KEYS = (
+    torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchDynamicLayerFrontMode)
+    | torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchBatched)
+    | torch._C.DispatchKeySet(torch._C.DispatchKey.FuncTorchVmapMode)
+)
 
 
 def _in_jvp() -> bool:
@@ -252,8 +282,9 @@ def _autograd_kernel(function: type, op, spec: OpInfo, backward: bool) -> Callab
             # excluded the functorch keys, where applying the Function fails. It is
             # applied with them included again, as if called from Python: enough for
             # grad, vjp, jacrev and vmap; fusedact's own calls go through invoke().
-            with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(),
-                                                 torch._C._dispatch_tls_local_exclude_set() - _FUNCTORCH_KEYS):
+            with torch._C._ForceDispatchKeyGuard(
+                torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set() - _FUNCTORCH_KEYS
+            ):
                 return function.apply(*args)
         if _differentiating(args):
             return function.plain.apply(*args)
@@ -315,7 +346,8 @@ def register_autograd(namespace: str, prefix: str = "") -> dict[str, type]:
             torch.library.register_vmap(f"{namespace}::{op}", op_rules[op], lib=lib)
         functions[fwd.__name__] = fwd
         functions[bwd.__name__] = bwd
-        _FUNCTIONS.setdefault(namespace, {}).update({
-            f"{spec.name}_forward": (forward_op, fwd), f"{spec.name}_backward": (backward_op, bwd)})
+        _FUNCTIONS.setdefault(namespace, {}).update(
+            {f"{spec.name}_forward": (forward_op, fwd), f"{spec.name}_backward": (backward_op, bwd)}
+        )
     _LIBRARIES.append(lib)
     return functions

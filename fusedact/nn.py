@@ -3,6 +3,7 @@
 AconC and MetaAconC keep the parameter layout of the ACON paper's code and YOLOv5
 (p1, p2 ~ randn and beta = 1, shape (1, C, 1, 1)), so their state dicts load as they are.
 """
+
 from __future__ import annotations
 
 import torch
@@ -86,8 +87,12 @@ class AconC(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.acon_c(
-            x, _per_channel(self.p1), _per_channel(self.p2), _per_channel(self.beta),
-            channel_dim=self.channel_dim, backend=self.backend,
+            x,
+            _per_channel(self.p1),
+            _per_channel(self.p2),
+            _per_channel(self.beta),
+            channel_dim=self.channel_dim,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -143,8 +148,12 @@ class MetaAconC(nn.Module):
         # the parameters' dtype, which acon_c needs for all three.
         beta = torch.sigmoid(h).to(self.p1.dtype)
         return F.acon_c(
-            x, _per_channel(self.p1), _per_channel(self.p2), beta.reshape(N, C),
-            channel_dim=1, backend=self.backend,
+            x,
+            _per_channel(self.p1),
+            _per_channel(self.p2),
+            beta.reshape(N, C),
+            channel_dim=1,
+            backend=self.backend,
         )
 
     def extra_repr(self) -> str:
@@ -167,8 +176,10 @@ def _act_call(act: nn.Module):
         return "acon_c", (act.p1.reshape(-1), act.p2.reshape(-1), act.beta.reshape(-1)), backend
     if type(act) is nn.Identity:
         return "identity", (), None
-    raise TypeError(f"fusedact.nn.BatchNormAct: act must be Swish, Mish, HardSwish, AconC (channel_dim=1), "
-                    f"nn.Identity or one of their names, got {type(act).__name__}")
+    raise TypeError(
+        f"fusedact.nn.BatchNormAct: act must be Swish, Mish, HardSwish, AconC (channel_dim=1), "
+        f"nn.Identity or one of their names, got {type(act).__name__}"
+    )
 
 
 def _make_act(act, num_features: int, backend) -> nn.Module:
@@ -176,9 +187,14 @@ def _make_act(act, num_features: int, backend) -> nn.Module:
         _act_call(act)  # checks it
         return act
     kw = {} if backend is None else {"backend": backend}
-    makers = {"swish": lambda: Swish(**kw), "silu": lambda: Swish(**kw), "mish": lambda: Mish(**kw),
-              "hard_swish": lambda: HardSwish(**kw), "acon_c": lambda: AconC(num_features, **kw),
-              "identity": nn.Identity}
+    makers = {
+        "swish": lambda: Swish(**kw),
+        "silu": lambda: Swish(**kw),
+        "mish": lambda: Mish(**kw),
+        "hard_swish": lambda: HardSwish(**kw),
+        "acon_c": lambda: AconC(num_features, **kw),
+        "identity": nn.Identity,
+    }
     if act not in makers:
         raise ValueError(f"fusedact.nn.BatchNormAct: unknown act {act!r}; choose one of {sorted(makers)}")
     return makers[act]()
@@ -188,9 +204,19 @@ class _BatchNormActMixin:
     """nn.BatchNorm's state (weight, bias, running_mean, running_var, num_batches_tracked:
     the same state_dict keys) and its momentum rules, then the activation, in one op."""
 
-    def __init__(self, num_features: int, act="swish", eps: float = 1e-5, momentum: float | None = 0.1,
-                 affine: bool = True, track_running_stats: bool = True, *, backend: str | None = None,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        num_features: int,
+        act="swish",
+        eps: float = 1e-5,
+        momentum: float | None = 0.1,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        *,
+        backend: str | None = None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype)
         self.act = _make_act(act, num_features, backend)
 
@@ -208,8 +234,19 @@ class _BatchNormActMixin:
         track = not self.training or self.track_running_stats
         name, params, backend = _act_call(self.act)
         kw = {} if backend is None else {"backend": backend}
-        return F.batch_norm_act(x, self.running_mean if track else None, self.running_var if track else None,
-                                self.weight, self.bias, bn_training, factor, self.eps, name, *params, **kw)
+        return F.batch_norm_act(
+            x,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            bn_training,
+            factor,
+            self.eps,
+            name,
+            *params,
+            **kw,
+        )
 
     @classmethod
     def from_modules(cls, bn: nn.modules.batchnorm._BatchNorm, act: nn.Module):

@@ -15,6 +15,7 @@
 ACON-C's parameters become initializers (or graph inputs' arithmetic, for Meta-ACON's
 computed beta), reshaped to broadcast against x.
 """
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ These are the yardstick the kernels are tested against (evaluated in float64) an
 ``backend="eager"`` of the functional API. They keep the eager memory cost: autograd
 saves the intermediates.
 """
+
 from __future__ import annotations
 
 import torch
@@ -77,13 +78,28 @@ def activation(z: torch.Tensor, act: str, beta: float = 1.0, p1=None, p2=None, a
     if act == "swish":
         return swish(z, beta if act_beta is None else act_beta)
     if act == "acon_c":
-        return acon_c(z, p1.reshape(-1), p2.reshape(-1), act_beta.reshape(-1) if act_beta.numel() == z.shape[1]
-                      else act_beta.reshape(z.shape[0], z.shape[1]), channel_dim=1)
+        return acon_c(
+            z,
+            p1.reshape(-1),
+            p2.reshape(-1),
+            act_beta.reshape(-1) if act_beta.numel() == z.shape[1] else act_beta.reshape(z.shape[0], z.shape[1]),
+            channel_dim=1,
+        )
     return {"mish": mish, "hard_swish": hard_swish}[act](z)
 
 
-def batch_norm_act(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
-                   act="swish", *act_params) -> torch.Tensor:
+def batch_norm_act(
+    x,
+    running_mean,
+    running_var,
+    weight=None,
+    bias=None,
+    training=False,
+    momentum=0.1,
+    eps=1e-5,
+    act="swish",
+    *act_params,
+) -> torch.Tensor:
     """F.batch_norm (updating the running statistics in training, as nn.BatchNorm2d) then
     the activation: fusedact.batch_norm_act's eager form."""
     z = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)

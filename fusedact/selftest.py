@@ -9,6 +9,7 @@ in a child process so that a crash (SIGSEGV) is reported, not fatal. Prints a ta
 the build info and a one-line verdict; exit status 0 when everything passed, 1 if not.
 ``--json`` prints one JSON object instead.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,11 +39,18 @@ def _pairs() -> tuple[list[tuple[str, str]], list[dict]]:
     if gpu and info["cuda"]:
         pairs.append(("cuda", "native"))
     elif gpu:
-        skipped.append(dict(device="cuda", backend="native", check="all", dtype="", status="skip",
-                            detail="a GPU is present but this build has no CUDA kernels"))
+        skipped.append(
+            dict(
+                device="cuda",
+                backend="native",
+                check="all",
+                dtype="",
+                status="skip",
+                detail="a GPU is present but this build has no CUDA kernels",
+            )
+        )
     if not info["triton"]:
-        skipped.append(dict(device="", backend="triton", check="all", dtype="", status="skip",
-                            detail=_triton_error()))
+        skipped.append(dict(device="", backend="triton", check="all", dtype="", status="skip", detail=_triton_error()))
     elif interpret:
         pairs.append(("cpu", "triton"))
     elif gpu:
@@ -76,14 +84,14 @@ def _parity(op, dtype, device, backend):
 
 def _gradcheck(op, device, backend):
     x = _numerics.rand_x((2, 3, 2), torch.float64, device, scale=2.0).requires_grad_()
-    params = [p.requires_grad_() if isinstance(p, torch.Tensor) else p
-              for p in _numerics.make_params(op, x.detach())]
+    params = [p.requires_grad_() if isinstance(p, torch.Tensor) else p for p in _numerics.make_params(op, x.detach())]
     f = _numerics.op_fn(op, backend)
     if not torch.autograd.gradcheck(f, (x, *params), eps=1e-6, atol=1e-5, rtol=1e-4):
         raise AssertionError("gradcheck returned False")
 
 
 # ---- bad arguments: each must raise a RuntimeError (or ValueError), in a child process
+
 
 def _bad_calls(device: str) -> list[tuple[str, object]]:
     d = torch.device(device)
@@ -94,17 +102,29 @@ def _bad_calls(device: str) -> list[tuple[str, object]]:
         # the four that crashed with SIGSEGV on the H100 machine (torch 2.11), by the
         # public API and by the op itself (the C++ checks)
         ("acon_c: p1 of the wrong size", lambda: fusedact.acon_c(x4, torch.randn(5, device=d), good, good)),
-        ("op acon_c_forward: p1 of the wrong size", lambda: ops.acon_c_forward(x4, torch.randn(5, device=d), good, good, 1)),
+        (
+            "op acon_c_forward: p1 of the wrong size",
+            lambda: ops.acon_c_forward(x4, torch.randn(5, device=d), good, good, 1),
+        ),
         ("acon_c: channel_dim out of range", lambda: fusedact.acon_c(x3, good, good, good, channel_dim=3)),
         ("op acon_c_forward: channel_dim out of range", lambda: ops.acon_c_forward(x3, good, good, good, 3)),
-        ("op mish_backward: grad of the wrong shape", lambda: ops.mish_backward(torch.randn(3, 2, device=d), torch.randn(2, 3, device=d))),
-        ("op acon_c_backward: grad of the wrong shape", lambda: ops.acon_c_backward(torch.randn(2, 4, device=d), x3, good, good, good, 1)),
+        (
+            "op mish_backward: grad of the wrong shape",
+            lambda: ops.mish_backward(torch.randn(3, 2, device=d), torch.randn(2, 3, device=d)),
+        ),
+        (
+            "op acon_c_backward: grad of the wrong shape",
+            lambda: ops.acon_c_backward(torch.randn(2, 4, device=d), x3, good, good, good, 1),
+        ),
         ("swish: beta of the wrong dtype", lambda: fusedact.swish(x3, beta64)),
         ("op swish_forward: beta of the wrong dtype", lambda: ops.swish_forward(x3, 1.0, beta64)),
         ("acon_c: p2 of the wrong dtype", lambda: fusedact.acon_c(x3, good, good.double(), good)),
         # and the ones that raised there
         ("mish: integer x", lambda: fusedact.mish(torch.ones(3, dtype=torch.int32, device=d))),
-        ("op hard_swish_forward: integer x", lambda: ops.hard_swish_forward(torch.ones(3, dtype=torch.int64, device=d))),
+        (
+            "op hard_swish_forward: integer x",
+            lambda: ops.hard_swish_forward(torch.ones(3, dtype=torch.int64, device=d)),
+        ),
     ]
 
 
@@ -140,19 +160,43 @@ def _bad_call_rows(device: str, timeout: float = 120, cmd: list[str] | None = No
             name = text
         elif kind == "DONE" and name:
             ok = text.startswith("raised ")
-            rows.append(dict(device=device, backend="native", check=f"bad args: {name}", dtype="",
-                             status="ok" if ok else "FAIL", detail=text))
+            rows.append(
+                dict(
+                    device=device,
+                    backend="native",
+                    check=f"bad args: {name}",
+                    dtype="",
+                    status="ok" if ok else "FAIL",
+                    detail=text,
+                )
+            )
             name = None
     if rc != 0:
         if isinstance(rc, int) and rc < 0:
             what = f"CRASHED: killed by {signal.Signals(-rc).name}"
         else:
             what = f"CRASHED: child exited with {rc}: {err.strip().splitlines()[-1] if err.strip() else ''}"
-        rows.append(dict(device=device, backend="native", check=f"bad args: {name or '(before the first call)'}",
-                         dtype="", status="FAIL", detail=what))
+        rows.append(
+            dict(
+                device=device,
+                backend="native",
+                check=f"bad args: {name or '(before the first call)'}",
+                dtype="",
+                status="FAIL",
+                detail=what,
+            )
+        )
     elif len(rows) != len(_bad_calls(device)):
-        rows.append(dict(device=device, backend="native", check="bad args: all", dtype="", status="FAIL",
-                         detail=f"the child ran {len(rows)} of {len(_bad_calls(device))} calls"))
+        rows.append(
+            dict(
+                device=device,
+                backend="native",
+                check="bad args: all",
+                dtype="",
+                status="FAIL",
+                detail=f"the child ran {len(rows)} of {len(_bad_calls(device))} calls",
+            )
+        )
     return rows
 
 
@@ -162,10 +206,14 @@ def run() -> dict:
     for device, backend in pairs:
         for op in OPS:
             for dtype in DTYPES:
-                rows.append(_row(device, backend, f"{op} fwd+bwd vs float64", dtype,
-                                 lambda: _parity(op, dtype, device, backend)))
-            rows.append(_row(device, backend, f"{op} gradcheck", torch.float64,
-                             lambda: _gradcheck(op, device, backend)))
+                rows.append(
+                    _row(
+                        device, backend, f"{op} fwd+bwd vs float64", dtype, lambda: _parity(op, dtype, device, backend)
+                    )
+                )
+            rows.append(
+                _row(device, backend, f"{op} gradcheck", torch.float64, lambda: _gradcheck(op, device, backend))
+            )
     for device in sorted({d for d, _ in pairs}):
         rows.extend(_bad_call_rows(device))
     failed = [r for r in rows if r["status"] == "FAIL"]
@@ -174,10 +222,12 @@ def run() -> dict:
         seconds=round(time.perf_counter() - start, 2),
         build_info=fusedact.build_info(),
         fusedact_file=os.path.dirname(fusedact.__file__),
-        torch=torch.__version__, python=sys.version.split()[0],
+        torch=torch.__version__,
+        python=sys.version.split()[0],
         triton_interpret=os.environ.get("TRITON_INTERPRET") == "1",
         checks=rows,
-        passed=sum(r["status"] == "ok" for r in rows), failed=len(failed),
+        passed=sum(r["status"] == "ok" for r in rows),
+        failed=len(failed),
         skipped=sum(r["status"] == "skip" for r in rows),
     )
 
@@ -191,8 +241,11 @@ def _table(result: dict) -> str:
         if r["check"].endswith("vs float64"):
             key = (r["device"], r["backend"], r["check"].split()[0])
             grouped.setdefault(key, {})[r["dtype"]] = r
-    gradchecks = {(r["device"], r["backend"], r["check"].split()[0]): r for r in result["checks"]
-                  if r["check"].endswith("gradcheck")}
+    gradchecks = {
+        (r["device"], r["backend"], r["check"].split()[0]): r
+        for r in result["checks"]
+        if r["check"].endswith("gradcheck")
+    }
     head = f"{'device':<6} {'backend':<7} {'op':<10} " + " ".join(f"{SHORT[d]:<5}" for d in DTYPES) + " gradcheck"
     lines += [head, "-" * len(head)]
     for key, by_dtype in grouped.items():
@@ -202,7 +255,7 @@ def _table(result: dict) -> str:
     for r in result["checks"]:
         if r["check"].startswith("bad args"):
             detail = r["detail"] if len(r["detail"]) <= 80 else r["detail"][:77] + "..."
-            lines.append(f"{r['device']:<6} {r['status']:<5} {r['check'][len('bad args: '):]:<44} {detail}")
+            lines.append(f"{r['device']:<6} {r['status']:<5} {r['check'][len('bad args: ') :]:<44} {detail}")
     for r in result["checks"]:
         if r["status"] == "skip":
             lines.append(f"skipped: {r['device'] or 'any'} {r['backend']}: {r['detail']}")
@@ -211,18 +264,23 @@ def _table(result: dict) -> str:
         lines.append("")
         lines += [f"FAIL {r['device']} {r['backend']} {r['check']} {r['dtype']}: {r['detail']}" for r in failures]
     info = result["build_info"]
-    lines += ["", f"fusedact {info['version']} at {result['fusedact_file']}",
-              f"built against torch {info['torch_version']}, running torch {result['torch']}, "
-              f"Python {result['python']}; CUDA kernels: {info['cuda']} {info['cuda_arch_list']}; "
-              f"CPU ISA: {info['cpu_isa']}; triton: {info['triton']}"
-              + (" (interpreter)" if result["triton_interpret"] else "")]
+    lines += [
+        "",
+        f"fusedact {info['version']} at {result['fusedact_file']}",
+        f"built against torch {info['torch_version']}, running torch {result['torch']}, "
+        f"Python {result['python']}; CUDA kernels: {info['cuda']} {info['cuda_arch_list']}; "
+        f"CPU ISA: {info['cpu_isa']}; triton: {info['triton']}"
+        + (" (interpreter)" if result["triton_interpret"] else ""),
+    ]
     return "\n".join(lines)
 
 
 def verdict(result: dict) -> str:
     word = "PASS" if result["ok"] else "FAIL"
-    return (f"fusedact selftest: {word}: {result['passed']} passed, {result['failed']} failed, "
-            f"{result['skipped']} skipped in {result['seconds']} s")
+    return (
+        f"fusedact selftest: {word}: {result['passed']} passed, {result['failed']} failed, "
+        f"{result['skipped']} skipped in {result['seconds']} s"
+    )
 
 
 def main(argv=None) -> int:
@@ -235,10 +293,11 @@ def main(argv=None) -> int:
         return 0
     # Without a GPU, Triton runs CPU tensors only under its interpreter, which must be
     # chosen before triton is imported (by `import fusedact`): start again with it on.
-    if (not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") is None
-            and fusedact.triton.available()):
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") is None and fusedact.triton.available():
         env = dict(os.environ, TRITON_INTERPRET="1")
-        return subprocess.call([sys.executable, "-m", "fusedact.selftest", *(argv if argv is not None else sys.argv[1:])], env=env)
+        return subprocess.call(
+            [sys.executable, "-m", "fusedact.selftest", *(argv if argv is not None else sys.argv[1:])], env=env
+        )
     result = run()
     if args.json:
         print(json.dumps(dict(result, verdict=verdict(result)), indent=1, default=str))

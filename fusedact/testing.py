@@ -17,6 +17,7 @@ model's own relative error in the same dtype, plus half an ulp of float16/bfloat
 error of rounding a float32 result once, which no implementation in that dtype can
 avoid) or 4 ulp of float32/float64 (the kernels compute in that dtype, within a few ulp).
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,10 +28,16 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-import fusedact
 
-
-__all__ = ["assert_parity", "ParityError", "ParityRow", "ParityReport", "check_no_less_accurate", "relative_error", "slack_for"]
+__all__ = [
+    "assert_parity",
+    "ParityError",
+    "ParityRow",
+    "ParityReport",
+    "check_no_less_accurate",
+    "relative_error",
+    "slack_for",
+]
 
 
 def relative_error(actual: torch.Tensor, truth: torch.Tensor) -> float:
@@ -99,25 +106,33 @@ class ParityReport(list):
         width = max([len("tensor")] + [len(r.name) for r in rows])
         lines = [f"{'tensor':<{width}}  {'rel err':>9}  {'eager':>9}  {'bound':>9}  {'max abs':>9}  {'max rel':>9}  ok"]
         for r in rows:
-            lines.append(f"{r.name:<{width}}  {r.err:9.3g}  {r.err_eager:9.3g}  {r.bound:9.3g}  "
-                         f"{r.max_abs:9.3g}  {r.max_rel:9.3g}  {('yes' if r.judged else 'noise') if r.ok else 'NO'}")
+            lines.append(
+                f"{r.name:<{width}}  {r.err:9.3g}  {r.err_eager:9.3g}  {r.bound:9.3g}  "
+                f"{r.max_abs:9.3g}  {r.max_rel:9.3g}  {('yes' if r.judged else 'noise') if r.ok else 'NO'}"
+            )
         return "\n".join(lines)
 
     def __str__(self) -> str:
         return self.table()
 
 
-def _row(name: str, actual: torch.Tensor, baseline: torch.Tensor, truth: torch.Tensor, slack: float,
-         eager_scale: float = 1.0) -> ParityRow:
+def _row(
+    name: str, actual: torch.Tensor, baseline: torch.Tensor, truth: torch.Tensor, slack: float, eager_scale: float = 1.0
+) -> ParityRow:
     truth = truth.detach().double()
     diff = (actual.detach().double() - truth).abs()
     max_abs = diff.max().item() if diff.numel() else 0.0
     top = truth.abs().max().item() if truth.numel() else 0.0
     err_eager = relative_error(baseline, truth) * eager_scale
     return ParityRow(
-        name=name, shape=tuple(actual.shape), dtype=str(actual.dtype).replace("torch.", ""),
-        err=relative_error(actual, truth), err_eager=err_eager, bound=2 * err_eager + slack,
-        max_abs=max_abs, max_rel=max_abs / top if top > 0 else (0.0 if max_abs == 0 else math.inf),
+        name=name,
+        shape=tuple(actual.shape),
+        dtype=str(actual.dtype).replace("torch.", ""),
+        err=relative_error(actual, truth),
+        err_eager=err_eager,
+        bound=2 * err_eager + slack,
+        max_abs=max_abs,
+        max_rel=max_abs / top if top > 0 else (0.0 if max_abs == 0 else math.inf),
     )
 
 
@@ -135,7 +150,9 @@ def _raise_on_failure(report: ParityReport, what: str) -> None:
         raise ParityError(
             f"{what}: {len(failed)} of {len(report)} tensors are less accurate than allowed "
             "(relative error, 2-norm, against float64, at most 2 x the eager model's own + the "
-            "dtype's slack); the worst:\n" + report.table(report.worst(5)), report)
+            "dtype's slack); the worst:\n" + report.table(report.worst(5)),
+            report,
+        )
 
 
 def check_no_less_accurate(named: Sequence[tuple], slack: float) -> ParityReport:
@@ -281,8 +298,10 @@ def assert_parity(
     fused_model = convert(copy.deepcopy(model), backend=backend)
     n_fused = _set_backend(fused_model, backend)
     if require_conversion and n_fused == 0:
-        raise AssertionError("assert_parity: the model has no module fusedact.convert replaces "
-                             "(SiLU, Mish, Hardswish, ACON-C, Meta-ACON): there is nothing to compare")
+        raise AssertionError(
+            "assert_parity: the model has no module fusedact.convert replaces "
+            "(SiLU, Mish, Hardswish, ACON-C, Meta-ACON): there is nothing to compare"
+        )
 
     run = lambda m, dt: _run(m, example_inputs, dt, loss_fn, seed)  # noqa: E731
     fused = run(fused_model, dtype)
@@ -301,12 +320,14 @@ def assert_parity(
         b, t = baseline.get(name), truth.get(name)
         if a is None or b is None or t is None:
             if not (a is None and t is None):
-                raise AssertionError(f"assert_parity: {name} is None in one model only "
-                                     f"(fused: {a is None}, float64 eager: {t is None})")
+                raise AssertionError(
+                    f"assert_parity: {name} is None in one model only (fused: {a is None}, float64 eager: {t is None})"
+                )
             continue
         if a.shape != t.shape:
             raise AssertionError(f"assert_parity: {name} has shape {tuple(a.shape)} fused, {tuple(t.shape)} eager")
         report.append(_row(name, a, b, t, slack, eager_scale))
-    _raise_on_failure(report, f"fusedact parity ({backend}, {str(dtype).replace('torch.', '')}, "
-                              f"{n_fused} fused modules)")
+    _raise_on_failure(
+        report, f"fusedact parity ({backend}, {str(dtype).replace('torch.', '')}, {n_fused} fused modules)"
+    )
     return report

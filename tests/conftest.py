@@ -1,4 +1,5 @@
 """Devices, dtypes, layouts and the tolerance table shared by the tests."""
+
 from __future__ import annotations
 
 import os
@@ -39,8 +40,11 @@ def _skip_backend_device_mismatch(request):
         pytest.skip("Triton runs CPU tensors only under TRITON_INTERPRET=1 (set where no GPU is present)")
     if device == "cuda" and TRITON_INTERPRET:
         pytest.skip("TRITON_INTERPRET=1: Triton kernels run on the CPU only")
+
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 OPS = list(fusedact._opinfo.NAMES)  # fusedact/_opinfo.py
+
 
 def make_layout(x: torch.Tensor, layout: str) -> torch.Tensor:
     """x's values in the given memory layout (a view or a copy; same values)."""
@@ -87,17 +91,30 @@ def cpu_isa(request):
 # (CPU only) after the whole suite has run on the main install. Whole files that touch
 # every layer: the API and its argument checks, numerics (every float16/bfloat16 value),
 # autograd, opcheck, double backward, torch.compile and its Inductor decompositions,
-# conversion, fusedact.testing and the selftest; of the parity grid, the CPU native cases in contiguous and channels_last.
-INSTALL_FILES = {"test_api.py", "test_numerics.py", "test_autograd_and_ops.py", "test_compile.py",
-                 "test_convert.py", "test_testing.py", "test_selftest.py", "test_inductor.py"}
+# conversion, fusedact.testing and the selftest; of the parity grid, the CPU native cases
+# in contiguous and channels_last.
+INSTALL_FILES = {
+    "test_api.py",
+    "test_numerics.py",
+    "test_autograd_and_ops.py",
+    "test_compile.py",
+    "test_convert.py",
+    "test_testing.py",
+    "test_selftest.py",
+    "test_inductor.py",
+}
 
 
 def _in_install_subset(item) -> bool:
     if item.path.name in INSTALL_FILES:
         return True
     params = getattr(getattr(item, "callspec", None), "params", {})
-    return (item.path.name == "test_parity.py" and params.get("device") == "cpu"
-            and params.get("backend") == "native" and params.get("layout", "contiguous") in ("contiguous", "channels_last"))
+    return (
+        item.path.name == "test_parity.py"
+        and params.get("device") == "cpu"
+        and params.get("backend") == "native"
+        and params.get("layout", "contiguous") in ("contiguous", "channels_last")
+    )
 
 
 def pytest_collection_modifyitems(config, items):

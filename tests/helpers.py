@@ -1,5 +1,6 @@
 """Inputs and checks shared by the test modules: how to call each op, its float64
 reference result, and the comparison with the tolerance table."""
+
 from __future__ import annotations
 
 import contextlib
@@ -28,9 +29,12 @@ def every_module_cnn(backend, c_in: int = 3, width: int = 8, r: int = 4):
     from torch import nn
 
     return nn.Sequential(
-        nn.Conv2d(c_in, width, 3, padding=1), fusedact.nn.AconC(width, backend=backend),
-        nn.Conv2d(width, width, 3, padding=1), fusedact.nn.MetaAconC(width, r=r, backend=backend),
-        fusedact.nn.Swish(1.3, learnable=True, backend=backend), fusedact.nn.Mish(backend=backend),
+        nn.Conv2d(c_in, width, 3, padding=1),
+        fusedact.nn.AconC(width, backend=backend),
+        nn.Conv2d(width, width, 3, padding=1),
+        fusedact.nn.MetaAconC(width, r=r, backend=backend),
+        fusedact.nn.Swish(1.3, learnable=True, backend=backend),
+        fusedact.nn.Mish(backend=backend),
         fusedact.nn.HardSwish(backend=backend),
     )
 

@@ -1,4 +1,5 @@
 """The public API: bad input, the backend switch, the modules, build_info."""
+
 from __future__ import annotations
 
 import os
@@ -12,7 +13,7 @@ import torch
 
 import fusedact
 from conftest import DEVICES, FUSED_BACKENDS, HAS_CUDA, HAS_TRITON, TRITON_INTERPRET
-from helpers import check_close, make_params, rand_x
+from helpers import check_close, rand_x
 
 # The argument checks run on CPU tensors: Triton's only where its interpreter is on.
 BACKENDS = [None, "eager"] + (["triton"] if HAS_TRITON and TRITON_INTERPRET else [])
@@ -248,8 +249,13 @@ def isa_subprocess(env_value: str | None) -> str:
     env.pop("FUSEDACT_CPU_ISA", None)
     if env_value is not None:
         env["FUSEDACT_CPU_ISA"] = env_value
-    out = subprocess.run([sys.executable, "-c", "import fusedact; print(fusedact.build_info()['cpu_isa'])"],
-                         env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", "import fusedact; print(fusedact.build_info()['cpu_isa'])"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return out.stdout.strip().splitlines()[-1]
 
 
@@ -299,31 +305,100 @@ def _bad_calls():
     x, x3 = torch.randn(2, 3, 4), torch.randn(2, 3, 4)
     p = torch.randn(3)
     return [
-        ("acon_c beta list", lambda: fusedact.acon_c(x3, p, p, [1.0]), TypeError, "fusedact.acon_c: beta must be a tensor, got list"),
-        ("acon_c p1 float", lambda: fusedact.acon_c(x3, 1.0, p, p), TypeError, "fusedact.acon_c: p1 must be a tensor, got float"),
-        ("acon_c p2 None", lambda: fusedact.acon_c(x3, p, None, p), TypeError, "fusedact.acon_c: p2 must be a tensor, got NoneType"),
-        ("acon_c beta str", lambda: fusedact.acon_c(x3, p, p, "b"), TypeError, "fusedact.acon_c: beta must be a tensor, got str"),
-        ("acon_c channel_dim float", lambda: fusedact.acon_c(x3, p, p, p, channel_dim=1.5), TypeError,
-         "fusedact.acon_c: channel_dim must be an int, got float"),
-        ("AconC module channel_dim", lambda: fusedact.acon_c(x3, p, p, p, channel_dim="1"), TypeError,
-         "channel_dim must be an int, got str"),
-        ("swish beta str", lambda: fusedact.swish(x, "a"), TypeError,
-         "fusedact.swish: beta must be a float or a tensor with one element, got str"),
-        ("swish beta None", lambda: fusedact.swish(x, None), TypeError, "fusedact.swish: beta must be a float .* got NoneType"),
-        ("swish beta list", lambda: fusedact.swish(x, [1.0]), TypeError, "fusedact.swish: beta must be a float .* got list"),
-        ("swish beta 1e39", lambda: fusedact.swish(x, 1e39), ValueError, "fusedact.swish: beta = 1e\\+39 is outside float32's range"),
+        (
+            "acon_c beta list",
+            lambda: fusedact.acon_c(x3, p, p, [1.0]),
+            TypeError,
+            "fusedact.acon_c: beta must be a tensor, got list",
+        ),
+        (
+            "acon_c p1 float",
+            lambda: fusedact.acon_c(x3, 1.0, p, p),
+            TypeError,
+            "fusedact.acon_c: p1 must be a tensor, got float",
+        ),
+        (
+            "acon_c p2 None",
+            lambda: fusedact.acon_c(x3, p, None, p),
+            TypeError,
+            "fusedact.acon_c: p2 must be a tensor, got NoneType",
+        ),
+        (
+            "acon_c beta str",
+            lambda: fusedact.acon_c(x3, p, p, "b"),
+            TypeError,
+            "fusedact.acon_c: beta must be a tensor, got str",
+        ),
+        (
+            "acon_c channel_dim float",
+            lambda: fusedact.acon_c(x3, p, p, p, channel_dim=1.5),
+            TypeError,
+            "fusedact.acon_c: channel_dim must be an int, got float",
+        ),
+        (
+            "AconC module channel_dim",
+            lambda: fusedact.acon_c(x3, p, p, p, channel_dim="1"),
+            TypeError,
+            "channel_dim must be an int, got str",
+        ),
+        (
+            "swish beta str",
+            lambda: fusedact.swish(x, "a"),
+            TypeError,
+            "fusedact.swish: beta must be a float or a tensor with one element, got str",
+        ),
+        (
+            "swish beta None",
+            lambda: fusedact.swish(x, None),
+            TypeError,
+            "fusedact.swish: beta must be a float .* got NoneType",
+        ),
+        (
+            "swish beta list",
+            lambda: fusedact.swish(x, [1.0]),
+            TypeError,
+            "fusedact.swish: beta must be a float .* got list",
+        ),
+        (
+            "swish beta 1e39",
+            lambda: fusedact.swish(x, 1e39),
+            ValueError,
+            "fusedact.swish: beta = 1e\\+39 is outside float32's range",
+        ),
         ("swish beta -1e300", lambda: fusedact.swish(x, -1e300), ValueError, "outside float32's range"),
         ("swish beta 10**39 (int)", lambda: fusedact.swish(x, 10**39), ValueError, "outside float32's range"),
-        ("swish beta 10**400 (int)", lambda: fusedact.swish(x.double(), 10**400), ValueError, "outside float64's range"),
+        (
+            "swish beta 10**400 (int)",
+            lambda: fusedact.swish(x.double(), 10**400),
+            ValueError,
+            "outside float64's range",
+        ),
         ("swish bf16 beta 1e39", lambda: fusedact.swish(x.bfloat16(), 1e39), ValueError, "for torch.bfloat16 x"),
-        ("swish beta rounding to inf", lambda: fusedact.swish(x, float.fromhex("0x1.ffffffp+127")), ValueError,
-         "outside float32's range"),
+        (
+            "swish beta rounding to inf",
+            lambda: fusedact.swish(x, float.fromhex("0x1.ffffffp+127")),
+            ValueError,
+            "outside float32's range",
+        ),
         ("Swish module beta 1e39", lambda: fusedact.nn.Swish(1e39)(x), ValueError, "outside float32's range"),
-        ("swish eager beta 1e39", lambda: fusedact.swish(x, 1e39, backend="eager"), ValueError, "outside float32's range"),
-        ("op swish_forward beta 1e39", lambda: torch.ops.fusedact.swish_forward(x, 1e39, None), RuntimeError,
-         "fusedact.swish: beta = 1e\\+39 is outside float32's range"),
-        ("op swish_backward beta 1e39", lambda: torch.ops.fusedact.swish_backward(x, x, 1e39, None), RuntimeError,
-         "fusedact.swish_backward: beta = 1e\\+39 is outside float32's range"),
+        (
+            "swish eager beta 1e39",
+            lambda: fusedact.swish(x, 1e39, backend="eager"),
+            ValueError,
+            "outside float32's range",
+        ),
+        (
+            "op swish_forward beta 1e39",
+            lambda: torch.ops.fusedact.swish_forward(x, 1e39, None),
+            RuntimeError,
+            "fusedact.swish: beta = 1e\\+39 is outside float32's range",
+        ),
+        (
+            "op swish_backward beta 1e39",
+            lambda: torch.ops.fusedact.swish_backward(x, x, 1e39, None),
+            RuntimeError,
+            "fusedact.swish_backward: beta = 1e\\+39 is outside float32's range",
+        ),
     ]
 
 

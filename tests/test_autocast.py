@@ -5,6 +5,7 @@ mixed precision), and its output and gradients are as accurate as the eager mode
 The fused ops are in none of autocast's cast lists, like torch.nn.functional.silu:
 they run in their input's dtype, which under autocast is the half dtype that the
 convolutions return, with float32 parameters."""
+
 from __future__ import annotations
 
 import pytest
@@ -27,12 +28,19 @@ def make_model(backend, channels=16):
     torch.manual_seed(0)
     c = channels
     return nn.Sequential(
-        nn.Conv2d(3, c, 3, padding=1), fusedact.nn.AconC(c, backend=backend),
-        nn.Conv2d(c, c, 3, padding=1), fusedact.nn.MetaAconC(c, r=4, backend=backend),
-        nn.Conv2d(c, c, 3, padding=1), fusedact.nn.Swish(1.0, learnable=True, backend=backend),
-        nn.Conv2d(c, c, 3, padding=1), fusedact.nn.Mish(backend=backend),
-        nn.Conv2d(c, c, 3, padding=1), fusedact.nn.HardSwish(backend=backend),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c, 10),
+        nn.Conv2d(3, c, 3, padding=1),
+        fusedact.nn.AconC(c, backend=backend),
+        nn.Conv2d(c, c, 3, padding=1),
+        fusedact.nn.MetaAconC(c, r=4, backend=backend),
+        nn.Conv2d(c, c, 3, padding=1),
+        fusedact.nn.Swish(1.0, learnable=True, backend=backend),
+        nn.Conv2d(c, c, 3, padding=1),
+        fusedact.nn.Mish(backend=backend),
+        nn.Conv2d(c, c, 3, padding=1),
+        fusedact.nn.HardSwish(backend=backend),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(c, 10),
     )
 
 

@@ -1,4 +1,5 @@
 """gradcheck in float64, opcheck of every op, torch.compile, determinism, saved tensors."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,9 +32,17 @@ def gradcheck_case(case, device, backend, shape4=(2, 3, 4, 5), shape3=(3, 4, 5))
     op, c = case
     shape = shape4 if c.channel_dim == 1 else shape3
     x = make_layout(away_from_kinks(rand_x(shape, torch.float64, device, scale=2.0)), c.layout)
-    params = make_params(op, x, channel_dim=c.channel_dim, per_sample=c.per_sample,
-                         module_layout=c.module_layout, learnable_beta=c.learnable)
-    inputs = [x.detach().requires_grad_()] + [p.detach().requires_grad_() for p in params if isinstance(p, torch.Tensor)]
+    params = make_params(
+        op,
+        x,
+        channel_dim=c.channel_dim,
+        per_sample=c.per_sample,
+        module_layout=c.module_layout,
+        learnable_beta=c.learnable,
+    )
+    inputs = [x.detach().requires_grad_()] + [
+        p.detach().requires_grad_() for p in params if isinstance(p, torch.Tensor)
+    ]
     fixed = [p for p in params if not isinstance(p, torch.Tensor)]
     f = op_fn(op, backend, c.channel_dim)
     fn = lambda x, *tensors: f(x, *tensors, *fixed)  # noqa: E731
@@ -93,11 +102,20 @@ def test_gradient_penalty_matches_eager(device, backend):
     from torch import nn
 
     def model(b):
-        return nn.Sequential(
-            nn.Conv2d(3, 8, 3, padding=1), fusedact.nn.AconC(8, backend=b), nn.Conv2d(8, 8, 3, padding=1),
-            fusedact.nn.MetaAconC(8, r=4, backend=b), fusedact.nn.Swish(1.3, learnable=True, backend=b),
-            fusedact.nn.Mish(backend=b), fusedact.nn.HardSwish(backend=b), nn.Conv2d(8, 1, 3),
-        ).double().to(device)
+        return (
+            nn.Sequential(
+                nn.Conv2d(3, 8, 3, padding=1),
+                fusedact.nn.AconC(8, backend=b),
+                nn.Conv2d(8, 8, 3, padding=1),
+                fusedact.nn.MetaAconC(8, r=4, backend=b),
+                fusedact.nn.Swish(1.3, learnable=True, backend=b),
+                fusedact.nn.Mish(backend=b),
+                fusedact.nn.HardSwish(backend=b),
+                nn.Conv2d(8, 1, 3),
+            )
+            .double()
+            .to(device)
+        )
 
     fused, eager = model(backend), model("eager")
     eager.load_state_dict(fused.state_dict())
@@ -170,7 +188,8 @@ def test_torch_compile_fullgraph(device, backend):
 
     def f(x, p1, p2, b, beta):
         h = fusedact.swish(x, beta, backend=backend) + fusedact.mish(x, backend=backend) * fusedact.hard_swish(
-            x, backend=backend)
+            x, backend=backend
+        )
         return fusedact.acon_c(h, p1, p2, b, backend=backend)
 
     leaves = [t.detach().requires_grad_() for t in (x, p1, p2, b, beta)]

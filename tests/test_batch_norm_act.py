@@ -10,6 +10,7 @@ one rounding of a float32 result) or 4 ulp (float32). It holds for the parameter
 gradients too, which are sums over N*H*W: eager sums the same terms, so its error grows
 with the reduction length as ours does. float64: within 1e-10 of the float64 reference.
 """
+
 from __future__ import annotations
 
 import copy
@@ -29,10 +30,20 @@ ACT_CASES = [  # (id, act, builder of act_params(x) in float32 for 16-bit x)
     ("swish-tensor", "swish", lambda x, C, pd: (torch.tensor([1.3], dtype=pd),)),
     ("mish", "mish", lambda x, C, pd: ()),
     ("hard_swish", "hard_swish", lambda x, C, pd: ()),
-    ("acon_c", "acon_c", lambda x, C, pd: (torch.randn(C, dtype=pd), torch.randn(C, dtype=pd),
-                                           1 + 0.5 * torch.randn(C, dtype=pd))),
-    ("meta_acon_c", "acon_c", lambda x, C, pd: (torch.randn(C, dtype=pd), torch.randn(C, dtype=pd),
-                                                1 + 0.5 * torch.randn(x.shape[0], C, dtype=pd))),
+    (
+        "acon_c",
+        "acon_c",
+        lambda x, C, pd: (torch.randn(C, dtype=pd), torch.randn(C, dtype=pd), 1 + 0.5 * torch.randn(C, dtype=pd)),
+    ),
+    (
+        "meta_acon_c",
+        "acon_c",
+        lambda x, C, pd: (
+            torch.randn(C, dtype=pd),
+            torch.randn(C, dtype=pd),
+            1 + 0.5 * torch.randn(x.shape[0], C, dtype=pd),
+        ),
+    ),
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "channels_last", "ncl"]
@@ -66,8 +77,10 @@ def _fused(act, training, rm, rv, eps=1e-5, momentum=0.1):
 
 def _eager(act, training, rm, rv, dtype, eps=1e-5, momentum=0.1):
     """PyTorch's own: F.batch_norm then the eager activation (fusedact.reference), in x's dtype."""
+
     def f(x, w, b, ap):
         return fusedact.reference.batch_norm_act(x, rm, rv, w, b, training, momentum, eps, act, *ap)
+
     return f
 
 
@@ -86,8 +99,14 @@ def test_matches_batch_norm_then_activation(act_case, dtype, layout, training):
     rm_f, rv_f, rm_e, rv_e = rm.clone(), rv.clone(), rm.clone(), rv.clone()
     fused = _run(_fused(act, training, rm_f, rv_f), x, w, b, ap, g)
     eager = _run(_eager(act, training, rm_e, rv_e, dtype), x, w, b, ap, g)
-    truth = _run(_eager(act, training, rm.double().clone(), rv.double().clone(), torch.float64),
-                 x.double(), w.double(), b.double(), _to64(ap), g.double())
+    truth = _run(
+        _eager(act, training, rm.double().clone(), rv.double().clone(), torch.float64),
+        x.double(),
+        w.double(),
+        b.double(),
+        _to64(ap),
+        g.double(),
+    )
     names = ["y", "dx", "dweight", "dbias"] + [f"d{n}" for n in ("p1", "p2", "beta")[: len(fused) - 4]]
     if act == "swish" and len(fused) == 5:
         names[4] = "dbeta"
@@ -113,8 +132,9 @@ def test_matches_batch_norm_then_activation(act_case, dtype, layout, training):
         assert bool((diff <= tol).all()), f"{name}: error {diff.max():.3g} > reduction tolerance {tol.max():.3g}"
     # the running statistics, by the same rule against their float64 update
     rm64, rv64 = rm.double().clone(), rv.double().clone()
-    fusedact.reference.batch_norm_act(x.double(), rm64, rv64, w.double(), b.double(), training, 0.1, 1e-5, act,
-                                      *_to64(ap))
+    fusedact.reference.batch_norm_act(
+        x.double(), rm64, rv64, w.double(), b.double(), training, 0.1, 1e-5, act, *_to64(ap)
+    )
     for name, a, e, t in (("running_mean", rm_f, rm_e, rm64), ("running_var", rv_f, rv_e, rv64)):
         err, err_eager = relative_error(a, t), relative_error(e, t)
         assert err <= 2 * err_eager + slack_for(torch.float32 if dtype != torch.float64 else dtype), name
@@ -128,8 +148,9 @@ def _act_param_tolerances(act, x, w, b, rm, rv, ap, g, training, truth):
     tensors = [p for p in ap if isinstance(p, torch.Tensor)]
     if not tensors:
         return []
-    z64 = torch.nn.functional.batch_norm(x.double(), rm.double().clone(), rv.double().clone(), w.double(),
-                                         b.double(), training).detach()
+    z64 = torch.nn.functional.batch_norm(
+        x.double(), rm.double().clone(), rv.double().clone(), w.double(), b.double(), training
+    ).detach()
     p64 = [p.double().reshape(-1) if p.numel() == x.shape[1] else p.double() for p in tensors]
     if act == "swish":
         p64 = [p64[0].reshape(())]
@@ -148,8 +169,14 @@ def test_the_rule_fails_on_a_sabotaged_result():
     g = torch.randn(x.shape)
     fused = _run(_fused("swish", True, rm.clone(), rv.clone()), x, w, b, ap, g)
     eager = _run(_eager("swish", True, rm.clone(), rv.clone(), torch.float32), x, w, b, ap, g)
-    truth = _run(_eager("swish", True, rm.double(), rv.double(), torch.float64), x.double(), w.double(),
-                 b.double(), (), g.double())
+    truth = _run(
+        _eager("swish", True, rm.double(), rv.double(), torch.float64),
+        x.double(),
+        w.double(),
+        b.double(),
+        (),
+        g.double(),
+    )
     for k, factor in ((0, 1.001), (2, 1.01)):
         bad = fused[k] * factor
         assert relative_error(bad, truth[k]) > 2 * relative_error(eager[k], truth[k]) + slack_for(torch.float32)
@@ -184,8 +211,9 @@ def test_gradcheck(act_case, training):
 
     def f(x, w, b, *tp):
         # fresh running statistics every call: the op mutates them
-        return fusedact.batch_norm_act(x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, act_case[1],
-                                       *(list(tp) or floats))
+        return fusedact.batch_norm_act(
+            x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, act_case[1], *(list(tp) or floats)
+        )
 
     inputs = [t.detach().requires_grad_() for t in (x, w, b, *tensors)]
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
@@ -254,8 +282,9 @@ def _train_step(model, x):
 
 def test_convert_fuses_a_sequential_and_keeps_optimizer_and_keys():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 4, 1),
-                          nn.BatchNorm2d(4), nn.Hardswish())
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 4, 1), nn.BatchNorm2d(4), nn.Hardswish()
+    )
     ref = copy.deepcopy(model)
     keys = set(model.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -327,12 +356,26 @@ def test_export_keeps_the_op_and_opcheck():
     assert "fusedact.batch_norm_act" in str(ep.graph), ep.graph
     torch.testing.assert_close(ep.module()(x), m(x))
     for training in (True, False):
-        torch.library.opcheck(torch.ops.fusedact.batch_norm_stats.default,
-                              (x, torch.zeros(6), torch.ones(6), training, 0.1, 1e-5))
-        for act, beta, p in (("mish", 1.0, (None, None, None)), ("swish", 1.5, (None, None, None)),
-                             ("acon_c", 1.0, (torch.randn(6), torch.randn(6), torch.rand(2, 6)))):
-            args = (x.clone().requires_grad_(), torch.randn(6), torch.rand(6) + 0.5, torch.rand(6).requires_grad_(),
-                    torch.rand(6).requires_grad_(), training, 1e-5, act, beta, *p)
+        torch.library.opcheck(
+            torch.ops.fusedact.batch_norm_stats.default, (x, torch.zeros(6), torch.ones(6), training, 0.1, 1e-5)
+        )
+        for act, beta, p in (
+            ("mish", 1.0, (None, None, None)),
+            ("swish", 1.5, (None, None, None)),
+            ("acon_c", 1.0, (torch.randn(6), torch.randn(6), torch.rand(2, 6))),
+        ):
+            args = (
+                x.clone().requires_grad_(),
+                torch.randn(6),
+                torch.rand(6) + 0.5,
+                torch.rand(6).requires_grad_(),
+                torch.rand(6).requires_grad_(),
+                training,
+                1e-5,
+                act,
+                beta,
+                *p,
+            )
             torch.library.opcheck(torch.ops.fusedact.batch_norm_act.default, args)
 
 

@@ -1,5 +1,6 @@
 """benchmarks/bench.py runs end to end on a tiny CPU case and writes its CSV; its float64
 check catches a provider that is off. Speed is never asserted here."""
+
 from __future__ import annotations
 
 import csv
@@ -17,16 +18,43 @@ import cases  # noqa: E402
 import overhead  # noqa: E402
 
 # The CSV's columns, which benchmarks/plot.py, table.py and the committed results read.
-HEADER = ["date", "device", "torch", "cuda", "triton", "fusedact", "isa", "op", "dtype", "layout", "beta",
-          "numel", "shape", "provider", "mode", "metric", "unit", "p50", "p20", "p80", "gbps",
-          "pct_copy", "speedup_vs_eager", "speedup_vs_compile", "copy_gbps", "status", "eager_round_ratios"]
+HEADER = [
+    "date",
+    "device",
+    "torch",
+    "cuda",
+    "triton",
+    "fusedact",
+    "isa",
+    "op",
+    "dtype",
+    "layout",
+    "beta",
+    "numel",
+    "shape",
+    "provider",
+    "mode",
+    "metric",
+    "unit",
+    "p50",
+    "p20",
+    "p80",
+    "gbps",
+    "pct_copy",
+    "speedup_vs_eager",
+    "speedup_vs_compile",
+    "copy_gbps",
+    "status",
+    "eager_round_ratios",
+]
 FNS = cases.fns  # the real providers, which the sabotaged ones below wrap
 TINY = ["--device", "cpu", "--ops", "mish", "--min-run-time", "0.02", "--rounds", "2"]
 
 
 def run_bench(*args):
-    proc = subprocess.run([sys.executable, str(BENCH / "bench.py"), *TINY, *args],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "bench.py"), *TINY, *args], capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -39,8 +67,9 @@ def read_csv(path):
 
 def test_sweep_writes_a_row_per_provider_and_mode(tmp_path):
     path = tmp_path / "sweep.csv"
-    out = run_bench("--dtypes", "float32", "--sizes", "12", "--shapes", "--providers", "eager", "native",
-                    "--csv", str(path))
+    out = run_bench(
+        "--dtypes", "float32", "--sizes", "12", "--shapes", "--providers", "eager", "native", "--csv", str(path)
+    )
     header, rows = read_csv(path)
     assert header == HEADER
     timed = {(r["provider"], r["mode"]): r for r in rows if r["metric"] == "time"}
@@ -51,8 +80,9 @@ def test_sweep_writes_a_row_per_provider_and_mode(tmp_path):
         ratios = r["eager_round_ratios"].split(";") if r["eager_round_ratios"] else []
         assert float(r["speedup_vs_eager"]) > 0 and len(ratios) == (2 if r["provider"] == "native" else 0)
     memory = {(r["provider"], r["metric"]): r["status"] for r in rows if r["mode"] == "memory"}
-    assert memory == {(p, m): s for p in ("eager", "native")
-                      for m, s in (("saved_bytes", "ok"), ("peak_bytes", "cpu: not measured"))}
+    assert memory == {
+        (p, m): s for p in ("eager", "native") for m, s in (("saved_bytes", "ok"), ("peak_bytes", "cpu: not measured"))
+    }
     assert "forward+backward native" in " ".join(out.split()) and f"CSV: {path}" in out
 
 
@@ -62,7 +92,8 @@ def test_overhead_writes_a_row_per_provider_and_mode(tmp_path):
     header, rows = read_csv(path)
     assert header == HEADER
     assert sorted((r["provider"], r["mode"]) for r in rows) == sorted(
-        (p, f"overhead: {m}, 1 thread") for p in ("eager", "native") for m in overhead.OVERHEAD_MODES)
+        (p, f"overhead: {m}, 1 thread") for p in ("eager", "native") for m in overhead.OVERHEAD_MODES
+    )
     assert all(r["status"] == "ok" and r["numel"] == "256" for r in rows)
     assert "native/eager" in out
 
@@ -92,8 +123,23 @@ def test_check_flags_an_output_or_gradient_off(op):
 def test_sweep_reports_a_provider_that_is_off_and_does_not_time_it(tmp_path, monkeypatch):
     monkeypatch.setattr(cases, "fns", off_by_one_percent)
     path = tmp_path / "off.csv"
-    bench.main([*TINY, "--dtypes", "float32", "--sizes", "10", "--shapes", "--providers", "eager", "native",
-                "--modes", "forward", "--csv", str(path)])
+    bench.main(
+        [
+            *TINY,
+            "--dtypes",
+            "float32",
+            "--sizes",
+            "10",
+            "--shapes",
+            "--providers",
+            "eager",
+            "native",
+            "--modes",
+            "forward",
+            "--csv",
+            str(path),
+        ]
+    )
     rows = {r["provider"]: r for r in read_csv(path)[1]}
     assert rows["eager"]["status"] == "ok"
     assert rows["native"]["status"].startswith("native y off: rel L2 error") and rows["native"]["p50"] == ""

@@ -1,6 +1,7 @@
 """torch.compile with the default inductor backend: whole models of fusedact modules
 traced into one graph (fullgraph=True, no graph break), forward and backward, with
 dynamic shapes and no recompilation when the batch or the image size changes."""
+
 from __future__ import annotations
 
 import contextlib

@@ -3,6 +3,7 @@ compute the same outputs and gradients (to float32 rounding) with the same param
 The numbers are checked with fusedact.testing.assert_parity, the users' own check: the
 fused kernels and ATen's round differently (a few ulp), so "the same" means at most
 twice the eager model's error against a float64 copy, plus 4 float32 ulp."""
+
 from __future__ import annotations
 
 import warnings
@@ -100,7 +101,9 @@ class MetaAconCBN(nn.Module):  # the paper's code: BatchNorm after each 1x1 conv
         self.p2 = nn.Parameter(torch.randn(1, width, 1, 1))
 
     def forward(self, x):
-        beta = torch.sigmoid(self.bn2(self.fc2(self.bn1(self.fc1(x.mean(dim=2, keepdims=True).mean(dim=3, keepdims=True))))))
+        beta = torch.sigmoid(
+            self.bn2(self.fc2(self.bn1(self.fc1(x.mean(dim=2, keepdims=True).mean(dim=3, keepdims=True)))))
+        )
         return (self.p1 * x - self.p2 * x) * torch.sigmoid(beta * (self.p1 * x - self.p2 * x)) + self.p2 * x
 
 
@@ -138,9 +141,15 @@ class AconNet(nn.Module):
         super().__init__()
         c = 32
         self.stem = nn.Conv2d(3, c, 3, padding=1)
-        self.acts2d = nn.Sequential(AconC(c), nn.Conv2d(c, c, 3, padding=1), MetaAconC(c),
-                                    nn.Conv2d(c, c, 3, padding=1), MetaAconCBN(c),
-                                    nn.Conv2d(c, c, 3, padding=1), MetaAconCSigmoid(c))
+        self.acts2d = nn.Sequential(
+            AconC(c),
+            nn.Conv2d(c, c, 3, padding=1),
+            MetaAconC(c),
+            nn.Conv2d(c, c, 3, padding=1),
+            MetaAconCBN(c),
+            nn.Conv2d(c, c, 3, padding=1),
+            MetaAconCSigmoid(c),
+        )
         self.seq = AconCSeq(c)
         self.meta1d = MetaAconC1d(c)
         self.head = nn.Linear(c, 10)
@@ -172,7 +181,9 @@ def test_convert_acon_modules(backend, training):
     assert count(model, ACON_TYPES) == 0
     assert count(model, fusedact.nn.AconC) == 2 and count(model, fusedact.nn.MetaAconC) == 4
     assert model.seq.channel_dim == -1
-    assert all(m.backend == backend for m in model.modules() if isinstance(m, (fusedact.nn.AconC, fusedact.nn.MetaAconC)))
+    assert all(
+        m.backend == backend for m in model.modules() if isinstance(m, (fusedact.nn.AconC, fusedact.nn.MetaAconC))
+    )
     assert all(a is b for a, b in zip(model.parameters(), params_before))
     assert list(model.state_dict()) == keys_before
     assert all(m.training == training for m in model.modules())

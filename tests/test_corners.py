@@ -1,5 +1,6 @@
 """Everyday corners: activation checkpointing, meta tensors and modules, inference mode,
 a stride-0 incoming gradient, deterministic algorithms, deepcopy / pickle / state_dict."""
+
 from __future__ import annotations
 
 import copy
@@ -50,8 +51,10 @@ def test_meta_tensors(op, backend):
     """Meta tensors: shapes, dtypes and memory format of the forward and backward
     without running a kernel."""
     x = torch.empty((2, 4, 3, 5), device="meta").to(memory_format=torch.channels_last).requires_grad_()
-    params = [p.to("meta").requires_grad_() if isinstance(p, torch.Tensor) else p
-              for p in make_params(op, torch.empty(2, 4, 3, 5), per_sample=(op == "acon_c"))]
+    params = [
+        p.to("meta").requires_grad_() if isinstance(p, torch.Tensor) else p
+        for p in make_params(op, torch.empty(2, 4, 3, 5), per_sample=(op == "acon_c"))
+    ]
     y = op_fn(op, backend)(x, *params)
     assert y.device.type == "meta" and y.shape == x.shape and y.dtype == x.dtype
     assert y.is_contiguous(memory_format=torch.channels_last)
@@ -99,7 +102,9 @@ def test_stride_zero_grad(op, backend):
     params = make_params(op, x, per_sample=(op == "acon_c"))
     results = []
     for dense in (False, True):
-        leaves = [x.clone().requires_grad_()] + [p.clone().requires_grad_() for p in params if isinstance(p, torch.Tensor)]
+        leaves = [x.clone().requires_grad_()] + [
+            p.clone().requires_grad_() for p in params if isinstance(p, torch.Tensor)
+        ]
         y = op_fn(op, backend)(*leaves)
         if dense:
             y.backward(torch.ones(y.shape))

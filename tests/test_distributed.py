@@ -1,6 +1,7 @@
 """DistributedDataParallel and FSDP2 (fully_shard): a small CNN of fusedact modules
 trained by 2 processes on the gloo backend ends with the parameters that one process
 gets on the full batch."""
+
 from __future__ import annotations
 
 import os
@@ -23,11 +24,17 @@ BATCH = 16  # the full batch; each rank trains on BATCH // WORLD samples
 def make_model(backend):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(1, 8, 3, padding=1), fusedact.nn.AconC(8, backend=backend),
-        nn.Conv2d(8, 8, 3, padding=1), fusedact.nn.MetaAconC(8, r=4, backend=backend),
-        fusedact.nn.Swish(1.0, learnable=True, backend=backend), fusedact.nn.Mish(backend=backend),
-        nn.Conv2d(8, 8, 3, padding=1), fusedact.nn.HardSwish(backend=backend),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4),
+        nn.Conv2d(1, 8, 3, padding=1),
+        fusedact.nn.AconC(8, backend=backend),
+        nn.Conv2d(8, 8, 3, padding=1),
+        fusedact.nn.MetaAconC(8, r=4, backend=backend),
+        fusedact.nn.Swish(1.0, learnable=True, backend=backend),
+        fusedact.nn.Mish(backend=backend),
+        nn.Conv2d(8, 8, 3, padding=1),
+        fusedact.nn.HardSwish(backend=backend),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
     )
 
 
@@ -45,7 +52,7 @@ def train(model, x, y, rank=0, world=1):
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     share = BATCH // world
     for step in range(STEPS):
-        xs, ys = x[step, rank * share:(rank + 1) * share], y[step, rank * share:(rank + 1) * share]
+        xs, ys = x[step, rank * share : (rank + 1) * share], y[step, rank * share : (rank + 1) * share]
         loss = nn.functional.cross_entropy(model(xs), ys)
         opt.zero_grad()
         loss.backward()
@@ -114,9 +121,59 @@ def test_distributed_gloo_matches_single_process(backend, wrapper, tmp_path):
     for name, value in single_state.items():
         assert not torch.equal(value, initial[name]), f"{name} did not train"
         # float32: the two runs differ only in the order of the gradient sums (per rank,
-        # then across ranks; FSDP2's reduce-scatter averages like DDP's all-reduce), a few float32 ulp (1.2e-7 relative) per step, carried through
+        # then across ranks; FSDP2's reduce-scatter averages like DDP's all-reduce), a few
+        # float32 ulp (1.2e-7 relative) per step, carried through
         # STEPS SGD steps: 7.5e-9 at most here (6e-8 of the largest value). rtol 1.3e-6
         # (torch.testing's float32 default) and atol 1e-7 keep a 10x margin on that; a
         # missing or double-counted gradient is off by O(lr * grad), about 1e-2.
-        torch.testing.assert_close(ddp_state[name], value, rtol=1.3e-6, atol=1e-7,
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ddp_state[name], value, rtol=1.3e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
+def make_bn_model(fused: bool):
+    """Conv, BatchNorm + SiLU (fused: fusedact.nn.BatchNormAct2d; else nn.BatchNorm2d then
+    nn.SiLU), conv, head; the same parameters either way."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.SiLU(),
+        nn.Conv2d(8, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.Hardswish(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 4),
+    )
+    return fusedact.convert(model) if fused else model
+
+
+def _bn_worker(rank, init_file, out_file):
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        states = []
+        for fused in (True, False):
+            model = nn.parallel.DistributedDataParallel(make_bn_model(fused))
+            train(model, *make_data(), rank=rank, world=WORLD)
+            states.append(model.module.state_dict())
+        if rank == 0:
+            torch.save(states, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_batch_norm_act_trains_as_batch_norm_then_activation(tmp_path):
+    """Under DDP the fused block uses each rank's local batch statistics, as nn.BatchNorm2d
+    does (DDP broadcasts rank 0's buffers): 2 ranks train the converted model to the
+    parameters and running statistics of the unconverted one, within float32 rounding.
+    (nn.SyncBatchNorm has no fused form yet.)"""
+    out = tmp_path / "bn_states.pt"
+    mp.spawn(_bn_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    fused, eager = torch.load(out)
+    assert isinstance(make_bn_model(True)[1], fusedact.nn.BatchNormAct2d)
+    assert fused.keys() == eager.keys()
+    for name, value in eager.items():
+        # different summation orders in the statistics and gradients, through 4 SGD steps
+        # with momentum: 1e-5 relative is ~80 float32 ulp
+        torch.testing.assert_close(fused[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")

@@ -1,4 +1,5 @@
 """The training example runs end to end (shortened) and its checks pass."""
+
 from __future__ import annotations
 
 import os
@@ -17,9 +18,20 @@ def test_train_digits_example(tmp_path):
     out = tmp_path / "digits.png"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "train_digits.py"), "--epochs", "2", "--device", "cpu",
-         "--out", str(out)],
-        capture_output=True, text=True, env=env, timeout=600,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "train_digits.py"),
+            "--epochs",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     for line in ("first 10 steps", "epoch mean losses", "test accuracy", "fused vs eager"):

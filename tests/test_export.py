@@ -2,6 +2,7 @@
 (static and with a dynamic batch), the ExportedProgram round-trips through
 torch.export.save/load in a fresh process that imports fusedact, and the AOTInductor
 package of it runs there too (CPU) and gives the eager model's outputs."""
+
 from __future__ import annotations
 
 import os
@@ -21,15 +22,21 @@ ROOT = Path(fusedact.__file__).resolve().parent.parent
 
 
 def fused_targets(ep, namespace="fusedact"):
-    return {n.target.name().split("::")[1].split(".")[0] for n in ep.graph.nodes
-            if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
-            and n.target.namespace == namespace}
+    return {
+        n.target.name().split("::")[1].split(".")[0]
+        for n in ep.graph.nodes
+        if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload) and n.target.namespace == namespace
+    }
 
 
 def model_and_inputs(backend="native"):
     torch.manual_seed(0)
     model = every_module_cnn(backend).eval()
-    return model, rand_x((2, 3, 6, 6), torch.float32, "cpu", scale=1.0), rand_x((5, 3, 6, 6), torch.float32, "cpu", seed=5, scale=1.0)
+    return (
+        model,
+        rand_x((2, 3, 6, 6), torch.float32, "cpu", scale=1.0),
+        rand_x((5, 3, 6, 6), torch.float32, "cpu", seed=5, scale=1.0),
+    )
 
 
 @pytest.mark.parametrize("dynamic", [False, True], ids=["static", "dynamic-batch"])
@@ -41,7 +48,7 @@ def test_export_keeps_the_fused_ops(backend, dynamic):
     namespace = "fusedact" if backend == "native" else "fusedact_triton"
     assert fused_targets(ep, namespace) == set(FUSED_OPS)
     with torch.no_grad():
-        for xb in ((x, x5) if dynamic else (x,)):
+        for xb in (x, x5) if dynamic else (x,):
             assert torch.equal(ep.module()(xb), model(xb))  # the same kernels on the same inputs
 
 
@@ -63,11 +70,15 @@ def test_save_load_in_a_fresh_process(tmp_path):
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
     torch.export.save(ep, tmp_path / "model.pt2")
     torch.save(x5, tmp_path / "x.pt")
-    run_fresh(tmp_path, (
-        "ep = torch.export.load('model.pt2')\n"
-        "assert {str(n.target) for n in ep.graph.nodes} >= {'fusedact.acon_c_forward.default', 'fusedact.mish_forward.default'}\n"
-        "with torch.no_grad():\n"
-        "    torch.save(ep.module()(torch.load('x.pt')), 'y.pt')\n"))
+    run_fresh(
+        tmp_path,
+        (
+            "ep = torch.export.load('model.pt2')\n"
+            "assert {str(n.target) for n in ep.graph.nodes} >= {'fusedact.acon_c_forward.default', 'fusedact.mish_forward.default'}\n"  # noqa: E501
+            "with torch.no_grad():\n"
+            "    torch.save(ep.module()(torch.load('x.pt')), 'y.pt')\n"
+        ),
+    )
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "y.pt"), model(x5))
 
@@ -89,7 +100,8 @@ def test_inductor_compiles_under_ci(tmp_path):
         "model(x).sum().backward()\n"
         "torch.testing.assert_close(g, x.grad)\n"
         "with torch.no_grad():  # an inference graph\n"
-        "    torch.testing.assert_close(compiled(x), model(x))\n")
+        "    torch.testing.assert_close(compiled(x), model(x))\n"
+    )
     env_ci = {"CI": "1", "PYTHONPATH": os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")])}
     run_fresh(tmp_path, code, env_ci)
 
@@ -101,10 +113,14 @@ def test_aoti_compile_and_package_cpu(tmp_path):
     ep = torch.export.export(model, (x,), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=64)},))
     path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "model_aoti.pt2"))
     torch.save(x5, tmp_path / "x.pt")
-    run_fresh(tmp_path, (
-        f"runner = torch._inductor.aoti_load_package({path!r})\n"
-        "with torch.no_grad():\n"
-        "    torch.save(runner(torch.load('x.pt')), 'y.pt')\n"))
+    run_fresh(
+        tmp_path,
+        (
+            f"runner = torch._inductor.aoti_load_package({path!r})\n"
+            "with torch.no_grad():\n"
+            "    torch.save(runner(torch.load('x.pt')), 'y.pt')\n"
+        ),
+    )
     with torch.no_grad():
         # inductor compiles the convolutions and means itself: same math, other rounding
         torch.testing.assert_close(torch.load(tmp_path / "y.pt"), model(x5), **TOL[torch.float32])

@@ -3,6 +3,7 @@ no-grad call and plain autograd, it gives the op's results bit for bit (forward,
 and second derivatives), declines inside torch.func transforms and for forward-AD dual
 tensors, and leaves __torch_function__ overrides and dispatch modes their view of the
 op. Speed is the benchmark's (``bench.py --overhead``), never asserted here."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,8 +19,12 @@ from helpers import make_params, rand_x
 
 CASES = ["silu", "swish", "swish-tensor", "mish", "hard_swish", "acon_c", "meta_acon"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16]
-FN = {"swish": ("SiluFunction", "SwishFunction", "SwishTensorFunction"), "mish": ("MishFunction",),
-      "hard_swish": ("HardSwishFunction",), "acon_c": ("AconCFunction",)}
+FN = {
+    "swish": ("SiluFunction", "SwishFunction", "SwishTensorFunction"),
+    "mish": ("MishFunction",),
+    "hard_swish": ("HardSwishFunction",),
+    "acon_c": ("AconCFunction",),
+}
 
 
 def on_fast_path(y, op) -> bool:
@@ -39,8 +44,9 @@ def case_args(case, dtype, seed=0, device="cpu"):
         params = make_params("swish", x, param_dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
         return op, x, params, fusedact.swish, (lambda x, b: torch.ops.fusedact.swish_forward(x, 1.0, b))
     if case in ("acon_c", "meta_acon"):
-        params = make_params("acon_c", x, per_sample=case == "meta_acon",
-                             param_dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+        params = make_params(
+            "acon_c", x, per_sample=case == "meta_acon", param_dtype=torch.float32 if dtype == torch.bfloat16 else dtype
+        )
         return "acon_c", x, params, fusedact.acon_c, (lambda x, *p: torch.ops.fusedact.acon_c_forward(x, *p, 1))
     ops = getattr(torch.ops.fusedact, f"{op}_forward")
     return op, x, [], getattr(fusedact, op), ops
@@ -208,9 +214,12 @@ def test_plain_tensor_entry_declines_what_python_must_see():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     x = torch.randn(2, 3)
-    entries = {"mish": (_C.fast.mish, fusedact.mish), "hard_swish": (_C.fast.hard_swish, fusedact.hard_swish),
-             "swish": (lambda t: _C.fast.swish(t, 1.5), lambda t: fusedact.swish(t, 1.5, backend="eager")),
-             "silu": (lambda t: _C.fast.swish(t, 1), lambda t: fusedact.swish(t, backend="eager"))}
+    entries = {
+        "mish": (_C.fast.mish, fusedact.mish),
+        "hard_swish": (_C.fast.hard_swish, fusedact.hard_swish),
+        "swish": (lambda t: _C.fast.swish(t, 1.5), lambda t: fusedact.swish(t, 1.5, backend="eager")),
+        "silu": (lambda t: _C.fast.swish(t, 1), lambda t: fusedact.swish(t, backend="eager")),
+    }
     for name, (entry, want) in entries.items():
         torch.testing.assert_close(entry(x), want(x), msg=name)
         assert entry(torch.nn.Parameter(x.clone())).grad_fn is not None, name
@@ -273,8 +282,12 @@ def test_autograd_behaviours_on_the_fast_path():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t.clone(), lambda t: t):
         y = fusedact.hard_swish(x)
     assert on_fast_path(y, "hard_swish") and len(packed) == 1 and packed[0] is x
-    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0],
-                               torch.autograd.grad(torch.ops.fusedact.hard_swish_forward(x).sum(), x)[0], rtol=0, atol=0)
+    torch.testing.assert_close(
+        torch.autograd.grad(y.sum(), x)[0],
+        torch.autograd.grad(torch.ops.fusedact.hard_swish_forward(x).sum(), x)[0],
+        rtol=0,
+        atol=0,
+    )
 
     w = x * 1
     y = fusedact.mish(w)
@@ -315,8 +328,10 @@ def test_fast_path_node_is_wired_like_apply(case):
     assert type(functional(h, *leaves[1:]).grad_fn.next_functions[0][0]).__name__ == "MulBackward0"
 
 
-@pytest.mark.skipif(not hasattr(torch.autograd.graph, "node_creation_hook"),
-                    reason="torch.autograd.graph.node_creation_hook is new in torch 2.14")
+@pytest.mark.skipif(
+    not hasattr(torch.autograd.graph, "node_creation_hook"),
+    reason="torch.autograd.graph.node_creation_hook is new in torch 2.14",
+)
 @pytest.mark.parametrize("case", CASES)
 def test_node_creation_hook_sees_the_fast_path_node_once(case):
     """torch 2.14's node creation hooks fire once for the fast path's node, with it fully

@@ -2,6 +2,7 @@
 jvp/jacfwd, hessian, functional_call and per-sample gradients, each equal to the same
 code on the eager reference. float64 throughout: each op is a few eps64 from the
 reference, so 1e-12 catches any wrong term (an error is O(1))."""
+
 from __future__ import annotations
 
 import pytest
@@ -41,8 +42,11 @@ def fn_pair(case, backend):
 
     def make(b):
         if op == "swish":
-            return (lambda x: fusedact.swish(x, 1.7, backend=b)) if name == "swish-float" else \
-                (lambda x, beta: fusedact.swish(x, beta, backend=b))
+            return (
+                (lambda x: fusedact.swish(x, 1.7, backend=b))
+                if name == "swish-float"
+                else (lambda x, beta: fusedact.swish(x, beta, backend=b))
+            )
         if op == "acon_c":
             return lambda x, p1, p2, beta: fusedact.acon_c(x, p1, p2, beta, channel_dim=cd, backend=b)
         return lambda x: getattr(fusedact, op)(x, backend=b)
@@ -66,8 +70,7 @@ def test_grad_vjp_jacrev(case, backend):
     x, params, _ = case_inputs(case)
     f, e = fn_pair(case, backend)
     argnums = tuple(range(1 + len(params)))
-    for transform in (lambda g: grad(lambda *a: g(*a).sum(), argnums=argnums),
-                      lambda g: jacrev(g, argnums=argnums)):
+    for transform in (lambda g: grad(lambda *a: g(*a).sum(), argnums=argnums), lambda g: jacrev(g, argnums=argnums)):
         assert_trees_close(transform(f)(x, *params), transform(e)(x, *params))
     ct = rand_x(x.shape, torch.float64, "cpu", seed=7)
     (yf, vf), (ye, ve) = vjp(f, x, *params), vjp(e, x, *params)
@@ -86,8 +89,10 @@ def test_forward_mode(case, backend):
     tangents = tuple(rand_x(t.shape, torch.float64, "cpu", seed=11 + i) for i, t in enumerate((x, *params)))
     assert_trees_close(jvp(f, (x, *params), tangents), jvp(e, (x, *params), tangents))
     assert_trees_close(jacfwd(f, argnums=argnums)(x, *params), jacfwd(e, argnums=argnums)(x, *params))
-    assert_trees_close(hessian(lambda *a: f(*a).sum(), argnums=argnums)(x, *params),
-                       hessian(lambda *a: e(*a).sum(), argnums=argnums)(x, *params))
+    assert_trees_close(
+        hessian(lambda *a: f(*a).sum(), argnums=argnums)(x, *params),
+        hessian(lambda *a: e(*a).sum(), argnums=argnums)(x, *params),
+    )
 
 
 @pytest.mark.parametrize("case", CASES, ids=ids)
@@ -100,9 +105,11 @@ def test_vmap_in_dims_and_nested(case, backend):
     B = 3
     xs = torch.stack([x * (1 + 0.1 * i) for i in range(B)], dim=2)  # batch at dim 2
     ps = [torch.stack([p * (1 + 0.05 * i) for i in range(B)]) for p in params]  # batch at dim 0
-    for in_dims, args in (((2,) + (None,) * len(params), (xs, *params)),
-                          ((2,) + (0,) * len(params), (xs, *ps)),
-                          ((None,) + (0,) * len(params), (x, *ps))):
+    for in_dims, args in (
+        ((2,) + (None,) * len(params), (xs, *params)),
+        ((2,) + (0,) * len(params), (xs, *ps)),
+        ((None,) + (0,) * len(params), (x, *ps)),
+    ):
         if all(d is None for d in in_dims):
             continue
         assert_trees_close(vmap(f, in_dims=in_dims)(*args), vmap(e, in_dims=in_dims)(*args))
@@ -134,10 +141,15 @@ def test_direct_op_calls_under_transforms():
     ops = torch.ops.fusedact
     from fusedact import reference
 
-    torch.testing.assert_close(grad(lambda t: ops.mish_forward(t).sum())(x), grad(lambda t: reference.mish(t).sum())(x), **TIGHT)
+    torch.testing.assert_close(
+        grad(lambda t: ops.mish_forward(t).sum())(x), grad(lambda t: reference.mish(t).sum())(x), **TIGHT
+    )
     torch.testing.assert_close(vmap(ops.hard_swish_forward)(x), reference.hard_swish(x), **TIGHT)
-    torch.testing.assert_close(jacrev(lambda t: ops.swish_forward(t, 1.3, None))(x[0]),
-                               jacrev(lambda t: reference.swish(t, 1.3))(x[0]), **TIGHT)
+    torch.testing.assert_close(
+        jacrev(lambda t: ops.swish_forward(t, 1.3, None))(x[0]),
+        jacrev(lambda t: reference.swish(t, 1.3))(x[0]),
+        **TIGHT,
+    )
 
 
 def _direct_op(case, namespace):
@@ -145,8 +157,11 @@ def _direct_op(case, namespace):
     name, op, per_sample, cd = case
     ops = getattr(torch.ops, namespace)
     if op == "swish":
-        return (lambda x: ops.swish_forward(x, 1.7, None)) if name == "swish-float" else \
-            (lambda x, beta: ops.swish_forward(x, 1.0, beta))
+        return (
+            (lambda x: ops.swish_forward(x, 1.7, None))
+            if name == "swish-float"
+            else (lambda x, beta: ops.swish_forward(x, 1.0, beta))
+        )
     if op == "acon_c":
         return lambda x, p1, p2, beta: ops.acon_c_forward(x, p1, p2, beta, cd)
     return getattr(ops, f"{op}_forward")

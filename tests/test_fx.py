@@ -2,6 +2,7 @@
 every module traces (MetaAconC's spatial mean a wrapped leaf), and the traced
 GraphModule computes the module's outputs and gradients bit for bit. What users run it
 through: torchvision's create_feature_extractor, FX quantization, timm's FX features."""
+
 from __future__ import annotations
 
 import pytest

@@ -7,6 +7,7 @@ sees) are the cuda parametrisations of test_autocast.py and test_compile.py, and
 check that inductor's generated code holds the Triton kernels is here;
 tools/device_check.sh's `gpu` stage runs all of these, and `sanitize` runs the kernels
 under compute-sanitizer."""
+
 from __future__ import annotations
 
 import math
@@ -90,8 +91,8 @@ def test_acon_c_over_2_31_elements():
     terms = [torch.zeros(C, dtype=torch.float64, device="cuda") for _ in range(3)]
     step = 1 << 24
     for s in range(0, L, step):
-        x64 = x[:, :, s:s + step].double()
-        g64 = g[:, :, s:s + step].double()
+        x64 = x[:, :, s : s + step].double()
+        g64 = g[:, :, s : s + step].double()
         y64 = reference.acon_c(x64, *params64, channel_dim=1)
         for acc, gp in zip(ref, torch.autograd.grad(y64, params64, g64)):
             acc += gp
@@ -106,6 +107,7 @@ def test_acon_c_over_2_31_elements():
 
 # ---- CUDA graphs: the ops capture (no host sync, no allocation outside the graph's
 # pool) and a replay on new input values gives the eager result.
+
 
 @pytest.mark.parametrize("op", OPS)
 def test_cuda_graph_capture_and_replay(op):
@@ -138,6 +140,7 @@ def test_cuda_graph_capture_and_replay(op):
 # ---- a non-default stream: the kernels run on the current stream, so results made on
 # a side stream are right when that stream is waited for, with no device-wide sync.
 
+
 @pytest.mark.parametrize("op", OPS)
 def test_non_default_stream(op):
     x = rand_x((3, 16, 33, 35), torch.bfloat16, "cuda")
@@ -157,6 +160,7 @@ def test_non_default_stream(op):
 
 # ---- misaligned views: x starting one element past a 16-byte boundary, and x, g and
 # out misaligned differently (the packed path needs equal heads).
+
 
 @pytest.mark.parametrize("layout", ["flat", "nchw", "channels_last"])
 @pytest.mark.parametrize("op", OPS)
@@ -189,6 +193,7 @@ def test_misaligned_views(op, dtype, layout, backend):
 # inductor puts their kernels into the code it generates (under the CPU interpreter they
 # are opaque custom ops), and dynamic shapes compile once.
 
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton unavailable")
 def test_triton_kernels_inside_inductor_code_with_dynamic_shapes():
     from torch._inductor.utils import run_and_get_code
@@ -204,5 +209,4 @@ def test_triton_kernels_inside_inductor_code_with_dynamic_shapes():
     with torch._dynamo.config.patch(error_on_recompile=True):
         for n in (1537, 4099):
             x = torch.randn(n, device="cuda")
-            torch.testing.assert_close(compiled(x).double(), reference.mish(x.double()) * 2,
-                                       **TOL[torch.float32])
+            torch.testing.assert_close(compiled(x).double(), reference.mish(x.double()) * 2, **TOL[torch.float32])

@@ -3,6 +3,7 @@ fusedact/_inductor.py): the decompositions compute docs/SPEC.md's functions with
 edge conventions, "fuse" leaves no fused op in Inductor's code and "kernel" all of them,
 "auto" follows its table, the setting is checked, guarded and part of the cache key, and
 a fused Conv-BN-SiLU block saves what the same block with F.silu saves."""
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,29 @@ from fusedact._numerics import check_close, make_params, param_terms_abs, rand_x
 OPS = ["swish", "swish_beta_tensor", "mish", "hard_swish", "acon_c", "acon_c_per_sample"]
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 # every kink, threshold and saturation of activation_math.h, and the non-finite values
-CORNERS = [0.0, -0.0, 3.0, -3.0, 2.999, -2.999, 20.0, 19.99, 40.0, -20.0, 88.0, -88.0, 128.0, -128.0, 1e-30, -1e-30,
-           1e20, -1e20, float("inf"), float("-inf"), float("nan")]
+CORNERS = [
+    0.0,
+    -0.0,
+    3.0,
+    -3.0,
+    2.999,
+    -2.999,
+    20.0,
+    19.99,
+    40.0,
+    -20.0,
+    88.0,
+    -88.0,
+    128.0,
+    -128.0,
+    1e-30,
+    -1e-30,
+    1e20,
+    -1e20,
+    float("inf"),
+    float("-inf"),
+    float("nan"),
+]
 
 
 def op_args(case, x):
@@ -88,7 +110,7 @@ def test_decompositions_match_the_kernels(case, dtype, layout):
                 finite = ~cb.isnan()
                 assert torch.equal(ca[finite].isinf(), cb[finite].isinf()), (name, ca, cb)
                 if op == "hard_swish":  # its -0.0 is a convention; elsewhere a zero's sign is
-                    zero = cb == 0      # that of a flushed ~1e-37 (SPEC: may flush to zero)
+                    zero = cb == 0  # that of a flushed ~1e-37 (SPEC: may flush to zero)
                     assert torch.equal(ca[zero].signbit(), cb[zero].signbit()), (name, ca, cb)
                 torch.testing.assert_close(a, b, equal_nan=True, **TOL[dtype])
             else:  # a parameter gradient: a sum over x's finite elements
@@ -142,9 +164,13 @@ class EveryOp(nn.Module):
 
     def forward(self, xs):
         b = self.backend
-        return (fusedact.swish(xs[0], 0.5, backend=b) * 2, fusedact.swish(xs[1], self.beta, backend=b) * 2,
-                fusedact.mish(xs[2], backend=b) * 2, fusedact.hard_swish(xs[3], backend=b) * 2,
-                fusedact.acon_c(xs[4], self.p1, self.p2, self.b, backend=b) * 2)
+        return (
+            fusedact.swish(xs[0], 0.5, backend=b) * 2,
+            fusedact.swish(xs[1], self.beta, backend=b) * 2,
+            fusedact.mish(xs[2], backend=b) * 2,
+            fusedact.hard_swish(xs[3], backend=b) * 2,
+            fusedact.acon_c(xs[4], self.p1, self.p2, self.b, backend=b) * 2,
+        )
 
 
 def every_op_inputs(device, dtype=torch.float32):
@@ -168,9 +194,12 @@ def compiled_step(model, xs, mode):
 
 EXPECTED = {  # which ops Inductor's code still calls, by mode
     "fuse": lambda device: set(),
-    "kernel": lambda device: {f"{op}_{d}" for op in ("swish", "mish", "hard_swish", "acon_c") for d in ("forward", "backward")},
-    "auto": lambda device: {f"{op}_{d}" for op, m in _inductor.AUTO[device].items() if m == "kernel"
-                            for d in ("forward", "backward")},
+    "kernel": lambda device: {
+        f"{op}_{d}" for op in ("swish", "mish", "hard_swish", "acon_c") for d in ("forward", "backward")
+    },
+    "auto": lambda device: {
+        f"{op}_{d}" for op, m in _inductor.AUTO[device].items() if m == "kernel" for d in ("forward", "backward")
+    },
 }
 
 
@@ -223,7 +252,7 @@ def test_triton_ops_follow_the_mode(mode):
     assert_step_close((ys, grads), step_of(model, xs), torch.float32, xs[0].numel())
 
 
-TRITON_OP_SCRIPT = r'''
+TRITON_OP_SCRIPT = r"""
 import os, re, sys
 import torch, fusedact
 from torch._inductor.utils import run_and_get_code
@@ -253,7 +282,7 @@ torch.testing.assert_close(y, y_e, rtol=1e-5, atol=1e-5)
 for a, b_ in zip(gr, gr_e):
     torch.testing.assert_close(a, b_, rtol=1e-4, atol=1e-4)
 print("found", sorted(found), len(codes))
-'''
+"""
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton unavailable")

@@ -1,5 +1,6 @@
 """The supported torch range: setup.py refuses an older torch than the oldest tested,
 with a message that says what to do."""
+
 from __future__ import annotations
 
 import os
@@ -15,8 +16,14 @@ def run_setup_with_torch(tmp_path, version: str, **env):
     fake.mkdir()
     (fake / "__init__.py").write_text(f"__version__ = {version!r}\n")
     environ = dict(os.environ, PYTHONPATH=str(tmp_path), **env)
-    return subprocess.run([sys.executable, str(ROOT / "setup.py"), "--version"], cwd=tmp_path,
-                          env=environ, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "setup.py"), "--version"],
+        cwd=tmp_path,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_build_refuses_torch_older_than_the_floor(tmp_path):

@@ -17,6 +17,7 @@ math (the CPU's) puts them. A sabotaged model (errors of 2^-5) must fail. The ba
 that sums parameter gradients takes the reciprocal alone (LowpRcp): its per-element
 terms are held to the sums' tolerance instead (test_parameter_gradient_terms_...).
 """
+
 from __future__ import annotations
 
 import functools
@@ -45,9 +46,16 @@ pytestmark = pytest.mark.skipif(GXX is None, reason="no g++")
 ERROR = 2.0**-21
 CORNERS = list(itertools.product((-ERROR, 0.0, ERROR), repeat=2))
 # (op, direction, params): the Lowp paths of the CUDA kernels (backward: bfloat16 only)
-CASES = [("swish", "fwd", (1.7,)), ("swish", "bwd", (1.7,)), ("swish", "fwd", (0.3,)),
-         ("silu", "fwd", ()), ("silu", "bwd", ()), ("mish", "fwd", ()), ("mish", "bwd", ()),
-         ("acon_c", "fwd", ACON_PARAMS)]
+CASES = [
+    ("swish", "fwd", (1.7,)),
+    ("swish", "bwd", (1.7,)),
+    ("swish", "fwd", (0.3,)),
+    ("silu", "fwd", ()),
+    ("silu", "bwd", ()),
+    ("mish", "fwd", ()),
+    ("mish", "bwd", ()),
+    ("acon_c", "fwd", ACON_PARAMS),
+]
 LOWP_DTYPES = {"fwd": (torch.float16, torch.bfloat16), "bwd": (torch.bfloat16,)}
 
 
@@ -64,10 +72,14 @@ BUILDS = ["no-contraction"] + (["fma-contraction"] if _has_fma() else [])
 @functools.lru_cache(maxsize=None)
 def build(kind: str, out_dir: str) -> Path:
     out = Path(out_dir) / f"lowp_sim-{kind}"
-    flags = ["-O2", "-std=c++17", "-ffp-contract=off"] if kind == "no-contraction" \
+    flags = (
+        ["-O2", "-std=c++17", "-ffp-contract=off"]
+        if kind == "no-contraction"
         else ["-O2", "-std=c++17", "-mfma", "-ffp-contract=fast"]
-    subprocess.run([GXX, *flags, "-I", str(ROOT / "csrc"), str(SIM), "-o", str(out)],
-                   check=True, capture_output=True, text=True)
+    )
+    subprocess.run(
+        [GXX, *flags, "-I", str(ROOT / "csrc"), str(SIM), "-o", str(out)], check=True, capture_output=True, text=True
+    )
     return out
 
 
@@ -79,8 +91,9 @@ def sim_dir(tmp_path_factory):
 def simulate(sim: Path, x: torch.Tensor, op: str, direction: str, params, errors) -> torch.Tensor:
     args = ["precise", "-"] if errors == "precise" else [repr(e) for e in errors]
     data = x.float().numpy().astype("<f4").tobytes()
-    r = subprocess.run([str(sim), *args, op, direction, *map(repr, params)], input=data,
-                       capture_output=True, check=True)
+    r = subprocess.run(
+        [str(sim), *args, op, direction, *map(repr, params)], input=data, capture_output=True, check=True
+    )
     return torch.from_numpy(np.frombuffer(r.stdout, dtype="<f4").copy())
 
 
@@ -118,8 +131,9 @@ LOWP_CASES = [(dt, *case) for case in CASES for dt in LOWP_DTYPES[case[1]]]
 
 
 @pytest.mark.parametrize("build_kind", BUILDS)
-@pytest.mark.parametrize("dtype,op,direction,params", LOWP_CASES,
-                         ids=[f"{str(dt)[6:]}-{o}-{d}-{p}" for dt, o, d, p in LOWP_CASES])
+@pytest.mark.parametrize(
+    "dtype,op,direction,params", LOWP_CASES, ids=[f"{str(dt)[6:]}-{o}-{d}-{p}" for dt, o, d, p in LOWP_CASES]
+)
 def test_every_half_value_within_2ulp_at_every_corner(sim_dir, build_kind, dtype, op, direction, params):
     sim = build(build_kind, sim_dir)
     x = all_finite_values(dtype)
@@ -130,14 +144,19 @@ def test_every_half_value_within_2ulp_at_every_corner(sim_dir, build_kind, dtype
         assert not bad.any(), (
             f"errors {errors}: {int(bad.sum())} values off by more than 2 ulp, e.g. "
             f"x={x[bad][:4].tolist()} got {y[bad][:4].to(dtype).tolist()} "
-            f"want {ref64[bad][:4].to(dtype).tolist()}")
+            f"want {ref64[bad][:4].to(dtype).tolist()}"
+        )
 
 
 @pytest.mark.parametrize("op,direction,params", CASES, ids=[f"{o}-{d}-{p}" for o, d, p in CASES])
 def test_nan_and_inf_where_precise_has_them(sim_dir, op, direction, params):
     sim = build("no-contraction", sim_dir)
-    x = torch.cat([all_finite_values(torch.bfloat16).float(),
-                   torch.tensor([float("inf"), float("-inf"), float("nan"), 3.4e38, -3.4e38])])
+    x = torch.cat(
+        [
+            all_finite_values(torch.bfloat16).float(),
+            torch.tensor([float("inf"), float("-inf"), float("nan"), 3.4e38, -3.4e38]),
+        ]
+    )
     precise = simulate(sim, x, op, direction, params, "precise")
     for errors in CORNERS:
         y = simulate(sim, x, op, direction, params, errors)
@@ -154,8 +173,10 @@ def test_float16_backward_needs_precise(sim_dir):
     sim = build("no-contraction", sim_dir)
     x = all_finite_values(torch.float16)
     ref64 = reference("mish", "bwd", (), torch.float16)
-    bad = sum(int(violations(simulate(sim, x, "mish", "bwd", (), c), ref64, torch.float16).sum())
-              for c in itertools.product((-(2.0**-22), 0.0, 2.0**-22), repeat=2))
+    bad = sum(
+        int(violations(simulate(sim, x, "mish", "bwd", (), c), ref64, torch.float16).sum())
+        for c in itertools.product((-(2.0**-22), 0.0, 2.0**-22), repeat=2)
+    )
     assert bad > 0
     xb = all_finite_values(torch.bfloat16)
     ref_b = reference("mish", "bwd", (), torch.bfloat16)
@@ -183,9 +204,11 @@ def test_kernels_use_lowp_only_for_16_bit_data():
     (float16's backward excepted), LowpRcp for their backward that sums parameter
     gradients, Precise for float32/float64."""
     src = (ROOT / "csrc" / "cuda" / "activations_cuda.cu").read_text()
-    assert ("using MathFor = std::conditional_t<sizeof(scalar_t) == 2 &&\n"
-            "                                       !(kBackward && std::is_same_v<scalar_t, c10::Half>),\n"
-            "                                   math::Lowp, math::Precise>;") in src
+    assert (
+        "using MathFor = std::conditional_t<sizeof(scalar_t) == 2 &&\n"
+        "                                       !(kBackward && std::is_same_v<scalar_t, c10::Half>),\n"
+        "                                   math::Lowp, math::Precise>;"
+    ) in src
     assert "using M = MathFor<scalar_t, kBackward>;" in src
     # the parameter-gradient backward (three arguments) never takes an M
     assert "op.template backward<M>(static_cast<T>(gv[k].v[v]), static_cast<T>(xv[k].v[v]))" in src
@@ -217,8 +240,9 @@ def per_element_reference(op, params, x64):
     x = x64.reshape(1, n).clone().requires_grad_()  # each element its own channel
     y = fusedact.reference.acon_c(x, *ps)
     dx, *dps = torch.autograd.grad(y, [x] + ps, torch.ones_like(y))
-    terms = _numerics.param_terms_abs("acon_c", x64.reshape(1, n), torch.ones(1, n, dtype=torch.float64),
-                                             [p.detach() for p in ps], 1)
+    terms = _numerics.param_terms_abs(
+        "acon_c", x64.reshape(1, n), torch.ones(1, n, dtype=torch.float64), [p.detach() for p in ps], 1
+    )
     return dx.reshape(-1), dps, terms
 
 
@@ -245,9 +269,13 @@ def test_parameter_gradient_terms_within_their_tolerance(sim_dir, dtype, op, par
             # subnormal x underflows in float32, in either math)
             ok = (got - dp64).abs() <= 8 * eps * t + eps * torch.finfo(torch.float32).tiny
             ok |= ~torch.isfinite(dp64)
-            assert bool(ok.all()), (f"{errors}: param {j}, x={x[~ok][:4].tolist()} got {got[~ok][:4].tolist()} "
-                                    f"want {dp64[~ok][:4].tolist()}")
+            assert bool(ok.all()), (
+                f"{errors}: param {j}, x={x[~ok][:4].tolist()} got {got[~ok][:4].tolist()} "
+                f"want {dp64[~ok][:4].tolist()}"
+            )
     # the check's own test: a reciprocal 32 ulp off (2^-18) breaks the terms' bound
     out = simulate(sim, x, op, "bwdp", params, (0.0, 2.0**-18)).reshape(-1, k)
-    assert any(bool(((out[:, 1 + j].double() - dp64).abs() > 8 * eps * t + eps * torch.finfo(torch.float32).tiny).any())
-               for j, (dp64, t) in enumerate(zip(dps64, terms)))
+    assert any(
+        bool(((out[:, 1 + j].double() - dp64).abs() > 8 * eps * t + eps * torch.finfo(torch.float32).tiny).any())
+        for j, (dp64, t) in enumerate(zip(dps64, terms))
+    )

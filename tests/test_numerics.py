@@ -1,4 +1,5 @@
 """Accuracy over every float16 / bfloat16 value, and special values."""
+
 from __future__ import annotations
 
 import pytest
@@ -31,7 +32,8 @@ def run_forward(op, x, backend):
         xs = x.reshape(-1, 1)  # one channel
         p = [torch.tensor([v], dtype=x.dtype, device=x.device) for v in ACON_PARAMS]
         return fusedact.acon_c(xs, *p, backend=backend).reshape(-1), fusedact.reference.acon_c(
-            xs.double(), *[q.double() for q in p]).reshape(-1)
+            xs.double(), *[q.double() for q in p]
+        ).reshape(-1)
     if op == "silu":  # swish at beta = 1, which the native backend runs as its own loop
         return fusedact.swish(x, 1.0, backend=backend), fusedact.reference.swish(x.double(), 1.0)
     f, r = op_fn(op, backend), ref_fn(op)
@@ -103,11 +105,31 @@ def test_every_half_value_backward_within_2ulp(device, dtype, op, backend):
 
 def special_values(dtype):
     fi = torch.finfo(dtype)
-    vals = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 88.0, -88.0, 100.0, -100.0,
-            1e30, -1e30, 3.4028234663852886e38, -3.4028234663852886e38, 20.0, 44.5, -44.5,
-            3.0, -3.0, 1e-30, -1e-30]
-    return torch.tensor([v for v in vals if not (abs(v) > fi.max and v == v and abs(v) != float("inf"))],
-                        dtype=torch.float64).to(dtype)
+    vals = [
+        0.0,
+        -0.0,
+        float("inf"),
+        float("-inf"),
+        float("nan"),
+        88.0,
+        -88.0,
+        100.0,
+        -100.0,
+        1e30,
+        -1e30,
+        3.4028234663852886e38,
+        -3.4028234663852886e38,
+        20.0,
+        44.5,
+        -44.5,
+        3.0,
+        -3.0,
+        1e-30,
+        -1e-30,
+    ]
+    return torch.tensor(
+        [v for v in vals if not (abs(v) > fi.max and v == v and abs(v) != float("inf"))], dtype=torch.float64
+    ).to(dtype)
 
 
 @pytest.mark.parametrize("op", OPS)

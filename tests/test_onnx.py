@@ -2,9 +2,9 @@
 17 and at the exporter's default: standard ONNX operators only, parameters as
 initializers, and onnxruntime (CPU) matches the eager model at two batch sizes (a
 dynamic batch axis). Nothing is registered here: ``import fusedact`` is all."""
+
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -100,8 +100,12 @@ def test_export_keeps_other_decompositions_fused():
     model = every_module_cnn("native").eval()
     ep = torch.export.export(model, (torch.randn(2, 3, 6, 6),)).run_decompositions()
     targets = {str(n.target) for n in ep.graph.nodes if n.op == "call_function"}
-    assert {"fusedact.acon_c_forward.default", "fusedact.swish_forward.default", "fusedact.mish_forward.default",
-            "fusedact.hard_swish_forward.default"} <= targets
+    assert {
+        "fusedact.acon_c_forward.default",
+        "fusedact.swish_forward.default",
+        "fusedact.mish_forward.default",
+        "fusedact.hard_swish_forward.default",
+    } <= targets
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

@@ -1,5 +1,6 @@
 """Forward and backward parity with the float64 reference: op x dtype x device x shape
 x layout, plus acon_c's parameter layouts, channel_dim and mixed precision."""
+
 from __future__ import annotations
 
 import math
@@ -204,21 +205,29 @@ def test_cpu_values_do_not_depend_on_the_code_path(op, dtype, cpu_isa, request):
     are converted with F16C and the rest in lane operations, which must agree."""
     if cpu_isa == "avx512" and dtype == torch.float32 and op in ("mish", "acon_c"):
         # Strict: the checks still run, and the day the loops round alike, XPASS fails.
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "known: GCC contracts a * b + c into FMAs in the AVX-512 vector body of mish's "
-            "backward and acon_c's forward but not in their scalar tails (1 ulp)")))
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason=(
+                    "known: GCC contracts a * b + c into FMAs in the AVX-512 vector body of mish's "
+                    "backward and acon_c's forward but not in their scalar tails (1 ulp)"
+                ),
+            )
+        )
     tensor_beta = op == "swish-tensor-beta"
     op = "swish" if tensor_beta else op
     # acon_c (2, 3, L) with per-channel parameters: runs of L along a channel, sliced
     # along L; the rest 1-D above twice the parallel grain (32768), so 2 threads split it.
     shape = (2, 3, 2 * 4099) if op == "acon_c" else (2 * 32768 + 1000,)
     x = rand_x(shape, dtype, "cpu", scale=4.0)
-    x[..., :11] = torch.tensor([-3.0, 3.0, -0.0, 0.0, 20.0, -20.0, 88.0, -88.0, math.inf, -math.inf, math.nan],
-                               dtype=dtype)
+    x[..., :11] = torch.tensor(
+        [-3.0, 3.0, -0.0, 0.0, 20.0, -20.0, 88.0, -88.0, math.inf, -math.inf, math.nan], dtype=dtype
+    )
     g = rand_x(shape, dtype, "cpu", seed=3)
     params = make_params(op, x, channel_dim=x.dim() - 2 if op == "acon_c" else 0, learnable_beta=tensor_beta)
     y, dx = _values_and_dx(op, x, params, g)
     bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
+
     def same(a, b):  # bit for bit, but for the sign and payload of a NaN, which IEEE leaves open
         nan = a.isnan()
         return torch.equal(nan, b.isnan()) and torch.equal(a.view(bits)[~nan], b.view(bits)[~nan])
@@ -290,6 +299,7 @@ def test_acon_c_short_maps(device, dtype, per_sample, shape, backend):
     one or two warps each) or a Triton program (16 runs of a 7x7 map), with a last block
     or program only partly full: every run's output and its parameters' gradients."""
     x = rand_x(shape, dtype, device)
-    params = make_params("acon_c", x, per_sample=per_sample,
-                         param_dtype=torch.float32 if dtype == torch.bfloat16 else dtype)
+    params = make_params(
+        "acon_c", x, per_sample=per_sample, param_dtype=torch.float32 if dtype == torch.bfloat16 else dtype
+    )
     check_forward_backward("acon_c", x, params, backend=backend)

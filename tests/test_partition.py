@@ -6,6 +6,7 @@ once, nothing outside is touched, packs are 16-byte aligned, each element's para
 and gradient slot are its own channel's, each slot is written once and the finish reads
 each slot once. A retuned geometry is proven here before a GPU runs it; the mutation
 test shows that the simulation catches off-by-one partitions."""
+
 from __future__ import annotations
 
 import re
@@ -35,14 +36,17 @@ CHANNEL_VEC = {8: [2], 4: [4], 2: [8, 4]}
 
 
 def build(csrc: Path, out: Path) -> Path:
-    subprocess.run([GXX, "-O2", "-std=c++17", "-I", str(csrc), str(SIM), "-o", str(out)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [GXX, "-O2", "-std=c++17", "-I", str(csrc), str(SIM), "-o", str(out)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return out
 
 
 def run(sim: Path, cases: list[str]) -> list[str]:
-    r = subprocess.run([str(sim)], input="\n".join(cases) + "\n", capture_output=True,
-                       text=True, check=True)
+    r = subprocess.run([str(sim)], input="\n".join(cases) + "\n", capture_output=True, text=True, check=True)
     return r.stdout.splitlines()
 
 
@@ -56,9 +60,23 @@ def flat_cases() -> list[str]:
     for size in (2, 4, 8):
         vec = 16 // size
         tile = THREADS * FLAT_PACKS * vec
-        ns = {1, 2, vec - 1, vec, vec + 1, 2 * vec - 1, THREADS - 1, THREADS * vec + 3,
-              tile - 1, tile, tile + 1, 2 * tile - vec, 2 * tile + vec + 1, 3 * tile + 7,
-              5 * tile}
+        ns = {
+            1,
+            2,
+            vec - 1,
+            vec,
+            vec + 1,
+            2 * vec - 1,
+            THREADS - 1,
+            THREADS * vec + 3,
+            tile - 1,
+            tile,
+            tile + 1,
+            2 * tile - vec,
+            2 * tile + vec + 1,
+            3 * tile + 7,
+            5 * tile,
+        }
         for n in sorted(ns):
             for m in sorted({0, 1, vec - 1}):
                 for max_blocks in (1, 3, 1056):
@@ -70,8 +88,9 @@ def flat_cases() -> list[str]:
 
 
 def flat_big_cases() -> list[str]:
-    return [f"flatbig {n} {size} 1056" for size in (2, 4, 8)
-            for n in (2**31 - 1, 2**31, 2**31 + 5, 3 * 2**31 + 17, 2**33)]
+    return [
+        f"flatbig {n} {size} 1056" for size in (2, 4, 8) for n in (2**31 - 1, 2**31, 2**31 + 5, 3 * 2**31 + 17, 2**33)
+    ]
 
 
 def row_geometries() -> list[tuple[str, tuple[int, int, int, int]]]:
@@ -79,9 +98,19 @@ def row_geometries() -> list[tuple[str, tuple[int, int, int, int]]]:
     geos = []
     # short maps (several runs a block, a partly idle last block), a map of exactly one
     # group per size, long maps (several segments), odd sizes
-    for n, c, h, w in [(2, 3, 7, 7), (1, 4, 14, 14), (3, 11, 7, 7), (2, 9, 14, 14),
-                       (1, 17, 16, 16), (2, 5, 20, 20), (2, 2, 64, 64), (3, 2, 3, 5),
-                       (1, 3, 1, 2), (2, 1, 56, 56), (1, 2, 130, 33)]:
+    for n, c, h, w in [
+        (2, 3, 7, 7),
+        (1, 4, 14, 14),
+        (3, 11, 7, 7),
+        (2, 9, 14, 14),
+        (1, 17, 16, 16),
+        (2, 5, 20, 20),
+        (2, 2, 64, 64),
+        (3, 2, 3, 5),
+        (1, 3, 1, 2),
+        (2, 1, 56, 56),
+        (1, 2, 130, 33),
+    ]:
         geos.append((f"NCHW {n}x{c}x{h}x{w}", (1, n, c, h * w)))
         geos.append((f"NCHW per-sample beta {n}x{c}x{h}x{w}", (n, 1, c, h * w)))
     # (N, C, L) with channel_dim=1, and swish's learnable beta: one run of numel
@@ -100,8 +129,7 @@ def row_cases() -> list[str]:
             if "swish beta" in what and f"({size} B)" not in what:
                 continue
             vec = 16 // size
-            for mx, mg, mo in sorted({(0, 0, 0), (1, 1, 1), (vec - 1, vec - 1, vec - 1),
-                                      (1, 0, 1), (0, 0, 1)}):
+            for mx, mg, mo in sorted({(0, 0, 0), (1, 1, 1), (vec - 1, vec - 1, vec - 1), (1, 0, 1), (0, 0, 1)}):
                 for bwd in (0, 1):
                     cases.append(f"row {N} {R} {C} {inner} {size} {mx} {mg} {mo} {bwd}")
     return cases
@@ -110,10 +138,17 @@ def row_cases() -> list[str]:
 def chan_cases() -> list[str]:
     cases = []
     geos = []
-    for n, c, h, w in [(2, 64, 7, 7), (1, 13, 5, 5), (2, 256, 14, 14), (3, 8, 1, 1),
-                       (1, 1000, 2, 3), (2, 3, 40, 40), (1, 24, 33, 31)]:
-        geos.append((1, n * h * w, c))   # channels_last
-        geos.append((n, h * w, c))       # channels_last, per-sample beta
+    for n, c, h, w in [
+        (2, 64, 7, 7),
+        (1, 13, 5, 5),
+        (2, 256, 14, 14),
+        (3, 8, 1, 1),
+        (1, 1000, 2, 3),
+        (2, 3, 40, 40),
+        (1, 24, 33, 31),
+    ]:
+        geos.append((1, n * h * w, c))  # channels_last
+        geos.append((n, h * w, c))  # channels_last, per-sample beta
     geos += [(1, 4 * 129, 96), (4, 129, 96), (1, 3 * 1000, 5)]  # (N, L, C) with channel_dim=-1
     for N, R, C in geos:
         for size, vecs in CHANNEL_VEC.items():
@@ -125,8 +160,7 @@ def chan_cases() -> list[str]:
 
 @pytest.mark.parametrize("kind", ["flat", "flatbig", "row", "chan"])
 def test_every_element_once_every_slot_once(sim, kind):
-    cases = {"flat": flat_cases, "flatbig": flat_big_cases, "row": row_cases,
-             "chan": chan_cases}[kind]()
+    cases = {"flat": flat_cases, "flatbig": flat_big_cases, "row": row_cases, "chan": chan_cases}[kind]()
     assert len(cases) >= 15
     out = run(sim, cases)
     assert len(out) == len(cases)
@@ -144,6 +178,7 @@ def test_launch_shapes(sim):
     limit = 2**31 - 1 - THREADS * FLAT_PACKS * 16
     assert run(sim, [f"flatbig {limit + 1} 2 1056"]) == ["OK"]
     assert THREADS * ROW_PACKS * 8 == 64 * 64
+
     # short maps: one warp a (n, c) run and 8 runs a block, in every dtype (7x7, 14x14);
     # a 28x28 bf16 map (98 packs) takes 2 warps, 4 runs a block; a long map one block
     # of kThreads a segment
@@ -151,6 +186,7 @@ def test_launch_shapes(sim):
         out = run(sim, [f"rowlaunch {N} {R} {C} {inner} {size}"])[0].split()
         assert out[0] == "OK"
         return tuple(int(v) for v in out[1:])
+
     for size in (2, 4):
         assert launch(1, 32, 64, 49, size) == (32, 8, 256, 32 * 64 // 8)
         assert launch(1, 32, 64, 196, size) == (32, 8, 256, 32 * 64 // 8)
@@ -162,30 +198,42 @@ def test_launch_shapes(sim):
 # Each mutation is an off-by-one or a wrong index in partition.h that the simulation
 # must reject on at least one case.
 MUTATIONS = {
-    "extra scalar past the tail": ("if (tile != 0 || I(t) >= head + tail)",
-                                   "if (tile != 0 || I(t) > head + tail)"),
+    "extra scalar past the tail": ("if (tile != 0 || I(t) >= head + tail)", "if (tile != 0 || I(t) > head + tail)"),
     "one pack too many": ("return p < packs ? p : I(-1);", "return p <= packs ? p : I(-1);"),
-    "pack stride off by one": ("const I p = (tile * ppt + k) * threads + t;",
-                               "const I p = (tile * ppt + k) * (threads - 1) + t;"),
-    "head ignores alignment": ("f.head = vec == 1 ? I(0) : (I(head) < n ? I(head) : n);",
-                               "f.head = vec == 1 ? I(0) : (I(head) < n ? I(head) + 1 : n);"),
-    "row slot collides across segments": ("rb.slot = (n * l.K + r * l.segs + s) * C + c;",
-                                          "rb.slot = (n * l.K + r + s) * C + c;"),
-    "row segment one element short": ("rb.len = inner - begin < l.seg_len ? inner - begin : l.seg_len;",
-                                      "rb.len = inner - begin < l.seg_len ? inner - begin - 1 : l.seg_len;"),
+    "pack stride off by one": (
+        "const I p = (tile * ppt + k) * threads + t;",
+        "const I p = (tile * ppt + k) * (threads - 1) + t;",
+    ),
+    "head ignores alignment": (
+        "f.head = vec == 1 ? I(0) : (I(head) < n ? I(head) : n);",
+        "f.head = vec == 1 ? I(0) : (I(head) < n ? I(head) + 1 : n);",
+    ),
+    "row slot collides across segments": (
+        "rb.slot = (n * l.K + r * l.segs + s) * C + c;",
+        "rb.slot = (n * l.K + r + s) * C + c;",
+    ),
+    "row segment one element short": (
+        "rb.len = inner - begin < l.seg_len ? inner - begin : l.seg_len;",
+        "rb.len = inner - begin < l.seg_len ? inner - begin - 1 : l.seg_len;",
+    ),
     "channels rows past R": ("t.r_end = end < R ? end : R;", "t.r_end = end < R ? end : R + 1;"),
     "channels K rounds down": ("l.K = ceil_div(R, l.rows);", "l.K = R / l.rows + (R < l.rows);"),
-    "channels pack of a partial C": ("return aligned && C % vec == 0 ? vec : 1;",
-                                     "return aligned ? vec : 1;"),
+    "channels pack of a partial C": ("return aligned && C % vec == 0 ? vec : 1;", "return aligned ? vec : 1;"),
     "finish skips samples": ("return per_sample ? K : N * K;", "return per_sample ? K : K;"),
     "finish reads the next channel": ("const int64_t c = b % C;", "const int64_t c = (b + 1) % C;"),
     "32-bit block division": ("rem = bb % dd;", "rem = bb % dd + (dd == 7);"),
-    "row units overlap across blocks": ("const int64_t u = b * l.per_block + tid / l.group;",
-                                        "const int64_t u = b * (l.per_block - (l.per_block > 1)) + tid / l.group;"),
-    "row group sum adds a neighbour's warp": ("return tid / l.group * (l.group / 32);",
-                                             "return tid / l.group * (l.group / 32) + (l.group == 32 && tid >= 32);"),
-    "row group too small": ("while (group < threads_needed && group < kThreads) group *= 2;",
-                            "while (2 * group < threads_needed && group < kThreads) group *= 2;"),
+    "row units overlap across blocks": (
+        "const int64_t u = b * l.per_block + tid / l.group;",
+        "const int64_t u = b * (l.per_block - (l.per_block > 1)) + tid / l.group;",
+    ),
+    "row group sum adds a neighbour's warp": (
+        "return tid / l.group * (l.group / 32);",
+        "return tid / l.group * (l.group / 32) + (l.group == 32 && tid >= 32);",
+    ),
+    "row group too small": (
+        "while (group < threads_needed && group < kThreads) group *= 2;",
+        "while (2 * group < threads_needed && group < kThreads) group *= 2;",
+    ),
 }
 
 

@@ -2,6 +2,7 @@
 --check (run by .ci/run on the built extension) must pass on our kernels and fail on
 kernels sabotaged the two ways it guards against: packs that are not 16-byte aligned
 (so the loads become scalar) and a register cap that forces spills."""
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,9 @@ def _have(tool: str) -> bool:
         return False
 
 
-needs_cuobjdump = pytest.mark.skipif(not _have("cuobjdump"), reason="cuobjdump not installed "
-                                     "(pip install nvidia-cuda-cuobjdump)")
+needs_cuobjdump = pytest.mark.skipif(
+    not _have("cuobjdump"), reason="cuobjdump not installed (pip install nvidia-cuda-cuobjdump)"
+)
 
 
 def compile_cubin(src: Path, out: Path, *extra: str) -> Path:
@@ -39,12 +41,29 @@ def compile_cubin(src: Path, out: Path, *extra: str) -> Path:
     import sysconfig
 
     from torch.utils.cpp_extension import include_paths
+
     incs = [f"-I{p}" for p in include_paths("cuda") + [sysconfig.get_paths()["include"]]]
-    cmd = [str(NVCC), "-cubin", "-arch=sm_90", "-O3", "-lineinfo", "-std=c++20",
-           "-DFUSEDACT_WITH_CUDA", "--expt-relaxed-constexpr", "-D__CUDA_NO_HALF_OPERATORS__",
-           "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
-           "-D__CUDA_NO_HALF2_OPERATORS__", "-DTORCH_EXTENSION_NAME=_C",
-           f"-I{src.parent.parent}", *incs, *extra, str(src), "-o", str(out)]
+    cmd = [
+        str(NVCC),
+        "-cubin",
+        "-arch=sm_90",
+        "-O3",
+        "-lineinfo",
+        "-std=c++20",
+        "-DFUSEDACT_WITH_CUDA",
+        "--expt-relaxed-constexpr",
+        "-D__CUDA_NO_HALF_OPERATORS__",
+        "-D__CUDA_NO_HALF_CONVERSIONS__",
+        "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+        "-D__CUDA_NO_HALF2_OPERATORS__",
+        "-DTORCH_EXTENSION_NAME=_C",
+        f"-I{src.parent.parent}",
+        *incs,
+        *extra,
+        str(src),
+        "-o",
+        str(out),
+    ]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
 
@@ -93,17 +112,27 @@ def test_check_fails_on_sabotaged_kernels(tmp_path):
     assert any("row acon_c bf16" in p for p in narrow), problems
     assert spills, problems
     # and the command line exits 1
-    r = subprocess.run([sys.executable, str(ROOT / "tools" / "sass_report.py"), str(cubin),
-                        "--check", "--markdown", str(tmp_path / "r.md")], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "sass_report.py"),
+            str(cubin),
+            "--check",
+            "--markdown",
+            str(tmp_path / "r.md"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 1 and "SASS CHECK FAILED" in r.stderr
 
 
 def test_instruction_counting_on_a_known_listing():
     """The parser on a hand-written listing: a loop of 6 instructions (NOP excluded)
     storing one 16-byte pack of 4 floats, a slow-path subroutine with a register save."""
-    k = sass_report.Kernel("k", family="elementwise_kernel",
-                           args=["fusedact::math::Mish<float>", "float", "4", "int", "false"])
+    k = sass_report.Kernel(
+        "k", family="elementwise_kernel", args=["fusedact::math::Mish<float>", "float", "4", "int", "false"]
+    )
     listing = """
         /*0000*/  S2R R0, SR_TID.X ;
         /*0010*/  LDG.E.128.CONSTANT R4, desc[UR4][R2.64] ;
@@ -119,6 +148,7 @@ def test_instruction_counting_on_a_known_listing():
         /*00b0*/  RET.REL.NODEC R20 0x0 ;
     """
     import re
+
     for line in listing.strip().splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
         k.insts.append((int(m.group(1), 16), m.group(2)))
@@ -129,7 +159,8 @@ def test_instruction_counting_on_a_known_listing():
     assert k.should_stream_packs()
     assert sass_report.check([k]) == [
         "no row_kernel in the binary (renamed? update tools/sass_report.py)",
-        "no finish_kernel in the binary (renamed? update tools/sass_report.py)"]
+        "no finish_kernel in the binary (renamed? update tools/sass_report.py)",
+    ]
     # a narrow store in the loop and a local store in the kernel's own code both fail
     k.insts[5] = (0x50, "STG.E desc[UR4][R8.64], R4")
     k.insts[3] = (0x40, "STL [R1], R4")

@@ -1,5 +1,6 @@
 """python -m fusedact.selftest: passes here, and reports (not dies of) what goes wrong:
 a wrong kernel, a bad-argument call that crashes the process or raises nothing."""
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,14 @@ def test_selftest_passes_and_prints_json(tmp_path):
     path, as an install would be)."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     env.pop("TRITON_INTERPRET", None)  # the selftest turns the interpreter on itself
-    proc = subprocess.run([sys.executable, "-m", "fusedact.selftest", "--json"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fusedact.selftest", "--json"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(proc.stdout)
     assert result["ok"] and result["failed"] == 0 and result["verdict"].startswith("fusedact selftest: PASS")
@@ -31,8 +38,14 @@ def test_selftest_passes_and_prints_json(tmp_path):
     checks = result["checks"]
     for op in selftest.OPS:
         for dtype in ("fp32", "bf16", "fp16", "fp64"):
-            assert any(c["check"] == f"{op} fwd+bwd vs float64" and c["dtype"] == dtype and c["device"] == "cpu"
-                       and c["backend"] == "native" and c["status"] == "ok" for c in checks)
+            assert any(
+                c["check"] == f"{op} fwd+bwd vs float64"
+                and c["dtype"] == dtype
+                and c["device"] == "cpu"
+                and c["backend"] == "native"
+                and c["status"] == "ok"
+                for c in checks
+            )
         assert any(c["check"] == f"{op} gradcheck" and c["status"] == "ok" for c in checks)
     bad = [c for c in checks if c["check"].startswith("bad args")]
     assert len(bad) == len(selftest._bad_calls("cpu")) and all(c["detail"].startswith("raised") for c in bad)
@@ -60,13 +73,16 @@ def fake_child(tmp_path, body: str) -> list[str]:
 
 
 def test_a_crashing_bad_call_is_reported_not_fatal(tmp_path):
-    cmd = fake_child(tmp_path, """
+    cmd = fake_child(
+        tmp_path,
+        """
         import ctypes
         print("CALL\\tfirst", flush=True)
         print("DONE\\traised RuntimeError: fine", flush=True)
         print("CALL\\tacon_c: p1 of the wrong size", flush=True)
         ctypes.string_at(0)  # a real SIGSEGV
-    """)
+    """,
+    )
     rows = selftest._bad_call_rows("cpu", cmd=cmd)
     assert [r["status"] for r in rows] == ["ok", "FAIL"]
     assert rows[1]["check"] == "bad args: acon_c: p1 of the wrong size"
@@ -74,10 +90,13 @@ def test_a_crashing_bad_call_is_reported_not_fatal(tmp_path):
 
 
 def test_a_bad_call_that_raises_nothing_fails(tmp_path):
-    cmd = fake_child(tmp_path, """
+    cmd = fake_child(
+        tmp_path,
+        """
         print("CALL\\tmish: integer x", flush=True)
         print("DONE\\tno error raised", flush=True)
-    """)
+    """,
+    )
     rows = selftest._bad_call_rows("cpu", cmd=cmd)
     assert [r["status"] for r in rows] == ["FAIL", "FAIL"]  # the call, and 1 of 11 calls run
     assert rows[0]["detail"] == "no error raised"

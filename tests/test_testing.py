@@ -1,5 +1,6 @@
 """fusedact.testing.assert_parity: passes on converted models in every dtype, mode and
 output structure, and fails, naming the tensors, when a fused module is sabotaged."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,10 +17,17 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 def cnn(c=8):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.SiLU(),
-        nn.Conv2d(c, c, 3, padding=1), nn.Mish(),
-        nn.Conv2d(c, c, 3, padding=1), fusedact.nn.AconC(c), nn.Hardswish(),
-        nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * c, 5),
+        nn.Conv2d(3, c, 3, padding=1),
+        nn.BatchNorm2d(c),
+        nn.SiLU(),
+        nn.Conv2d(c, c, 3, padding=1),
+        nn.Mish(),
+        nn.Conv2d(c, c, 3, padding=1),
+        fusedact.nn.AconC(c),
+        nn.Hardswish(),
+        nn.AdaptiveAvgPool2d(2),
+        nn.Flatten(),
+        nn.Linear(4 * c, 5),
     )
 
 

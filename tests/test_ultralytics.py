@@ -2,6 +2,7 @@
 weights downloaded), converted with fusedact.convert: the same forward outputs and
 training-step gradients (its own detection loss) as the unconverted model in float64,
 then exported to ONNX and run in onnxruntime."""
+
 from __future__ import annotations
 
 import copy
@@ -33,13 +34,18 @@ def models():
     fused = fusedact.convert(copy.deepcopy(model))
     convs = [m for m in fused.modules() if isinstance(m, Conv)]
     assert len(convs) > 50 and all(isinstance(c.act, fusedact.nn.Swish) for c in convs)
+    assert all(isinstance(c.bn, fusedact.nn.BatchNormAct2d) and c.bn.act is c.act for c in convs)
     assert not any(isinstance(m, torch.nn.SiLU) for m in fused.modules())
     return model, fused
 
 
 def batch(x):
-    return {"img": x, "batch_idx": torch.tensor([0.0, 0.0, 1.0]), "cls": torch.tensor([[0.0], [2.0], [1.0]]),
-            "bboxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]])}
+    return {
+        "img": x,
+        "batch_idx": torch.tensor([0.0, 0.0, 1.0]),
+        "cls": torch.tensor([[0.0], [2.0], [1.0]]),
+        "bboxes": torch.tensor([[0.3, 0.3, 0.2, 0.2], [0.6, 0.5, 0.3, 0.4], [0.5, 0.5, 0.5, 0.5]]),
+    }
 
 
 def test_yolo_converted_forward_and_training_step_match():
@@ -51,15 +57,17 @@ def test_yolo_converted_forward_and_training_step_match():
     model.train(), fused.train()
     with torch.profiler.profile() as prof:
         fused.loss(batch(x))[0].sum().backward()
-    assert sum(e.name == "fusedact::swish_backward" for e in prof.events()) > 50  # the fused kernels ran
+    # the fused kernels ran: BatchNorm + SiLU blocks (convert's fuse_bn)
+    assert sum(e.name == "fusedact::bn_act_backward" for e in prof.events()) > 50
     model.loss(batch(x))[0].sum().backward()
     compared = 0
     for (name, p), q in zip(model.named_parameters(), fused.parameters()):
         if p.grad is None:
             assert q.grad is None, name
             continue
-        torch.testing.assert_close(q.grad, p.grad, rtol=F64["rtol"], atol=1e-10 * p.grad.abs().max().item(),
-                                   msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            q.grad, p.grad, rtol=F64["rtol"], atol=1e-10 * p.grad.abs().max().item(), msg=lambda m: f"{name}: {m}"
+        )
         compared += 1
     assert compared > 100
 
@@ -70,8 +78,11 @@ def test_yolo_onnx_export_runs_in_onnxruntime(tmp_path, dynamo):
     model.eval(), fused.eval()
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     path = tmp_path / "yolo.onnx"
-    kw = dict(dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=16)},)) if dynamo else \
-        dict(dynamic_axes={"images": {0: "batch"}})
+    kw = (
+        dict(dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=16)},))
+        if dynamo
+        else dict(dynamic_axes={"images": {0: "batch"}})
+    )
     torch.onnx.export(fused, (x,), str(path), dynamo=dynamo, input_names=["images"], **kw)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for b in (1, 3):

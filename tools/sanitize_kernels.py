@@ -10,6 +10,7 @@ precision. Meant to run under compute-sanitizer (tools/device_check.sh sanitize)
 (without the caching allocator, an access past a tensor's end is past its allocation,
 where memcheck sees it). Exits 0 after a synchronize; the sanitizer reports the errors.
 """
+
 from __future__ import annotations
 
 import torch
@@ -60,10 +61,16 @@ def main():
                         count += 1
         shapes = [  # (shape, channel_dim, memory format)
             # short maps: several runs a block (the last block partly idle), groups of 1 and 2 warps
-            ((2, 8, 7, 7), 1, None), ((2, 8, 14, 14), 1, None), ((3, 11, 7, 7), 1, None),
-            ((2, 5, 28, 28), 1, None), ((2, 3, 64, 64), 1, None),
-            ((1, 2, 91, 91), 1, None), ((2, 16, 7, 9), 1, torch.channels_last),
-            ((2, 13, 5, 5), 1, torch.channels_last), ((3, 37, 24), -1, None), ((3, 37, 13), -1, None),
+            ((2, 8, 7, 7), 1, None),
+            ((2, 8, 14, 14), 1, None),
+            ((3, 11, 7, 7), 1, None),
+            ((2, 5, 28, 28), 1, None),
+            ((2, 3, 64, 64), 1, None),
+            ((1, 2, 91, 91), 1, None),
+            ((2, 16, 7, 9), 1, torch.channels_last),
+            ((2, 13, 5, 5), 1, torch.channels_last),
+            ((3, 37, 24), -1, None),
+            ((3, 37, 13), -1, None),
         ]
         for shape, cd, fmt in shapes:
             for off in (0, 1):

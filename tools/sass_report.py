@@ -26,10 +26,12 @@ branches that skip code for saturated inputs are counted as if taken never, i.e.
 sides are in the count. It is a static figure: a floor of the issue cost, read at
 2 us per instruction per element for 2^26 elements on an H100 (benchmarks/NOTES.md).
 
-cuobjdump (and the nvdisasm it runs) come from PATH, $CUDA_HOME/bin, or the pip packages nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm
+cuobjdump (and the nvdisasm it runs) come from PATH, $CUDA_HOME/bin, or the pip packages
+nvidia-cuda-cuobjdump and nvidia-cuda-nvdisasm
 (the CUDA toolkit's headers-only install on the CI machine has none); c++filt from
 binutils demangles.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +63,7 @@ def find_tool(name: str) -> str:
     for c in cands:
         if c.is_file() and os.access(c, os.X_OK):
             return str(c)
-    sys.exit(f"sass_report: {name} not found (pip install nvidia-cuda-{name}, or put the "
-             f"CUDA toolkit's bin on PATH)")
+    sys.exit(f"sass_report: {name} not found (pip install nvidia-cuda-{name}, or put the CUDA toolkit's bin on PATH)")
 
 
 def cuobjdump_env() -> dict:
@@ -81,8 +82,9 @@ def default_input() -> str:
 
 
 def demangle(names: list[str]) -> list[str]:
-    out = subprocess.run([find_tool("c++filt")], input="\n".join(names), capture_output=True,
-                         text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [find_tool("c++filt")], input="\n".join(names), capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     return out
 
 
@@ -107,8 +109,8 @@ def split_template_args(s: str) -> list[str]:
 @dataclass
 class Kernel:
     mangled: str
-    name: str = ""            # demangled, without the parameter list
-    family: str = ""          # elementwise_kernel, row_kernel, ...
+    name: str = ""  # demangled, without the parameter list
+    family: str = ""  # elementwise_kernel, row_kernel, ...
     args: list = field(default_factory=list)
     regs: int = 0
     stack: int = 0
@@ -241,9 +243,11 @@ class Kernel:
             return None
         lo, hi, is_loop = b
         skip = [] if is_loop else [(a, z) for a, z in self.loops() if lo <= a and z <= hi]
-        n = sum(1 for a, t in self.insts if lo <= a <= hi
-                and not any(x <= a <= z for x, z in skip)
-                and not re.match(r"(@!?U?P\w+\s+)?NOP\b", t))
+        n = sum(
+            1
+            for a, t in self.insts
+            if lo <= a <= hi and not any(x <= a <= z for x, z in skip) and not re.match(r"(@!?U?P\w+\s+)?NOP\b", t)
+        )
         stores = [w for a, w in self._stores() if lo <= a <= hi]
         if not is_loop and stores:
             stores = [w for w in stores if w == max(stores)]
@@ -297,8 +301,7 @@ def width_bits(suffix: str) -> int:
 def read_kernels(path: str, arch: str) -> list[Kernel]:
     cuobjdump = find_tool("cuobjdump")
     env = cuobjdump_env()
-    sass = subprocess.run([cuobjdump, "-sass", "-arch", arch, path], capture_output=True,
-                          text=True, env=env)
+    sass = subprocess.run([cuobjdump, "-sass", "-arch", arch, path], capture_output=True, text=True, env=env)
     if sass.returncode != 0 or "Function :" not in sass.stdout:
         sys.exit(f"sass_report: no {arch} SASS in {path}: {sass.stderr.strip()[:400]}")
     kernels: dict[str, Kernel] = {}
@@ -311,8 +314,9 @@ def read_kernels(path: str, arch: str) -> list[Kernel]:
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
         if m and cur is not None:
             cur.insts.append((int(m.group(1), 16), m.group(2)))
-    res = subprocess.run([cuobjdump, "-res-usage", "-arch", arch, path], capture_output=True,
-                         text=True, check=True, env=env).stdout
+    res = subprocess.run(
+        [cuobjdump, "-res-usage", "-arch", arch, path], capture_output=True, text=True, check=True, env=env
+    ).stdout
     fn = None
     for line in res.splitlines():
         m = re.search(r"Function (\S+):", line)
@@ -326,7 +330,7 @@ def read_kernels(path: str, arch: str) -> list[Kernel]:
     names = demangle(list(kernels))
     for k, dem in zip(kernels.values(), names):
         dem = dem.replace("(anonymous namespace)", "{anon}").removeprefix("void ")
-        k.name = dem[:dem.rfind("(")] if dem.endswith(")") else dem
+        k.name = dem[: dem.rfind("(")] if dem.endswith(")") else dem
         m = re.match(r"(?:[\w:{}]+::)?(\w+)<(.*)>$", k.name)
         if m:
             k.family, k.args = m.group(1), split_template_args(m.group(2))
@@ -346,14 +350,17 @@ def fmt_counts(ops: list, kind: str) -> str:
 
 
 def report(kernels: list[Kernel], path: str, arch: str) -> str:
-    rows = [f"# SASS report: {Path(path).name}, {arch}", "",
-            f"{len(kernels)} kernels. Registers per thread, stack and local bytes (spills), "
-            "static shared bytes; the global loads (LDG) and stores (STG) of the kernel by "
-            "width in bits (static counts: a pack path, its scalar head/tail and fallback); instructions per element of that body "
-            "(static count / elements stored; see tools/sass_report.py for the definition).",
-            "",
-            "| kernel | regs | stack | local | spill LDL/STL | shared | LDG bits x count | STG bits x count | insts/elem | body insts / elems | 16 B expected |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        f"# SASS report: {Path(path).name}, {arch}",
+        "",
+        f"{len(kernels)} kernels. Registers per thread, stack and local bytes (spills), "
+        "static shared bytes; the global loads (LDG) and stores (STG) of the kernel by "
+        "width in bits (static counts: a pack path, its scalar head/tail and fallback); instructions per element of that body "  # noqa: E501
+        "(static count / elements stored; see tools/sass_report.py for the definition).",
+        "",
+        "| kernel | regs | stack | local | spill LDL/STL | shared | LDG bits x count | STG bits x count | insts/elem | body insts / elems | 16 B expected |",  # noqa: E501
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for k in kernels:
         ops = k.mem_ops()
         ld, st = fmt_counts(ops, "LDG"), fmt_counts(ops, "STG")
@@ -362,9 +369,11 @@ def report(kernels: list[Kernel], path: str, arch: str) -> str:
         body = f"{ipe[1]} / {ipe[2]}" if ipe else "-"
         own, sub = k.spill_code()
         spill = f"{own}" + (f" (+{sub} in a slow-path subroutine)" if sub else "")
-        rows.append(f"| {k.short()} | {k.regs} | {k.stack} | {k.local} | {spill} | {k.shared} | "
-                    f"{ld} | {st} | {ipe_s} | {body} | "
-                    f"{'yes' if k.should_stream_packs() else ''} |")
+        rows.append(
+            f"| {k.short()} | {k.regs} | {k.stack} | {k.local} | {spill} | {k.shared} | "
+            f"{ld} | {st} | {ipe_s} | {body} | "
+            f"{'yes' if k.should_stream_packs() else ''} |"
+        )
     return "\n".join(rows) + "\n"
 
 
@@ -379,8 +388,10 @@ def check(kernels: list[Kernel]) -> list[str]:
     for k in kernels:
         own, _ = k.spill_code()
         if k.local or own:
-            problems.append(f"{k.short()}: local memory {k.local} B, {own} local loads/stores "
-                            f"in its own code (a spill; stack {k.stack} B) [{k.name}]")
+            problems.append(
+                f"{k.short()}: local memory {k.local} B, {own} local loads/stores "
+                f"in its own code (a spill; stack {k.stack} B) [{k.name}]"
+            )
         if k.should_stream_packs():
             # The pack path must be there; narrow accesses beside it are the head and tail
             # scalars, the misaligned fallback and the parameter loads.
@@ -388,8 +399,10 @@ def check(kernels: list[Kernel]) -> list[str]:
             ld = {w for kind, w in ops if kind == "LDG"}
             st = {w for kind, w in ops if kind == "STG"}
             if 128 not in ld or 128 not in st:
-                problems.append(f"{k.short()}: loads {fmt_widths(ld)}-bit and stores "
-                                f"{fmt_widths(st)}-bit, no 128-bit pack [{k.name}]")
+                problems.append(
+                    f"{k.short()}: loads {fmt_widths(ld)}-bit and stores "
+                    f"{fmt_widths(st)}-bit, no 128-bit pack [{k.name}]"
+                )
     return problems
 
 
@@ -398,8 +411,9 @@ def main(argv=None) -> int:
     ap.add_argument("file", nargs="?", help="the _C extension (default) or a cubin")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--markdown", help="write the report here")
-    ap.add_argument("--check", action="store_true",
-                    help="exit 1 when a pack kernel is not 16-byte wide or any kernel spills")
+    ap.add_argument(
+        "--check", action="store_true", help="exit 1 when a pack kernel is not 16-byte wide or any kernel spills"
+    )
     a = ap.parse_args(argv)
     path = a.file or default_input()
     kernels = read_kernels(path, a.arch)
@@ -415,8 +429,10 @@ def main(argv=None) -> int:
             print("SASS CHECK FAILED:", p, file=sys.stderr)
         if problems:
             return 1
-        print(f"SASS check passed: {len(kernels)} kernels, no spills, "
-              f"{sum(k.should_stream_packs() for k in kernels)} pack kernels all 16-byte wide")
+        print(
+            f"SASS check passed: {len(kernels)} kernels, no spills, "
+            f"{sum(k.should_stream_packs() for k in kernels)} pack kernels all 16-byte wide"
+        )
     return 0
 
 

@@ -5,6 +5,7 @@ MIN_TRITON, ``backend="triton"`` raises a RuntimeError that says so.
 On a machine without a GPU the kernels run on CPU tensors under Triton's interpreter
 (``TRITON_INTERPRET=1`` set before triton is imported), which is how CI tests them.
 """
+
 from __future__ import annotations
 
 MIN_TRITON = (3, 0)
@@ -29,8 +30,10 @@ def _load() -> None:
         _error = f"triton is not installed ({e}); install triton >= {'.'.join(map(str, MIN_TRITON))}"
         return
     if _version_tuple(triton.__version__) < MIN_TRITON:
-        _error = (f"triton {triton.__version__} is too old; fusedact's Triton kernels need "
-                  f"triton >= {'.'.join(map(str, MIN_TRITON))}")
+        _error = (
+            f"triton {triton.__version__} is too old; fusedact's Triton kernels need "
+            f"triton >= {'.'.join(map(str, MIN_TRITON))}"
+        )
         return
     try:
         import torch

@@ -9,6 +9,7 @@ Grids are flat and 1-D with int64 offsets. Parameter gradients are deterministic
 program writes its partial sums (in opmath) to its own slot and _sum_partials_kernel
 adds them in a fixed order; no atomics.
 """
+
 from __future__ import annotations
 
 import os
@@ -215,8 +216,7 @@ def _swish_fwd_kernel(X, Y, BETA, beta_hi, beta_lo, n, HAS_BETA_TENSOR: tl.const
 
 
 @triton.jit
-def _swish_bwd_kernel(G, X, DX, BETA, beta_hi, beta_lo, PARTIAL, n, HAS_BETA_TENSOR: tl.constexpr,
-                      BLOCK: tl.constexpr):
+def _swish_bwd_kernel(G, X, DX, BETA, beta_hi, beta_lo, PARTIAL, n, HAS_BETA_TENSOR: tl.constexpr, BLOCK: tl.constexpr):
     offs, mask = _offsets(n, BLOCK)
     x = _opmath(tl.load(X + offs, mask=mask))
     g = _opmath(tl.load(G + offs, mask=mask))
@@ -278,8 +278,9 @@ def _acon_c_params(P1, P2, BETA, offs, mask, inner, C, sample_size, BETA_PER_SAM
 
 
 @triton.jit
-def _acon_c_fwd_kernel(X, Y, P1, P2, BETA, n, inner, C, sample_size, BETA_PER_SAMPLE: tl.constexpr,
-                       BLOCK: tl.constexpr):
+def _acon_c_fwd_kernel(
+    X, Y, P1, P2, BETA, n, inner, C, sample_size, BETA_PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr
+):
     offs, mask = _offsets(n, BLOCK)
     x = _opmath(tl.load(X + offs, mask=mask))
     p1, p2, beta = _acon_c_params(P1, P2, BETA, offs, mask, inner, C, sample_size, BETA_PER_SAMPLE)
@@ -287,8 +288,23 @@ def _acon_c_fwd_kernel(X, Y, P1, P2, BETA, n, inner, C, sample_size, BETA_PER_SA
 
 
 @triton.jit
-def _acon_c_bwd_rows_kernel(G, X, DX, P1, P2, BETA, PARTIAL, inner, C, R, chunks, units,
-                            BETA_PER_SAMPLE: tl.constexpr, RUNS: tl.constexpr, BLOCK: tl.constexpr):
+def _acon_c_bwd_rows_kernel(
+    G,
+    X,
+    DX,
+    P1,
+    P2,
+    BETA,
+    PARTIAL,
+    inner,
+    C,
+    R,
+    chunks,
+    units,
+    BETA_PER_SAMPLE: tl.constexpr,
+    RUNS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """inner > 1 (NCHW-like): each run of `inner` elements has one channel, cut into
     `chunks` chunks of at most BLOCK; a unit is one chunk of one run (units = runs *
     chunks). Program p takes units p * RUNS .. + RUNS - 1 as a RUNS x BLOCK tile (RUNS > 1
@@ -324,9 +340,22 @@ def _acon_c_bwd_rows_kernel(G, X, DX, P1, P2, BETA, PARTIAL, inner, C, R, chunks
 
 
 @triton.jit
-def _acon_c_bwd_channels_kernel(G, X, DX, P1, P2, BETA, PARTIAL, C, R, row_blocks, col_blocks,
-                                BETA_PER_SAMPLE: tl.constexpr, ROWS: tl.constexpr,
-                                BLOCK_C: tl.constexpr):
+def _acon_c_bwd_channels_kernel(
+    G,
+    X,
+    DX,
+    P1,
+    P2,
+    BETA,
+    PARTIAL,
+    C,
+    R,
+    row_blocks,
+    col_blocks,
+    BETA_PER_SAMPLE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     """inner == 1 (channels_last, (N, L, C)): memory is N R rows of C channels. Program
     p takes a ROWS x BLOCK_C tile (rows of one sample) and writes its column sums to
     PARTIAL[n][row_block][c][3]."""

@@ -12,6 +12,7 @@ Argument checks, layouts and outputs are those of the native ops: the same messa
 the output in x's memory format (a dense copy for non-dense x), and acon_c's channel
 geometry [N][R][C][inner] over x's memory.
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,12 +61,14 @@ def _fusing(fn, name: str):
 
 def _op(name: str):
     """Registers fn as the op fusedact_triton::name (see the module's docstring)."""
+
     def register(fn):
         if not INTERPRET:
             return triton_op(f"fusedact_triton::{name}", _fusing(fn, name), mutates_args=())
         op = custom_op(f"fusedact_triton::{name}", fn, mutates_args=())
         op.register_fake(fn)
         return op
+
     return register
 
 
@@ -127,8 +130,7 @@ def _sum_partials(partial: torch.Tensor, B: int, M: int, K: int) -> torch.Tensor
     out = partial.new_empty((B, K))
     block_k = min(128, triton.next_power_of_2(K))
     k_blocks = triton.cdiv(K, block_k)
-    _launch(k._sum_partials_kernel, (B * k_blocks,),
-        partial, out, M, K, k_blocks, BLOCK_M=64, BLOCK_K=block_k)
+    _launch(k._sum_partials_kernel, (B * k_blocks,), partial, out, M, K, k_blocks, BLOCK_M=64, BLOCK_K=block_k)
     return out
 
 
@@ -149,14 +151,25 @@ def swish_forward(x: torch.Tensor, beta: float, beta_tensor: Optional[torch.Tens
         hi, lo = _beta_hi_lo(beta)
         bt = beta_tensor if beta_tensor is not None else x
         block = _block(x)
-        _launch(k._swish_fwd_kernel, _grid(n, block),
-            x, y, bt, hi, lo, n, HAS_BETA_TENSOR=beta_tensor is not None, BLOCK=block)
+        _launch(
+            k._swish_fwd_kernel,
+            _grid(n, block),
+            x,
+            y,
+            bt,
+            hi,
+            lo,
+            n,
+            HAS_BETA_TENSOR=beta_tensor is not None,
+            BLOCK=block,
+        )
     return y
 
 
 @_op("swish_backward")
-def swish_backward(grad: torch.Tensor, x: torch.Tensor, beta: float,
-                   beta_tensor: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def swish_backward(
+    grad: torch.Tensor, x: torch.Tensor, beta: float, beta_tensor: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     check_x("fusedact.swish_backward", x)
     check_grad("fusedact.swish_backward", grad, x)
     if beta_tensor is not None:
@@ -173,9 +186,20 @@ def swish_backward(grad: torch.Tensor, x: torch.Tensor, beta: float,
     partial = x.new_empty((programs if has_bt else 0,), dtype=_opmath_dtype(x))
     if n:
         hi, lo = _beta_hi_lo(beta)
-        _launch(k._swish_bwd_kernel, (programs,),
-            g, x, dx, beta_tensor if has_bt else x, hi, lo, partial, n,
-            HAS_BETA_TENSOR=has_bt, BLOCK=block)
+        _launch(
+            k._swish_bwd_kernel,
+            (programs,),
+            g,
+            x,
+            dx,
+            beta_tensor if has_bt else x,
+            hi,
+            lo,
+            partial,
+            n,
+            HAS_BETA_TENSOR=has_bt,
+            BLOCK=block,
+        )
     if not has_bt:
         return dx, x.new_empty((0,))
     if n == 0:
@@ -238,23 +262,36 @@ def _acon_geometry(op, x, p1, p2, beta, channel_dim):
 
 
 @_op("acon_c_forward")
-def acon_c_forward(x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor,
-                   channel_dim: int) -> torch.Tensor:
+def acon_c_forward(
+    x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, channel_dim: int
+) -> torch.Tensor:
     xd, N, R, C, inner, per_sample = _acon_geometry("fusedact.acon_c", x, p1, p2, beta, channel_dim)
     y = torch.empty_like(xd)
     n = xd.numel()
     if n:
         block = _block(xd)
-        _launch(k._acon_c_fwd_kernel, _grid(n, block),
-            xd, y, p1.contiguous(), p2.contiguous(), beta.contiguous(), n, inner, C, R * C * inner,
-            BETA_PER_SAMPLE=per_sample, BLOCK=block)
+        _launch(
+            k._acon_c_fwd_kernel,
+            _grid(n, block),
+            xd,
+            y,
+            p1.contiguous(),
+            p2.contiguous(),
+            beta.contiguous(),
+            n,
+            inner,
+            C,
+            R * C * inner,
+            BETA_PER_SAMPLE=per_sample,
+            BLOCK=block,
+        )
     return y
 
 
 @_op("acon_c_backward")
-def acon_c_backward(grad: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor,
-                    beta: torch.Tensor, channel_dim: int
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def acon_c_backward(
+    grad: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, beta: torch.Tensor, channel_dim: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     op = "fusedact.acon_c_backward"
     xd, N, R, C, inner, per_sample = _acon_geometry(op, x, p1, p2, beta, channel_dim)
     check_grad(op, grad, x)
@@ -272,9 +309,23 @@ def acon_c_backward(grad: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: t
         units = N * R * C * chunks
         runs = _runs_per_program(block)
         partial = xd.new_empty((units * 3,), dtype=acc)
-        _launch(k._acon_c_bwd_rows_kernel, (triton.cdiv(units, runs),),
-            g, xd, dx, *params, partial, inner, C, R, chunks, units,
-            BETA_PER_SAMPLE=per_sample, RUNS=runs, BLOCK=block)
+        _launch(
+            k._acon_c_bwd_rows_kernel,
+            (triton.cdiv(units, runs),),
+            g,
+            xd,
+            dx,
+            *params,
+            partial,
+            inner,
+            C,
+            R,
+            chunks,
+            units,
+            BETA_PER_SAMPLE=per_sample,
+            RUNS=runs,
+            BLOCK=block,
+        )
         sums = _sum_partials(partial, N * C, R * chunks, 3)  # [N C][3]
     else:
         # rows of C channels: tiles of rows x channels, several tiles per program
@@ -283,9 +334,22 @@ def acon_c_backward(grad: torch.Tensor, x: torch.Tensor, p1: torch.Tensor, p2: t
         col_blocks = triton.cdiv(C, block_c)
         row_blocks = triton.cdiv(R, rows)
         partial = xd.new_empty((N * row_blocks * C * 3,), dtype=acc)
-        _launch(k._acon_c_bwd_channels_kernel, (N * row_blocks * col_blocks,),
-            g, xd, dx, *params, partial, C, R, row_blocks, col_blocks,
-            BETA_PER_SAMPLE=per_sample, ROWS=rows, BLOCK_C=block_c)
+        _launch(
+            k._acon_c_bwd_channels_kernel,
+            (N * row_blocks * col_blocks,),
+            g,
+            xd,
+            dx,
+            *params,
+            partial,
+            C,
+            R,
+            row_blocks,
+            col_blocks,
+            BETA_PER_SAMPLE=per_sample,
+            ROWS=rows,
+            BLOCK_C=block_c,
+        )
         sums = _sum_partials(partial, N, row_blocks, C * 3)  # [N][C 3]
     sums = sums.reshape(N, C, 3)
     dbeta = sums[:, :, 2]
