@@ -87,7 +87,7 @@ def _bn_act_forward(x, params, act):
 def _bn_act_backward(grad, x, params, act):
     check_x("fusedact.bn_act_backward", x)
     check_grad("fusedact.bn_act_backward", grad, x)
-    return _bn_out(x, params), [p.new_empty(p.shape) for p in params]
+    return _bn_out(x, params), [p.new_empty((p.numel(),)) for p in params]  # flat: (C,) or (N * C,)
 
 
 @register_fake("fusedact::bn_dx")

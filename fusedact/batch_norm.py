@@ -25,14 +25,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _inductor, _opinfo
+from . import _inductor, _opinfo, reference
 from .checks import FLOAT_DTYPES, check_float_beta, check_tensor, check_x
-from .onnx import exporting as _onnx_exporting
 
 __all__ = ["batch_norm_act", "ACTS"]
 
 ACTS = ("identity", "swish", "mish", "hard_swish", "acon_c")
-_NO_PARAMS = {"identity": 0, "mish": 0, "hard_swish": 0}
 
 
 def _opmath(x: Tensor) -> torch.dtype:
@@ -83,9 +81,7 @@ def _check(op: str, x, running_mean, running_var, weight, bias, training, act, a
     elif act == "swish" and act_params:
         check_float_beta(op, act_params[0], x)
     if training:
-        size = x.shape[0] * (x.numel() // max(1, x.shape[0] * C))
-        if size == 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got input size {x.size()}")
+        torch.nn.functional._verify_batch_size(x.size())  # nn.BatchNorm2d's own check and message
 
 
 # ---- the kernels' arguments
@@ -274,7 +270,6 @@ def _backward(ctx, grad):
 def _eager_vjp(ctx, grad, x, weight, bias, mean, invstd, p1, p2, act_beta):
     """The backward as the VJP of the eager form with the batch statistics recomputed
     from x (training) or fixed (inference), for second derivatives."""
-    from . import reference
 
     def f(x, weight, bias, p1, p2, act_beta):
         dims = [0] + list(range(2, x.dim()))
@@ -342,18 +337,10 @@ def batch_norm_act(
     """
     op = "fusedact.batch_norm_act"
     _check(op, x, running_mean, running_var, weight, bias, training, act, act_params)
-    beta, p1, p2, act_beta = 1.0, None, None, None
-    if act == "acon_c":
-        p1, p2, act_beta = act_params
-    elif act == "swish" and act_params:
-        if isinstance(act_params[0], Tensor):
-            act_beta = act_params[0]
-        else:
-            beta = float(act_params[0])
+    beta, p1, p2, act_beta = reference.split_act_params(act, act_params)
     if (
         backend == "eager"
-        or _onnx_exporting()
-        or torch.onnx.is_in_onnx_export()
+        or torch.onnx.is_in_onnx_export()  # either exporter: no symbolic for these ops
         or (_inductor_compiling() and _inductor.mode_for("batch_norm_act", x.device) == "fuse")
         or x.device.type != "cpu"
     ):  # the fused passes are CPU kernels so far (csrc/ops_impl.h)

@@ -103,12 +103,16 @@ def batch_norm_act(
     """F.batch_norm (updating the running statistics in training, as nn.BatchNorm2d) then
     the activation: fusedact.batch_norm_act's eager form."""
     z = F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
-    beta, p1, p2, act_beta = 1.0, None, None, None
+    return activation(z, act, *split_act_params(act, act_params))
+
+
+def split_act_params(act: str, act_params: tuple) -> tuple:
+    """batch_norm_act's ``*act_params`` as (beta, p1, p2, act_beta): swish's float beta
+    (1.0 when absent) or tensor beta (act_beta), acon_c's p1, p2 and beta (act_beta)."""
     if act == "acon_c":
         p1, p2, act_beta = act_params
-    elif act == "swish" and act_params:
-        if isinstance(act_params[0], torch.Tensor):
-            act_beta = act_params[0]
-        else:
-            beta = float(act_params[0])
-    return activation(z, act, beta, p1, p2, act_beta)
+        return 1.0, p1, p2, act_beta
+    if act == "swish" and act_params:
+        b = act_params[0]
+        return (1.0, None, None, b) if isinstance(b, torch.Tensor) else (float(b), None, None, None)
+    return 1.0, None, None, None

@@ -397,3 +397,21 @@ def test_onnx_export_is_batch_normalization_then_the_activation(tmp_path, dynamo
     assert "HardSwish" in ops and not any("fusedact" in o for o in ops), ops
     out = ort.InferenceSession(str(path)).run(None, {ort.InferenceSession(str(path)).get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out[0]), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_opcheck_of_the_passes():
+    """The C++ passes against their fakes (fusedact/_ops.py), a per-sample beta included:
+    its sums come back flat, (N * C,)."""
+    x, g = torch.randn(4, 6, 3, 3), torch.randn(4, 6, 3, 3)
+    mean, a, b = torch.randn(6), torch.rand(6) + 0.5, torch.randn(6)
+    ops = torch.ops.fusedact
+    torch.library.opcheck(ops.bn_stats.default, (x,))
+    for act, extra in (
+        ("silu", []),
+        ("swish", [torch.rand(6)]),
+        ("acon_c", [torch.randn(6), torch.randn(6), torch.rand(4, 6)]),
+    ):
+        params = [mean, a, b, *extra]
+        torch.library.opcheck(ops.bn_act_forward.default, (x, params, act))
+        torch.library.opcheck(ops.bn_act_backward.default, (g, x, params, act))
+    torch.library.opcheck(ops.bn_dx.default, (g, x, [a, b, mean, b]))

@@ -187,29 +187,23 @@ struct CpuBackend {
                            double* s1, double* s2) {
     using T = opmath_t<scalar_t>;
     const int64_t C = geo.C, R = geo.N * geo.R;
-    std::vector<double> partial;
-    if (geo.inner > 1) {  // runs: (r, c) for r < R, each of `inner` elements
-      partial.assign(R * C * 2, 0.0);
+    constexpr int64_t kRowBlock = 64;
+    // partial[(k * C + c) * 2 + {0, 1}]: block k's sums of channel c
+    const int64_t blocks = geo.inner > 1 ? R : ceil_div(R, kRowBlock);
+    std::vector<double> partial(blocks * C * 2, 0.0);
+    if (geo.inner > 1) {  // runs: block r holds run (r, c) of `inner` elements for every c
       at::parallel_for(0, R * C, std::max<int64_t>(1, kGrain / geo.inner), [&](int64_t b, int64_t e) {
         for (int64_t run = b; run < e; ++run)
           run_chunk<RunSumsLoop<scalar_t>>(x + run * geo.inner, geo.inner, shift[run % C], &partial[run * 2]);
       });
-      for (int64_t c = 0; c < C; ++c) {
-        double a = 0, q = 0;
-        for (int64_t r = 0; r < R; ++r) a += partial[(r * C + c) * 2], q += partial[(r * C + c) * 2 + 1];
-        s1[c] = a, s2[c] = q;
-      }
-      return;
+    } else {  // rows of C channels, kRowBlock rows a block
+      at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / (kRowBlock * C)), [&](int64_t b, int64_t e) {
+        std::vector<T> a(C), q(C);
+        for (int64_t k = b; k < e; ++k)
+          run_chunk<RowSumsLoop<scalar_t>>(x + k * kRowBlock * C, std::min(kRowBlock, R - k * kRowBlock), C, shift,
+                                           a.data(), q.data(), &partial[k * C * 2]);
+      });
     }
-    constexpr int64_t kRowBlock = 64;
-    const int64_t blocks = ceil_div(R, kRowBlock);
-    partial.assign(blocks * C * 2, 0.0);
-    at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / (kRowBlock * C)), [&](int64_t b, int64_t e) {
-      std::vector<T> a(C), q(C);
-      for (int64_t k = b; k < e; ++k)
-        run_chunk<RowSumsLoop<scalar_t>>(x + k * kRowBlock * C, std::min(kRowBlock, R - k * kRowBlock), C, shift,
-                                         a.data(), q.data(), &partial[k * C * 2]);
-    });
     for (int64_t c = 0; c < C; ++c) {
       double a = 0, q = 0;
       for (int64_t k = 0; k < blocks; ++k) a += partial[(k * C + c) * 2], q += partial[(k * C + c) * 2 + 1];
