@@ -117,13 +117,21 @@ FUSEDACT_HOST_DEVICE double exp_nonpositive(double x) { return exp_(x); }
 // exp_ and IEEE division: about 1 ulp each, the same on the CPU and the GPU.
 struct Precise {
   template <typename T>
-  static FUSEDACT_HOST_DEVICE T exp(T x) { return exp_(x); }
+  static FUSEDACT_HOST_DEVICE T exp(T x) {
+    return exp_(x);
+  }
   template <typename T>
-  static FUSEDACT_HOST_DEVICE T exp_nonpositive(T x) { return math::exp_nonpositive(x); }
+  static FUSEDACT_HOST_DEVICE T exp_nonpositive(T x) {
+    return math::exp_nonpositive(x);
+  }
   template <typename T>
-  static FUSEDACT_HOST_DEVICE T rcp(T b) { return T(1) / b; }
+  static FUSEDACT_HOST_DEVICE T rcp(T b) {
+    return T(1) / b;
+  }
   template <typename T>
-  static FUSEDACT_HOST_DEVICE T div(T a, T b) { return a / b; }
+  static FUSEDACT_HOST_DEVICE T div(T a, T b) {
+    return a / b;
+  }
 };
 
 // The host's stand-in for the GPU's approximations, used only by the model check
@@ -269,7 +277,9 @@ struct Swish {
   static FUSEDACT_HOST_DEVICE Swish from(const T* v) { return {v[0]}; }
   // x / (1 + e^-beta x): one rounding and one operation fewer than x * s.
   template <class M = Precise>
-  FUSEDACT_HOST_DEVICE T forward(T x) const { return M::div(x, T(1) + M::exp(-(beta * x))); }
+  FUSEDACT_HOST_DEVICE T forward(T x) const {
+    return M::div(x, T(1) + M::exp(-(beta * x)));
+  }
   template <class M = Precise>
   FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
     T s, ds;
@@ -295,7 +305,9 @@ struct Silu {
   static constexpr int kParams = 0;
 
   template <class M = Precise>
-  FUSEDACT_HOST_DEVICE T forward(T x) const { return M::div(x, T(1) + M::exp(-x)); }
+  FUSEDACT_HOST_DEVICE T forward(T x) const {
+    return M::div(x, T(1) + M::exp(-x));
+  }
   template <class M = Precise>
   FUSEDACT_HOST_DEVICE T backward(T g, T x) const {
     T s, ds;
@@ -404,9 +416,13 @@ struct Identity {
   static constexpr int kParams = 0;
 
   template <class M = Precise>
-  FUSEDACT_HOST_DEVICE T forward(T x) const { return x; }
+  FUSEDACT_HOST_DEVICE T forward(T x) const {
+    return x;
+  }
   template <class M = Precise>
-  FUSEDACT_HOST_DEVICE T backward(T g, T) const { return g; }
+  FUSEDACT_HOST_DEVICE T backward(T g, T) const {
+    return g;
+  }
 };
 
 // BatchNorm's normalization and affine as an activation's prologue (batch_norm_act):
@@ -464,7 +480,9 @@ struct BnDx {
 
   static FUSEDACT_HOST_DEVICE BnDx from(const T* v) { return {v[0], v[1], v[2], v[3]}; }
   template <class M = Precise>
-  FUSEDACT_HOST_DEVICE T forward(T x) const { return x; }
+  FUSEDACT_HOST_DEVICE T forward(T x) const {
+    return x;
+  }
   template <class M = Precise>
   FUSEDACT_HOST_DEVICE T backward(T dz, T x, T (&dp)[kParams]) const {
     dp[0] = dp[1] = dp[2] = dp[3] = T(0);

@@ -17,9 +17,7 @@ namespace fusedact {
 // Memory seen as [N][R][C][inner]: C channels, each run of `inner` consecutive
 // elements has one channel, and N samples (only split out when beta is per sample;
 // else N = 1 and R counts every outer index).
-struct ChannelGeometry {
-  int64_t N = 1, R = 0, C = 1, inner = 1;
-};
+struct ChannelGeometry { int64_t N = 1, R = 0, C = 1, inner = 1; };
 
 // Where parameter j of (sample n, channel c) lives: ptr[j][n * n_stride[j] + c].
 template <typename P, int NP>
@@ -104,12 +102,12 @@ inline bool is_sample_shape(const at::Tensor& b, const at::Tensor& x, int64_t cd
   return true;
 }
 
-inline AconArgs acon_args(const char* op, const at::Tensor& x, const at::Tensor& p1,
-                          const at::Tensor& p2, const at::Tensor& beta, int64_t channel_dim) {
+inline AconArgs acon_args(const char* op, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
+                          const at::Tensor& beta, int64_t channel_dim) {
   check_floating(op, "x", x);
   TORCH_CHECK(x.dim() >= 1, op, ": x must have at least one dimension (the channels)");
-  TORCH_CHECK(channel_dim >= -x.dim() && channel_dim < x.dim(), op, ": channel_dim ",
-              channel_dim, " is out of range for x with ", x.dim(), " dimensions");
+  TORCH_CHECK(channel_dim >= -x.dim() && channel_dim < x.dim(), op, ": channel_dim ", channel_dim,
+              " is out of range for x with ", x.dim(), " dimensions");
   AconArgs a;
   a.channel_dim = channel_dim < 0 ? channel_dim + x.dim() : channel_dim;
   const int64_t cd = a.channel_dim;
@@ -120,18 +118,20 @@ inline AconArgs acon_args(const char* op, const at::Tensor& x, const at::Tensor&
     check_same_device(op, names[j], *ps[j], x);
     check_param_dtype(op, names[j], *ps[j], x);
   }
-  TORCH_CHECK(p2.scalar_type() == p1.scalar_type() && beta.scalar_type() == p1.scalar_type(),
-              op, ": p1, p2 and beta must share one dtype, got ", p1.scalar_type(), ", ",
-              p2.scalar_type(), " and ", beta.scalar_type());
+  TORCH_CHECK(p2.scalar_type() == p1.scalar_type() && beta.scalar_type() == p1.scalar_type(), op,
+              ": p1, p2 and beta must share one dtype, got ", p1.scalar_type(), ", ", p2.scalar_type(), " and ",
+              beta.scalar_type());
   for (int j = 0; j < 2; ++j)
-    TORCH_CHECK(is_channel_shape(*ps[j], x, cd), op, ": ", names[j], " must have C = ", C,
-                " elements (x.shape[", cd, "]), shape (C,) or x.dim() dimensions that are 1 "
-                "except at channel_dim; got shape ", ps[j]->sizes());
+    TORCH_CHECK(is_channel_shape(*ps[j], x, cd), op, ": ", names[j], " must have C = ", C, " elements (x.shape[", cd,
+                "]), shape (C,) or x.dim() dimensions that are 1 "
+                "except at channel_dim; got shape ",
+                ps[j]->sizes());
   if (!is_channel_shape(beta, x, cd)) {
     TORCH_CHECK(is_sample_shape(beta, x, cd), op, ": beta must have C = ", C,
                 " elements (shape (C,) or 1 except at channel_dim) or N*C elements for "
                 "per-sample beta (shape (N, C) or N at dim 0, C at channel_dim, 1 elsewhere)"
-                ", with N = x.shape[0] and channel_dim != 0; got shape ", beta.sizes());
+                ", with N = x.shape[0] and channel_dim != 0; got shape ",
+                beta.sizes());
     a.beta_per_sample = true;
   }
   for (int j = 0; j < 3; ++j) a.param[j] = ps[j]->contiguous();

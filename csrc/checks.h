@@ -14,37 +14,31 @@ inline bool is_supported_float(at::ScalarType t) {
 
 inline void check_floating(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name,
-              " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ",
-              t.scalar_type());
+              " must be a floating-point tensor (float32, float64, float16 or bfloat16), got ", t.scalar_type());
 }
 
-inline void check_same_device(const char* op, const char* name, const at::Tensor& t,
-                              const at::Tensor& x) {
-  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(),
-              " but x is on ", x.device(), "; all tensors must be on one device");
+inline void check_same_device(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+              "; all tensors must be on one device");
 }
 
-inline void check_same_shape(const char* op, const char* name, const at::Tensor& t,
-                             const at::Tensor& x) {
-  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(),
-              " but x has shape ", x.sizes());
+inline void check_same_shape(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), " but x has shape ", x.sizes());
 }
 
-inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t,
-                             const at::Tensor& x) {
-  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
-              t.scalar_type(), " but x has dtype ", x.scalar_type());
+inline void check_same_dtype(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t.scalar_type(), " but x has dtype ",
+              x.scalar_type());
 }
 
 // A parameter is x's dtype, or float32 beside a float16/bfloat16 x (autocast keeps
 // parameters in float32; docs/SPEC.md, mixed precision).
-inline void check_param_dtype(const char* op, const char* name, const at::Tensor& p,
-                              const at::Tensor& x) {
+inline void check_param_dtype(const char* op, const char* name, const at::Tensor& p, const at::Tensor& x) {
   check_floating(op, name, p);
   const bool half_x = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  TORCH_CHECK(p.scalar_type() == x.scalar_type() || (half_x && p.scalar_type() == at::kFloat),
-              op, ": ", name, " has dtype ", p.scalar_type(), " but x has dtype ",
-              x.scalar_type(), "; parameters must have x's dtype, or float32 when x is "
+  TORCH_CHECK(p.scalar_type() == x.scalar_type() || (half_x && p.scalar_type() == at::kFloat), op, ": ", name,
+              " has dtype ", p.scalar_type(), " but x has dtype ", x.scalar_type(),
+              "; parameters must have x's dtype, or float32 when x is "
               "float16 or bfloat16");
 }
 

@@ -50,8 +50,8 @@ using SwishBwd = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, double
 using UnaryFwd = Tensor(const Tensor&);
 using UnaryBwd = Tensor(const Tensor&, const Tensor&);
 using AconFwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t);
-using AconBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                           const Tensor&, const Tensor&, int64_t);
+using AconBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                           const Tensor&, int64_t);
 
 template <class Sig>
 c10::TypedOperatorHandle<Sig> op(const char* name) {
@@ -153,8 +153,8 @@ struct HardSwishFunction : UnaryFunction<HardSwishFunction> {
 };
 
 struct AconCFunction : torch::autograd::Function<AconCFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& p1, const Tensor& p2,
-                        const Tensor& beta, int64_t channel_dim) {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& p1, const Tensor& p2, const Tensor& beta,
+                        int64_t channel_dim) {
     ctx->save_for_backward({x, p1, p2, beta});
     ctx->saved_data["channel_dim"] = channel_dim;
     return below_autograd(ops().acon_fwd, x, p1, p2, beta, channel_dim);
@@ -180,8 +180,7 @@ namespace {
 // Measurements: benchmarks/NOTES.md, "apply's general handling".
 template <class F, class... Rest>
 Tensor apply_on_x(const Tensor& x, Rest... rest) {
-  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python) ||
-      x.key_set().has(c10::DispatchKey::Python))
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python) || x.key_set().has(c10::DispatchKey::Python))
     return F::apply(x, rest...);
   using Node = torch::autograd::CppNode<F>;
 #if FUSEDACT_TORCH_AT_LEAST(2, 13)
@@ -277,10 +276,8 @@ const Tensor* plain_float_tensor(PyObject* obj) {
     case at::kFloat:
     case at::kDouble:
     case at::kHalf:
-    case at::kBFloat16:
-      return &t;
-    default:
-      return nullptr;
+    case at::kBFloat16: return &t;
+    default: return nullptr;
   }
 }
 

@@ -7,7 +7,6 @@
 
 #include "cpu/cpu_isa.h"
 
-
 namespace py = pybind11;
 
 namespace fusedact {

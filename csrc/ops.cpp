@@ -15,7 +15,9 @@ TORCH_LIBRARY(fusedact, m) {
   // acon_c: p1, p2 per channel; beta per channel or per (sample, channel).
   // Returns (dx, dp1, dp2, dbeta), each parameter's in its own shape and dtype.
   m.def("acon_c_forward(Tensor x, Tensor p1, Tensor p2, Tensor beta, int channel_dim) -> Tensor");
-  m.def("acon_c_backward(Tensor grad, Tensor x, Tensor p1, Tensor p2, Tensor beta, int channel_dim) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "acon_c_backward(Tensor grad, Tensor x, Tensor p1, Tensor p2, Tensor beta, int channel_dim) -> (Tensor, Tensor, "
+      "Tensor, Tensor)");
   // batch_norm_act's passes (fusedact/batch_norm.py): params = (mean, a, b, the
   // activation's), opmath-typed, (C,) or (N, C); channels at dim 1. bn_act_backward
   // returns dz and the per-channel sums of its slots; bn_dx BatchNorm's dx from dz.

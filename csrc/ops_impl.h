@@ -49,15 +49,13 @@ at::Tensor unary_forward(const char* name, const at::Tensor& x_in, MakeOp make_o
   if (x.numel() == 0) return y;
   FUSEDACT_DISPATCH(x.scalar_type(), [&] {
     using T = at::opmath_type<scalar_t>;
-    B::template forward<OpT<T>>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel(),
-                                make_op(T{}));
+    B::template forward<OpT<T>>(x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), x.numel(), make_op(T{}));
   });
   return y;
 }
 
 template <class B, template <typename> class OpT, typename MakeOp>
-at::Tensor unary_backward(const char* name, const at::Tensor& grad, const at::Tensor& x_in,
-                          MakeOp make_op) {
+at::Tensor unary_backward(const char* name, const at::Tensor& grad, const at::Tensor& x_in, MakeOp make_op) {
   check_floating(name, "x", x_in);
   check_grad(name, grad, x_in);
   c10::DeviceGuard guard(x_in.device());
@@ -67,8 +65,8 @@ at::Tensor unary_backward(const char* name, const at::Tensor& grad, const at::Te
   if (x.numel() == 0) return dx;
   FUSEDACT_DISPATCH(x.scalar_type(), [&] {
     using T = at::opmath_type<scalar_t>;
-    B::template backward<OpT<T>>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
-                                 dx.data_ptr<scalar_t>(), x.numel(), make_op(T{}));
+    B::template backward<OpT<T>>(g.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), x.numel(),
+                                 make_op(T{}));
   });
   return dx;
 }
@@ -84,21 +82,21 @@ inline at::Tensor as_param_grad(const at::Tensor& sums, const at::Tensor& param)
 inline void check_swish_beta(const char* name, const at::Tensor& x, const at::Tensor& b) {
   check_same_device(name, "beta", b, x);
   check_param_dtype(name, "beta", b, x);
-  TORCH_CHECK(b.numel() == 1, name, ": beta must be a float or a tensor with one element, "
-              "got shape ", b.sizes());
+  TORCH_CHECK(b.numel() == 1, name,
+              ": beta must be a float or a tensor with one element, "
+              "got shape ",
+              b.sizes());
 }
 
 template <class B>
-at::Tensor swish_forward(const at::Tensor& x, double beta,
-                         const c10::optional<at::Tensor>& beta_tensor) {
+at::Tensor swish_forward(const at::Tensor& x, double beta, const c10::optional<at::Tensor>& beta_tensor) {
   constexpr const char* name = "fusedact.swish";
   if (!beta_tensor.has_value()) check_float_beta(name, x, beta);
   if (!beta_tensor.has_value() && beta == 1.0)
     return unary_forward<B, math::Silu>(name, x, [](auto t) { return math::Silu<decltype(t)>{}; });
   if (!beta_tensor.has_value())
-    return unary_forward<B, math::Swish>(name, x, [&](auto t) {
-      return math::Swish<decltype(t)>{static_cast<decltype(t)>(beta)};
-    });
+    return unary_forward<B, math::Swish>(
+        name, x, [&](auto t) { return math::Swish<decltype(t)>{static_cast<decltype(t)>(beta)}; });
   check_floating(name, "x", x);
   check_swish_beta(name, x, *beta_tensor);
   c10::DeviceGuard guard(x.device());
@@ -110,8 +108,7 @@ at::Tensor swish_forward(const at::Tensor& x, double beta,
     with_param_type<scalar_t>(b.scalar_type(), [&](auto p_tag) {
       using P = decltype(p_tag);
       ParamView<P, 1> pv{{b.data_ptr<P>()}, {0}};
-      B::template channel_forward<math::Swish>(xd.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                               flat_geometry(xd), pv);
+      B::template channel_forward<math::Swish>(xd.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), flat_geometry(xd), pv);
     });
   });
   return y;
@@ -120,17 +117,16 @@ at::Tensor swish_forward(const at::Tensor& x, double beta,
 // Returns (dx, dbeta); dbeta has beta_tensor's shape and dtype, or is empty when beta
 // was a Python float.
 template <class B>
-std::tuple<at::Tensor, at::Tensor> swish_backward(const at::Tensor& grad, const at::Tensor& x,
-                                                  double beta,
+std::tuple<at::Tensor, at::Tensor> swish_backward(const at::Tensor& grad, const at::Tensor& x, double beta,
                                                   const c10::optional<at::Tensor>& beta_tensor) {
   constexpr const char* name = "fusedact.swish_backward";
   if (!beta_tensor.has_value()) {
     check_float_beta(name, x, beta);
     at::Tensor dx = beta == 1.0
-        ? unary_backward<B, math::Silu>(name, grad, x, [](auto t) { return math::Silu<decltype(t)>{}; })
-        : unary_backward<B, math::Swish>(name, grad, x, [&](auto t) {
-            return math::Swish<decltype(t)>{static_cast<decltype(t)>(beta)};
-          });
+                        ? unary_backward<B, math::Silu>(name, grad, x, [](auto t) { return math::Silu<decltype(t)>{}; })
+                        : unary_backward<B, math::Swish>(name, grad, x, [&](auto t) {
+                            return math::Swish<decltype(t)>{static_cast<decltype(t)>(beta)};
+                          });
     return {dx, at::empty({0}, x.options())};
   }
   check_floating(name, "x", x);
@@ -146,9 +142,9 @@ std::tuple<at::Tensor, at::Tensor> swish_backward(const at::Tensor& grad, const 
     with_param_type<scalar_t>(b.scalar_type(), [&](auto p_tag) {
       using P = decltype(p_tag);
       ParamView<P, 1> pv{{b.data_ptr<P>()}, {0}};
-      auto sums = B::template channel_backward<math::Swish>(
-          g.data_ptr<scalar_t>(), xd.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-          flat_geometry(xd), pv, xd.options());
+      auto sums =
+          B::template channel_backward<math::Swish>(g.data_ptr<scalar_t>(), xd.data_ptr<scalar_t>(),
+                                                    dx.data_ptr<scalar_t>(), flat_geometry(xd), pv, xd.options());
       dbeta = as_param_grad(sums[0], *beta_tensor);
     });
   });
@@ -159,8 +155,7 @@ std::tuple<at::Tensor, at::Tensor> swish_backward(const at::Tensor& grad, const 
 
 template <class B>
 at::Tensor mish_forward(const at::Tensor& x) {
-  return unary_forward<B, math::Mish>("fusedact.mish", x,
-                                      [](auto t) { return math::Mish<decltype(t)>{}; });
+  return unary_forward<B, math::Mish>("fusedact.mish", x, [](auto t) { return math::Mish<decltype(t)>{}; });
 }
 
 template <class B>
@@ -171,22 +166,21 @@ at::Tensor mish_backward(const at::Tensor& grad, const at::Tensor& x) {
 
 template <class B>
 at::Tensor hard_swish_forward(const at::Tensor& x) {
-  return unary_forward<B, math::HardSwish>(
-      "fusedact.hard_swish", x, [](auto t) { return math::HardSwish<decltype(t)>{}; });
+  return unary_forward<B, math::HardSwish>("fusedact.hard_swish", x,
+                                           [](auto t) { return math::HardSwish<decltype(t)>{}; });
 }
 
 template <class B>
 at::Tensor hard_swish_backward(const at::Tensor& grad, const at::Tensor& x) {
-  return unary_backward<B, math::HardSwish>(
-      "fusedact.hard_swish_backward", grad, x,
-      [](auto t) { return math::HardSwish<decltype(t)>{}; });
+  return unary_backward<B, math::HardSwish>("fusedact.hard_swish_backward", grad, x,
+                                            [](auto t) { return math::HardSwish<decltype(t)>{}; });
 }
 
 // ---- acon_c
 
 template <class B>
-at::Tensor acon_c_forward(const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-                          const at::Tensor& beta, int64_t channel_dim) {
+at::Tensor acon_c_forward(const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2, const at::Tensor& beta,
+                          int64_t channel_dim) {
   const AconArgs a = acon_args("fusedact.acon_c", x, p1, p2, beta, channel_dim);
   c10::DeviceGuard guard(x.device());
   at::Tensor y = at::empty_like(a.x);
@@ -194,17 +188,18 @@ at::Tensor acon_c_forward(const at::Tensor& x, const at::Tensor& p1, const at::T
   FUSEDACT_DISPATCH(a.x.scalar_type(), [&] {
     with_param_type<scalar_t>(a.param[0].scalar_type(), [&](auto p_tag) {
       using P = decltype(p_tag);
-      B::template channel_forward<math::AconC>(a.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-                                               a.geo, acon_param_view<P>(a));
+      B::template channel_forward<math::AconC>(a.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a.geo,
+                                               acon_param_view<P>(a));
     });
   });
   return y;
 }
 
 template <class B>
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& p1, const at::Tensor& p2,
-    const at::Tensor& beta, int64_t channel_dim) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                                           const at::Tensor& p1, const at::Tensor& p2,
+                                                                           const at::Tensor& beta,
+                                                                           int64_t channel_dim) {
   constexpr const char* name = "fusedact.acon_c_backward";
   const AconArgs a = acon_args(name, x, p1, p2, beta, channel_dim);
   check_grad(name, grad, x);
@@ -215,9 +210,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward(
   FUSEDACT_DISPATCH(a.x.scalar_type(), [&] {
     with_param_type<scalar_t>(a.param[0].scalar_type(), [&](auto p_tag) {
       using P = decltype(p_tag);
-      auto sums = B::template channel_backward<math::AconC>(
-          g.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), a.geo,
-          acon_param_view<P>(a), a.x.options());
+      auto sums = B::template channel_backward<math::AconC>(g.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(),
+                                                            dx.data_ptr<scalar_t>(), a.geo, acon_param_view<P>(a),
+                                                            a.x.options());
       const at::Tensor* params[3] = {&p1, &p2, &beta};
       for (int j = 0; j < 3; ++j) dp[j] = as_param_grad(sums[j], *params[j]);
     });
@@ -245,8 +240,8 @@ inline BnArgs bn_args(const char* op, const at::Tensor& x, at::TensorList params
   bool per_sample = false;
   for (const at::Tensor& p : params) {
     check_same_device(op, "params", p, x);
-    TORCH_CHECK(p.scalar_type() == opmath, op, ": params must be ", opmath, " for ", x.scalar_type(),
-                " x, got ", p.scalar_type());
+    TORCH_CHECK(p.scalar_type() == opmath, op, ": params must be ", opmath, " for ", x.scalar_type(), " x, got ",
+                p.scalar_type());
     const bool sample = p.numel() == N * C && p.numel() != C;
     TORCH_CHECK(p.numel() == C || sample, op, ": params must have C = ", C, " or N * C elements, got ", p.sizes());
     per_sample = per_sample || sample;
@@ -278,8 +273,7 @@ at::Tensor bn_forward(const at::Tensor& x, at::TensorList params) {
     const BnArgs a = bn_args(name, x, params, NP);
     y = at::empty_like(a.x);
     if (a.x.numel() == 0) return;
-    B::template channel_forward<OpT>(a.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a.geo,
-                                     bn_param_view<P, NP>(a));
+    B::template channel_forward<OpT>(a.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), a.geo, bn_param_view<P, NP>(a));
   });
   return y;
 }
@@ -299,10 +293,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> bn_backward(const char* name, co
     const at::Tensor g = with_layout_of(grad, a.x);
     dx = at::empty_like(a.x);
     auto s = B::template channel_backward<OpT>(g.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(),
-                                               dx.data_ptr<scalar_t>(), a.geo, bn_param_view<P, NP>(a),
-                                               a.x.options());
-    for (int j = 0; j < NP; ++j)
-      sums.push_back(s[j]);
+                                               dx.data_ptr<scalar_t>(), a.geo, bn_param_view<P, NP>(a), a.x.options());
+    for (int j = 0; j < NP; ++j) sums.push_back(s[j]);
   });
   return {dx, sums};
 }
@@ -340,13 +332,13 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x_in) {
 }
 
 // The activation by name: f.template operator()<OpT>() with OpT its BnAct.
-#define FUSEDACT_BN_ACT_DISPATCH(ACT, NAME, CALL)                                            \
-  if (ACT == "identity") return CALL(math::BnAct<math::Identity>::template Op);            \
-  if (ACT == "silu") return CALL(math::BnAct<math::Silu>::template Op);                    \
-  if (ACT == "swish") return CALL(math::BnAct<math::Swish>::template Op);                  \
-  if (ACT == "mish") return CALL(math::BnAct<math::Mish>::template Op);                    \
-  if (ACT == "hard_swish") return CALL(math::BnAct<math::HardSwish>::template Op);         \
-  if (ACT == "acon_c") return CALL(math::BnAct<math::AconC>::template Op);                 \
+#define FUSEDACT_BN_ACT_DISPATCH(ACT, NAME, CALL)                                  \
+  if (ACT == "identity") return CALL(math::BnAct<math::Identity>::template Op);    \
+  if (ACT == "silu") return CALL(math::BnAct<math::Silu>::template Op);            \
+  if (ACT == "swish") return CALL(math::BnAct<math::Swish>::template Op);          \
+  if (ACT == "mish") return CALL(math::BnAct<math::Mish>::template Op);            \
+  if (ACT == "hard_swish") return CALL(math::BnAct<math::HardSwish>::template Op); \
+  if (ACT == "acon_c") return CALL(math::BnAct<math::AconC>::template Op);         \
   TORCH_CHECK(false, NAME, ": unknown act '", ACT, "' (identity, silu, swish, mish, hard_swish, acon_c)")
 
 template <class B>
@@ -386,12 +378,12 @@ at::Tensor bn_dx(const at::Tensor& dz, const at::Tensor& x, at::TensorList param
 
 // batch_norm_act's passes: the CPU only for now (their CUDA instantiations spilled a few
 // registers in the SASS check and have not run on a GPU; CUDA x takes the unfused path).
-#define FUSEDACT_REGISTER_BN_ACT(KEY, B)                     \
-  TORCH_LIBRARY_IMPL(fusedact, KEY, m) {                     \
-    m.impl("bn_act_forward", &fusedact::bn_act_forward<B>);  \
+#define FUSEDACT_REGISTER_BN_ACT(KEY, B)                      \
+  TORCH_LIBRARY_IMPL(fusedact, KEY, m) {                      \
+    m.impl("bn_act_forward", &fusedact::bn_act_forward<B>);   \
     m.impl("bn_act_backward", &fusedact::bn_act_backward<B>); \
-    m.impl("bn_dx", &fusedact::bn_dx<B>);                    \
-    m.impl("bn_stats", &fusedact::bn_stats<B>);              \
+    m.impl("bn_dx", &fusedact::bn_dx<B>);                     \
+    m.impl("bn_stats", &fusedact::bn_stats<B>);               \
   }
 
 }  // namespace fusedact

@@ -27,6 +27,7 @@ transforms all go through one path.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -35,7 +36,7 @@ from torch.autograd import Function, forward_ad
 from . import config
 from ._opinfo import OPS, OpInfo
 
-__all__ = ["register_autograd", "invoke"]
+__all__ = ["ForwardOpFunction", "BackwardOpFunction", "register_autograd", "invoke"]
 
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 _any_requires_grad = torch._C._any_requires_grad
@@ -121,60 +122,70 @@ def _per_slot(spec: OpInfo, args, values, grad: torch.Tensor):
     return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def _function_class(name, doc, forward, setup_context, backward, jvp, vmap) -> type:
-    """The Function for torch.func (``setup_context``, ``vmap``), with ``.plain``: the same
-    Function in the older form, ``forward(ctx, *args)``, for plain autograd. Applying a
-    Function with ``setup_context`` binds its arguments with inspect.signature on every
-    call (about 15 us here); the older form does not, and plain autograd needs no more."""
-    methods = dict(forward=forward, setup_context=setup_context, backward=backward, jvp=jvp, vmap=vmap)
-    cls = type(
-        name, (Function,), {"__doc__": doc, "__module__": __name__, **{k: staticmethod(v) for k, v in methods.items()}}
-    )
+class _OpFunction(Function):
+    """The common part of the ops' Functions. A per-op subclass (made by
+    register_autograd from the registry) sets ``spec``, ``ops`` and ``op``; its
+    ``forward``, ``setup_context``, ``backward`` and ``jvp`` are then this class's
+    ``_forward`` ... with the subclass bound first (torch calls them as staticmethods).
+    It also gets ``.plain``: the same Function in the older form, ``forward(ctx, *args)``,
+    for plain autograd. Applying a Function with ``setup_context`` binds its arguments
+    with inspect.signature on every call (about 15 us here); the older form does not."""
 
-    def plain_forward(ctx, *args):
-        setup_context(ctx, args, None)  # saves the inputs only: the output is not used
-        return forward(*args)
+    spec: OpInfo  # the op's registry entry (fusedact/_opinfo.py)
+    ops = None  # torch.ops.<namespace>
+    op = None  # the OpOverload this Function applies
 
-    cls.plain = type(
-        name,
-        (Function,),
-        {
-            "__doc__": doc,
-            "__module__": __name__,
-            "forward": staticmethod(plain_forward),
-            "backward": staticmethod(backward),
-            "jvp": staticmethod(jvp),
-        },
-    )
-    return cls
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "spec" not in cls.__dict__:  # ForwardOpFunction, BackwardOpFunction
+            return
+        methods = {name: functools.partial(getattr(cls, f"_{name}"), cls) for name in _METHODS}
+        for name, method in methods.items():
+            setattr(cls, name, staticmethod(method))
 
+        def plain_forward(ctx, *args):
+            methods["setup_context"](ctx, args, None)  # saves the inputs only: the output is not used
+            return methods["forward"](*args)
 
-def _forward_function(spec: OpInfo, ops, forward_op, vmap, name: str) -> type:
-    def fused_backward(*args):
-        return _as_tuple(invoke(ops, f"{spec.name}_backward", *args))
+        plain = {"forward": plain_forward, "backward": methods["backward"], "jvp": methods["jvp"]}
+        cls.plain = type(
+            cls.__name__,
+            (Function,),
+            {"__doc__": cls.__doc__, "__module__": __name__, **{k: staticmethod(v) for k, v in plain.items()}},
+        )
 
-    def forward(*args):
+    def _forward(cls, *args):
         with _below_autograd():  # what the op's Autograd kernel would do here, minus the round trip
-            return forward_op(*args)
+            return cls.op(*args)
 
-    def setup_context(ctx, inputs, output):
+    def _setup_context(cls, ctx, inputs, output):
         _save(ctx, inputs)
 
-    def backward(ctx, grad):
+
+_METHODS = ("forward", "setup_context", "backward", "jvp")
+
+
+class ForwardOpFunction(_OpFunction):
+    """A forward op with autograd: saves its inputs; its backward is the fused backward op."""
+
+    def _fused_backward(cls, *args):
+        return _as_tuple(invoke(cls.ops, f"{cls.spec.name}_backward", *args))
+
+    def _backward(cls, ctx, grad):
         args = _saved_args(ctx)
-        outs = fused_backward(grad, *args)
+        outs = ForwardOpFunction._fused_backward(cls, grad, *args)
         grads = [None] * len(args)
-        for slot, g in zip(spec.slots, outs):
+        for slot, g in zip(cls.spec.slots, outs):
             if args[slot] is not None:
                 grads[slot] = g
         return tuple(grads)
 
-    def jvp(ctx, *tangents):
-        args = _saved_args(ctx)
+    def _jvp(cls, ctx, *tangents):
+        spec, args = cls.spec, _saved_args(ctx)
         x = args[0]
         out = None
         if tangents[0] is not None:
-            out = fused_backward(tangents[0], *args)[0]
+            out = ForwardOpFunction._fused_backward(cls, tangents[0], *args)[0]
         params = [s for s in _present(spec, args) if s != 0]
         if any(tangents[s] is not None for s in params):
             ref = spec.reference_of(args)
@@ -184,42 +195,27 @@ def _forward_function(spec: OpInfo, ops, forward_op, vmap, name: str) -> type:
             out = part if out is None else out + part
         return out if out is not None else torch.zeros_like(x)
 
-    return _function_class(
-        name,
-        f"{spec.name}'s forward op with autograd: saves its inputs, backward is the fused backward op.",
-        forward,
-        setup_context,
-        backward,
-        jvp,
-        vmap,
-    )
 
+class BackwardOpFunction(_OpFunction):
+    """A backward op, differentiable: its second derivative follows the eager reference."""
 
-def _backward_function(spec: OpInfo, backward_op, vmap, name: str) -> type:
-    def forward(grad, *args):
-        with _below_autograd():
-            return backward_op(grad, *args)
-
-    def setup_context(ctx, inputs, output):
-        _save(ctx, inputs)
-
-    def primals_of(args):
-        present = _present(spec, args)
+    def _primals(cls, args):
+        present = _present(cls.spec, args)
         return present, tuple(args[s] for s in present)
 
-    def backward(ctx, *cotangents):
+    def _backward(cls, ctx, *cotangents):
         grad, *args = _saved_args(ctx)
-        present, primals = primals_of(args)
-        cots = tuple(c for slot, c in zip(spec.slots, cotangents) if args[slot] is not None)
-        ggrad, *gprimals = _reference_second_order(spec.reference_of(args), grad, primals, cots)
+        present, primals = BackwardOpFunction._primals(cls, args)
+        cots = tuple(c for slot, c in zip(cls.spec.slots, cotangents) if args[slot] is not None)
+        ggrad, *gprimals = _reference_second_order(cls.spec.reference_of(args), grad, primals, cots)
         grads = [None] * len(args)
         for slot, g in zip(present, gprimals):
             grads[slot] = g
         return (ggrad, *grads)
 
-    def jvp(ctx, grad_t, *tangents):
+    def _jvp(cls, ctx, grad_t, *tangents):
         grad, *args = _saved_args(ctx)
-        present, primals = primals_of(args)
+        present, primals = BackwardOpFunction._primals(cls, args)
         dirs = tuple(
             t if t is not None else torch.zeros_like(p)
             for t, p in zip([grad_t] + [tangents[s] for s in present], (grad, *primals))
@@ -227,17 +223,7 @@ def _backward_function(spec: OpInfo, backward_op, vmap, name: str) -> type:
         # forward AD's dual tensors may not overlap themselves: a stride-0 grad (of a
         # sum) or tangent is made dense first
         dense = tuple(t.contiguous() for t in (grad, *primals)), tuple(t.contiguous() for t in dirs)
-        return _per_slot(spec, args, _jvp(_first_order(spec.reference_of(args)), *dense), grad)
-
-    return _function_class(
-        name,
-        f"{spec.name}'s backward op, differentiable: the second derivative follows the reference.",
-        forward,
-        setup_context,
-        backward,
-        jvp,
-        vmap,
-    )
+        return _per_slot(cls.spec, args, _jvp(_first_order(cls.spec.reference_of(args)), *dense), grad)
 
 
 _FUNCTORCH_KEYS = (
@@ -294,6 +280,12 @@ def _autograd_kernel(function: type, op, spec: OpInfo, backward: bool) -> Callab
     return kernel
 
 
+def _op_function(base: type, name: str, spec: OpInfo, ops, op, vmap) -> type:
+    """The subclass of ``base`` for one op, its methods bound to it (_OpFunction)."""
+    attrs = {"spec": spec, "ops": ops, "op": op, "vmap": staticmethod(vmap), "__module__": __name__}
+    return type(name, (base,), {"__doc__": f"{spec.name}: {base.__doc__}", **attrs})
+
+
 _LIBRARIES = []  # the registrations live as long as these do
 _FUNCTIONS: dict[str, dict[str, tuple]] = {}  # namespace -> op name -> (OpOverload, Function)
 
@@ -326,7 +318,8 @@ def invoke(ops, op: str, *args):
 
 def register_autograd(namespace: str, prefix: str = "") -> dict[str, type]:
     """Registers the Autograd kernels of every op in ``torch.ops.<namespace>``; returns
-    their Functions by name (``MishFunction``, ``MishBackwardFunction``, ...)."""
+    their Functions by name (``MishOpFunction``, ``MishOpBackwardFunction``, ...),
+    subclasses of ForwardOpFunction and BackwardOpFunction."""
     from ._vmap import vmap_rules
 
     ops = getattr(torch.ops, namespace)
@@ -338,8 +331,12 @@ def register_autograd(namespace: str, prefix: str = "") -> dict[str, type]:
         forward_op = getattr(ops, f"{spec.name}_forward").default
         backward_op = getattr(ops, f"{spec.name}_backward").default
         camel = prefix + "".join(part.capitalize() for part in spec.name.split("_"))
-        fwd = _forward_function(spec, ops, forward_op, rules[f"{spec.name}_forward"], f"{camel}Function")
-        bwd = _backward_function(spec, backward_op, rules[f"{spec.name}_backward"], f"{camel}BackwardFunction")
+        fwd = _op_function(
+            ForwardOpFunction, f"{camel}OpFunction", spec, ops, forward_op, rules[f"{spec.name}_forward"]
+        )
+        bwd = _op_function(
+            BackwardOpFunction, f"{camel}OpBackwardFunction", spec, ops, backward_op, rules[f"{spec.name}_backward"]
+        )
         lib.impl(f"{spec.name}_forward", _autograd_kernel(fwd, forward_op, spec, False), "Autograd", with_keyset=True)
         lib.impl(f"{spec.name}_backward", _autograd_kernel(bwd, backward_op, spec, True), "Autograd", with_keyset=True)
         for op in (f"{spec.name}_forward", f"{spec.name}_backward"):  # the ops called directly under vmap

@@ -26,6 +26,10 @@ FN = {
     "acon_c": ("AconCFunction",),
 }
 
+# the ops' own Python Functions (fusedact/functions.py), named apart from the C++ ones
+OP_FN = {"swish": "SwishOpFunction", "mish": "MishOpFunction", "hard_swish": "HardSwishOpFunction"}
+OP_FN["acon_c"] = "AconCOpFunction"
+
 
 def on_fast_path(y, op) -> bool:
     """y's node is one of op's C++ Functions (csrc/fast_path.cpp)."""
@@ -88,6 +92,7 @@ def test_fast_path_gives_the_op_bit_for_bit(case, dtype, device):
     # the fast path's node is the C++ Function; the op's own autograd is the Python one
     assert on_fast_path(y_short, op), y_short.grad_fn.name()
     assert "CppNode" not in y_op.grad_fn.name(), y_op.grad_fn.name()
+    assert y_op.grad_fn.name() == f"{OP_FN[op]}Backward"  # the Python one has its own name
     assert torch.equal(y_short, y_op)
     for a, b in zip(grads_short, grads_op):
         assert a.dtype == b.dtype and a.shape == b.shape
@@ -416,3 +421,18 @@ def test_fast_path_releases_the_gil_for_large_tensors(case, grad):
     assert not _another_thread_ran_during(lambda: functional(small))
     assert _another_thread_ran_during(lambda: functional(big))
     assert not grad or on_fast_path(functional(big), op)
+
+
+def test_op_functions_are_classes_of_the_registry():
+    """Every op's Autograd kernel applies a subclass of the real classes ForwardOpFunction /
+    BackwardOpFunction, one per registry entry, with the older form beside it (.plain)."""
+    from fusedact import functions
+    from fusedact._opinfo import OPS
+
+    for spec in OPS:
+        fwd = functions._FUNCTIONS["fusedact"][f"{spec.name}_forward"][1]
+        bwd = functions._FUNCTIONS["fusedact"][f"{spec.name}_backward"][1]
+        assert issubclass(fwd, functions.ForwardOpFunction) and fwd.spec is spec
+        assert issubclass(bwd, functions.BackwardOpFunction) and bwd.spec is spec
+        assert fwd.__name__ == OP_FN[spec.name] and bwd.__name__ == OP_FN[spec.name].replace("Op", "OpBackward", 1)
+        assert issubclass(fwd.plain, torch.autograd.Function) and fwd.plain.__name__ == fwd.__name__

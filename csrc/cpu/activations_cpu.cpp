@@ -63,29 +63,25 @@ struct CpuBackend {
         const int64_t s = t % segs, row = t / segs;
         const int64_t c = row % geo.C, nr = row / geo.C;
         const int64_t begin = s * kSegment;
-        f(nr / geo.R, nr % geo.R, c, s, segs, row * geo.inner + begin,
-          std::min(kSegment, geo.inner - begin));
+        f(nr / geo.R, nr % geo.R, c, s, segs, row * geo.inner + begin, std::min(kSegment, geo.inner - begin));
       }
     });
   }
 
   template <template <typename> class OpT, typename scalar_t, typename P, int NP>
-  static void channel_forward(const scalar_t* x, scalar_t* y, const ChannelGeometry& geo,
-                              ParamView<P, NP> pv) {
+  static void channel_forward(const scalar_t* x, scalar_t* y, const ChannelGeometry& geo, ParamView<P, NP> pv) {
     using T = opmath_t<scalar_t>;
     if (geo.inner > 1 && geo.inner <= kSegment) {
       const bool stream = stream_forward_output(y, geo.N * geo.R * geo.C * geo.inner);
       const int64_t runs = geo.N * geo.R * geo.C;
       at::parallel_for(0, runs, std::max<int64_t>(1, kGrain / geo.inner), [&](int64_t b, int64_t e) {
-        run_chunk<RunsForwardLoop<OpT, scalar_t, P, NP>>(x, y, geo.inner, geo.C, geo.R * geo.C, pv,
-                                                          b, e, stream);
+        run_chunk<RunsForwardLoop<OpT, scalar_t, P, NP>>(x, y, geo.inner, geo.C, geo.R * geo.C, pv, b, e, stream);
       });
       return;
     }
     if (geo.inner > 1) {
       const bool stream = stream_forward_output(y, geo.N * geo.R * geo.C * geo.inner);
-      for_each_segment(geo, [&](int64_t n, int64_t, int64_t c, int64_t, int64_t, int64_t off,
-                                int64_t len) {
+      for_each_segment(geo, [&](int64_t n, int64_t, int64_t c, int64_t, int64_t, int64_t off, int64_t len) {
         T v[NP];
         pv.load(n, c, v);
         run_chunk<ForwardLoop<OpT<T>, scalar_t>>(x + off, y + off, len, OpT<T>::from(v), stream);
@@ -102,9 +98,8 @@ struct CpuBackend {
   }
 
   template <template <typename> class OpT, typename scalar_t, typename P, int NP>
-  static std::array<at::Tensor, NP> channel_backward(const scalar_t* g, const scalar_t* x,
-                                                     scalar_t* dx, const ChannelGeometry& geo,
-                                                     ParamView<P, NP> pv,
+  static std::array<at::Tensor, NP> channel_backward(const scalar_t* g, const scalar_t* x, scalar_t* dx,
+                                                     const ChannelGeometry& geo, ParamView<P, NP> pv,
                                                      const at::TensorOptions& options) {
     using T = opmath_t<scalar_t>;
     const int64_t N = geo.N, C = geo.C;
@@ -120,18 +115,16 @@ struct CpuBackend {
       partial.resize(N * K * C * NP);
       at::parallel_for(0, N * K * C, std::max<int64_t>(1, kGrain / geo.inner), [&](int64_t b, int64_t e) {
         run_chunk<RunsBackwardLoop<OpT, scalar_t, P, NP>>(g, x, dx, geo.inner, C, geo.R * C, pv, b, e,
-                                                           &partial[b * NP]);
+                                                          &partial[b * NP]);
       });
     } else if (geo.inner > 1) {
       const int64_t segs = ceil_div(geo.inner, kSegment);
       K = geo.R * segs;
       partial.resize(N * K * C * NP);
-      for_each_segment(geo, [&](int64_t n, int64_t r, int64_t c, int64_t s, int64_t segs_,
-                                int64_t off, int64_t len) {
+      for_each_segment(geo, [&](int64_t n, int64_t r, int64_t c, int64_t s, int64_t segs_, int64_t off, int64_t len) {
         T v[NP], sums[NP];
         pv.load(n, c, v);
-        run_chunk<ReduceBackwardLoop<OpT<T>, scalar_t>>(g + off, x + off, dx + off, len,
-                                                        OpT<T>::from(v), sums);
+        run_chunk<ReduceBackwardLoop<OpT<T>, scalar_t>>(g + off, x + off, dx + off, len, OpT<T>::from(v), sums);
         T* slot = &partial[((n * K + r * segs_ + s) * C + c) * NP];
         for (int j = 0; j < NP; ++j) slot[j] = sums[j];
       });
@@ -148,8 +141,8 @@ struct CpuBackend {
           const int64_t r_begin = k * rows_per_block;
           const int64_t r_end = std::min(geo.R, r_begin + rows_per_block);
           const int64_t off = (n * geo.R + r_begin) * C;
-          run_chunk<ChannelsBackwardLoop<OpT, scalar_t, P, NP>>(g + off, x + off, dx + off, C, pv, n,
-                                                                r_end - r_begin, acc.data());
+          run_chunk<ChannelsBackwardLoop<OpT, scalar_t, P, NP>>(g + off, x + off, dx + off, C, pv, n, r_end - r_begin,
+                                                                acc.data());
           for (int64_t c = 0; c < C; ++c)
             for (int j = 0; j < NP; ++j) partial[(t * C + c) * NP + j] = acc[j * C + c];
         }
@@ -183,8 +176,8 @@ struct CpuBackend {
   // in double, over the [N][R][C][inner] geometry (N = 1). Blocks are fixed (a run of
   // one channel, or kRowBlock rows of C channels) and their partials added in order.
   template <typename scalar_t>
-  static void channel_sums(const scalar_t* x, const ChannelGeometry& geo, const opmath_t<scalar_t>* shift,
-                           double* s1, double* s2) {
+  static void channel_sums(const scalar_t* x, const ChannelGeometry& geo, const opmath_t<scalar_t>* shift, double* s1,
+                           double* s2) {
     using T = opmath_t<scalar_t>;
     const int64_t C = geo.C, R = geo.N * geo.R;
     constexpr int64_t kRowBlock = 64;

@@ -27,14 +27,12 @@ namespace fusedact {
 
 bool cpu_supports(CpuIsa isa) {
   switch (isa) {
-    case CpuIsa::Baseline:
-      return true;
+    case CpuIsa::Baseline: return true;
 #ifdef FUSEDACT_X86_PATHS
     case CpuIsa::Avx2: {
       static const bool has = [] {
         __builtin_cpu_init();
-        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-               __builtin_cpu_supports("f16c");
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
       }();
       return has;
     }
@@ -42,15 +40,13 @@ bool cpu_supports(CpuIsa isa) {
       // __builtin_cpu_supports also checks that the OS saves the 512-bit state.
       static const bool has = [] {
         __builtin_cpu_init();
-        return cpu_supports(CpuIsa::Avx2) && __builtin_cpu_supports("avx512f") &&
-               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
-               __builtin_cpu_supports("avx512vl");
+        return cpu_supports(CpuIsa::Avx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
       }();
       return has;
     }
 #endif
-    default:
-      return false;
+    default: return false;
   }
 }
 

@@ -49,8 +49,8 @@ struct ForwardLoop {
 template <class Op, typename scalar_t>
 struct BackwardLoop {
   template <bool kVector>
-  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
-                                         int64_t n, Op op, bool stream) {
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op,
+                                         bool stream) {
 #ifdef FUSEDACT_X86_PATHS
     if constexpr (kF16c<kVector, scalar_t>) {  // g and x in blocks converted with F16C
       constexpr int64_t kB = kBlockBytes / sizeof(scalar_t);
@@ -59,14 +59,14 @@ struct BackwardLoop {
         const int64_t m = std::min(kB, n - b);
         halves_to_floats(g + b, gb, m);
         halves_to_floats(x + b, xb, m);
-        store_all<kVector>(dx + b, m, stream, [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return op.backward(gb[j], xb[j]); });
+        store_all<kVector>(dx + b, m, stream,
+                           [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return op.backward(gb[j], xb[j]); });
       }
       return;
     }
 #endif
-    store_all<kVector>(dx, n, stream, [=](int64_t i) FUSEDACT_LAMBDA_INLINE {
-      return op.backward(load(g, i), load(x, i));
-    });
+    store_all<kVector>(dx, n, stream,
+                       [=](int64_t i) FUSEDACT_LAMBDA_INLINE { return op.backward(load(g, i), load(x, i)); });
   }
 };
 
@@ -79,8 +79,8 @@ struct ReduceBackwardLoop {
   using T = opmath_t<scalar_t>;
 
   template <bool kVector>
-  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
-                                         int64_t n, Op op, T* sums) {
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op,
+                                         T* sums) {
     T acc[NP][kLanes] = {};
     const int64_t nv = n - n % kLanes;
     for (int64_t i = 0; i < nv; i += kLanes) {
@@ -110,15 +110,14 @@ struct ReduceBackwardLoop {
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct RunsForwardLoop {
   template <bool kVector>
-  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t inner, int64_t C,
-                                         int64_t RC, ParamView<P, NP> pv, int64_t begin,
-                                         int64_t end, bool stream) {
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t inner, int64_t C, int64_t RC,
+                                         ParamView<P, NP> pv, int64_t begin, int64_t end, bool stream) {
     using T = opmath_t<scalar_t>;
     for (int64_t row = begin; row < end; ++row) {
       T v[NP];
       pv.load(row / RC, row % C, v);
-      ForwardLoop<OpT<T>, scalar_t>::template run<kVector>(x + row * inner, y + row * inner, inner,
-                                                           OpT<T>::from(v), stream);
+      ForwardLoop<OpT<T>, scalar_t>::template run<kVector>(x + row * inner, y + row * inner, inner, OpT<T>::from(v),
+                                                           stream);
     }
   }
 };
@@ -128,15 +127,14 @@ template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct RunsBackwardLoop {
   using T = opmath_t<scalar_t>;
   template <bool kVector>
-  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
-                                         int64_t inner, int64_t C, int64_t RC, ParamView<P, NP> pv,
-                                         int64_t begin, int64_t end, T* sums) {
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t inner, int64_t C,
+                                         int64_t RC, ParamView<P, NP> pv, int64_t begin, int64_t end, T* sums) {
     for (int64_t row = begin; row < end; ++row) {
       T v[NP];
       pv.load(row / RC, row % C, v);
       const int64_t off = row * inner;
-      ReduceBackwardLoop<OpT<T>, scalar_t>::template run<kVector>(
-          g + off, x + off, dx + off, inner, OpT<T>::from(v), sums + (row - begin) * NP);
+      ReduceBackwardLoop<OpT<T>, scalar_t>::template run<kVector>(g + off, x + off, dx + off, inner, OpT<T>::from(v),
+                                                                  sums + (row - begin) * NP);
     }
   }
 };
@@ -169,15 +167,14 @@ template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct ChannelsForwardLoop {
   template <bool kVector>
   // Rows [begin, end) of C elements; row r is of sample r / R.
-  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t C,
-                                         ParamView<P, NP> pv, int64_t R, int64_t begin, int64_t end) {
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t C, ParamView<P, NP> pv, int64_t R,
+                                         int64_t begin, int64_t end) {
     using T = opmath_t<scalar_t>;
     for (int64_t row = begin; row < end; ++row) {
       const RowParams<P, NP> rp = row_params(pv, row / R);
       const scalar_t* xr = x + row * C;
-      store_all<kVector>(y + row * C, C, false, [&](int64_t c) FUSEDACT_LAMBDA_INLINE {
-        return op_at<OpT, T>(rp, c).forward(load(xr, c));
-      });
+      store_all<kVector>(y + row * C, C, false,
+                         [&](int64_t c) FUSEDACT_LAMBDA_INLINE { return op_at<OpT, T>(rp, c).forward(load(xr, c)); });
     }
   }
 };
@@ -188,9 +185,8 @@ struct ChannelsBackwardLoop {
   using T = opmath_t<scalar_t>;
   template <bool kVector>
   // `rows` consecutive rows of C elements, all of sample n.
-  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx,
-                                         int64_t C, ParamView<P, NP> pv, int64_t n, int64_t rows,
-                                         T* acc) {
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t C,
+                                         ParamView<P, NP> pv, int64_t n, int64_t rows, T* acc) {
     const RowParams<P, NP> rp = row_params(pv, n);
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* gr = g + r * C;

@@ -66,9 +66,7 @@ std::atomic<int>& stores_slot() {
 
 CpuStores cpu_stores() { return static_cast<CpuStores>(stores_slot().load(std::memory_order_relaxed)); }
 void set_cpu_stores(CpuStores mode) { stores_slot().store(static_cast<int>(mode)); }
-bool cpu_pages_in(const void* p, int64_t bytes) {
-  return bytes <= 0 || pages_in(static_cast<const char*>(p), bytes);
-}
+bool cpu_pages_in(const void* p, int64_t bytes) { return bytes <= 0 || pages_in(static_cast<const char*>(p), bytes); }
 
 std::string cpu_stores_name(CpuStores mode) {
   switch (mode) {
@@ -170,7 +168,8 @@ FUSEDACT_ALWAYS_INLINE void store_all(scalar_t* out, int64_t n, bool stream, F f
   if constexpr (kVector) {
     if (stream) {
       const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 32);
-      const int64_t head = misalign % sizeof(scalar_t) ? n : std::min(n, ((32 - misalign) % 32) / int64_t(sizeof(scalar_t)));
+      const int64_t head =
+          misalign % sizeof(scalar_t) ? n : std::min(n, ((32 - misalign) % 32) / int64_t(sizeof(scalar_t)));
       compute_block<0, kVector>(out, 0, head, f);
       alignas(32) scalar_t buf[kBlock];
       for (i = head; i + kBlock <= n; i += kBlock) {

@@ -52,8 +52,7 @@ constexpr int channels_vec_size() {
 // terms cancel and an error of 2 float32 ulp in exp already moves float16's result by 3
 // ulp (tests/test_lowp.py). float32/float64: Precise.
 template <typename scalar_t, bool kBackward = false>
-using MathFor = std::conditional_t<sizeof(scalar_t) == 2 &&
-                                       !(kBackward && std::is_same_v<scalar_t, c10::Half>),
+using MathFor = std::conditional_t<sizeof(scalar_t) == 2 && !(kBackward && std::is_same_v<scalar_t, c10::Half>),
                                    math::Lowp, math::Precise>;
 // The backward that sums parameter gradients (acon_c, swish with a tensor beta): the
 // reciprocal alone approximated for 16-bit data (LowpRcp), 1 float32 ulp more in each
@@ -85,10 +84,9 @@ int max_blocks() {
 // one tile per block with int32 indices, a grid-stride loop over tiles with int64.
 
 template <class Op, typename scalar_t, int VEC, typename index_t, bool kBackward>
-__device__ __forceinline__ void flat_tile(const scalar_t* __restrict__ g,
-                                          const scalar_t* __restrict__ x,
-                                          scalar_t* __restrict__ out,
-                                          const part::Flat<index_t>& f, index_t tile, Op op) {
+__device__ __forceinline__ void flat_tile(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
+                                          scalar_t* __restrict__ out, const part::Flat<index_t>& f, index_t tile,
+                                          Op op) {
   using T = opmath_t<scalar_t>;
   using V = Pack<scalar_t, VEC>;
   using M = MathFor<scalar_t, kBackward>;
@@ -112,8 +110,8 @@ __device__ __forceinline__ void flat_tile(const scalar_t* __restrict__ g,
 #pragma unroll
     for (int v = 0; v < VEC; ++v) {
       if constexpr (kBackward)
-        ov.v[v] = static_cast<scalar_t>(
-            op.template backward<M>(static_cast<T>(gv[k].v[v]), static_cast<T>(xv[k].v[v])));
+        ov.v[v] =
+            static_cast<scalar_t>(op.template backward<M>(static_cast<T>(gv[k].v[v]), static_cast<T>(xv[k].v[v])));
       else
         ov.v[v] = static_cast<scalar_t>(op.template forward<M>(static_cast<T>(xv[k].v[v])));
     }
@@ -130,8 +128,8 @@ __device__ __forceinline__ void flat_tile(const scalar_t* __restrict__ g,
 
 template <class Op, typename scalar_t, int VEC, typename index_t, bool kBackward>
 __global__ void __launch_bounds__(kThreads)
-elementwise_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                   scalar_t* __restrict__ out, part::Flat<index_t> f, Op op) {
+    elementwise_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                       part::Flat<index_t> f, Op op) {
   if constexpr (std::is_same_v<index_t, int32_t>) {
     flat_tile<Op, scalar_t, VEC, index_t, kBackward>(g, x, out, f, index_t(blockIdx.x), op);
   } else {
@@ -161,14 +159,14 @@ void launch_elementwise(const scalar_t* g, const scalar_t* x, scalar_t* out, int
     elementwise_kernel<Op, scalar_t, V, int32_t, kBackward><<<blocks, kThreads, 0, stream>>>(
         g, x, out, Flat<int32_t>::make(static_cast<int32_t>(n), head, V, part::kFlatPacks), op);
   else if (vec)
-    elementwise_kernel<Op, scalar_t, V, int64_t, kBackward><<<blocks, kThreads, 0, stream>>>(
-        g, x, out, Flat<int64_t>::make(n, head, V, part::kFlatPacks), op);
+    elementwise_kernel<Op, scalar_t, V, int64_t, kBackward>
+        <<<blocks, kThreads, 0, stream>>>(g, x, out, Flat<int64_t>::make(n, head, V, part::kFlatPacks), op);
   else if (l.int32)
     elementwise_kernel<Op, scalar_t, 1, int32_t, kBackward><<<blocks, kThreads, 0, stream>>>(
         g, x, out, Flat<int32_t>::make(static_cast<int32_t>(n), 0, 1, part::kFlatPacks), op);
   else
-    elementwise_kernel<Op, scalar_t, 1, int64_t, kBackward><<<blocks, kThreads, 0, stream>>>(
-        g, x, out, Flat<int64_t>::make(n, 0, 1, part::kFlatPacks), op);
+    elementwise_kernel<Op, scalar_t, 1, int64_t, kBackward>
+        <<<blocks, kThreads, 0, stream>>>(g, x, out, Flat<int64_t>::make(n, 0, 1, part::kFlatPacks), op);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -228,9 +226,8 @@ __device__ void group_sum(T (&v)[NP], const part::RowLaunch& l, int tid) {
 
 template <template <typename> class OpT, typename scalar_t, typename P, int NP, bool kBackward>
 __global__ void __launch_bounds__(kThreads)
-row_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-           scalar_t* __restrict__ out, ChannelGeometry geo, ParamView<P, NP> pv,
-           part::RowLaunch l, opmath_t<scalar_t>* __restrict__ partial) {
+    row_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+               ChannelGeometry geo, ParamView<P, NP> pv, part::RowLaunch l, opmath_t<scalar_t>* __restrict__ partial) {
   using T = opmath_t<scalar_t>;
   constexpr int VEC = vec_size<scalar_t>();
   using V = Pack<scalar_t, VEC>;
@@ -305,12 +302,11 @@ row_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
 // adjacent channels (one 16-byte pack per row when C % VEC == 0 and every pointer is
 // aligned, else VEC = 1) down its rows; partition.h's channels_launch / channels_thread.
 
-template <template <typename> class OpT, typename scalar_t, typename P, int NP, int VEC,
-          bool kBackward>
+template <template <typename> class OpT, typename scalar_t, typename P, int NP, int VEC, bool kBackward>
 __global__ void __launch_bounds__(kThreads)
-channels_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
-                scalar_t* __restrict__ out, ChannelGeometry geo, ParamView<P, NP> pv,
-                part::ChannelsLaunch l, opmath_t<scalar_t>* __restrict__ partial) {
+    channels_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x, scalar_t* __restrict__ out,
+                    ChannelGeometry geo, ParamView<P, NP> pv, part::ChannelsLaunch l,
+                    opmath_t<scalar_t>* __restrict__ partial) {
   using T = opmath_t<scalar_t>;
   using V = Pack<scalar_t, VEC>;
   const int tx = threadIdx.x, ty = threadIdx.y;
@@ -378,9 +374,8 @@ channels_kernel(const scalar_t* __restrict__ g, const scalar_t* __restrict__ x,
 // ---- fixed-order finish: block b sums parameter j's slots for output b (channel c,
 // or (sample n, channel c) when per_sample).
 template <typename T, int NP>
-__global__ void __launch_bounds__(kThreads)
-finish_kernel(const T* __restrict__ partial, int64_t N, int64_t K, int64_t C, int j,
-              bool per_sample, T* __restrict__ out) {
+__global__ void __launch_bounds__(kThreads) finish_kernel(const T* __restrict__ partial, int64_t N, int64_t K,
+                                                          int64_t C, int j, bool per_sample, T* __restrict__ out) {
   const int64_t b = blockIdx.x;
   const int64_t items = part::finish_items(N, K, per_sample);
   T sum[1] = {T(0)};
@@ -403,16 +398,15 @@ struct CudaBackend {
 
   // Launches the row or channels kernel; returns K, the partial slots per (n, c).
   template <template <typename> class OpT, bool kBackward, typename scalar_t, typename P, int NP>
-  static int64_t launch_channels(const scalar_t* g, const scalar_t* x, scalar_t* out,
-                                 const ChannelGeometry& geo, ParamView<P, NP> pv,
-                                 opmath_t<scalar_t>* partial, bool dry_run) {
+  static int64_t launch_channels(const scalar_t* g, const scalar_t* x, scalar_t* out, const ChannelGeometry& geo,
+                                 ParamView<P, NP> pv, opmath_t<scalar_t>* partial, bool dry_run) {
     auto stream = c10::cuda::getCurrentCUDAStream();
     constexpr int VEC = vec_size<scalar_t>();
     if (geo.inner > 1) {
       const part::RowLaunch l = part::row_launch(geo.N, geo.R, geo.C, geo.inner, VEC);
       // row_block divides the unit index in 32 bits: it must stay below 2^31.
-      TORCH_CHECK(l.units <= std::numeric_limits<int32_t>::max(), "fusedact: ", l.units,
-                  " row segments (runs of ", geo.inner, " elements) exceed the CUDA grid");
+      TORCH_CHECK(l.units <= std::numeric_limits<int32_t>::max(), "fusedact: ", l.units, " row segments (runs of ",
+                  geo.inner, " elements) exceed the CUDA grid");
       if (dry_run) return l.K;
       row_kernel<OpT, scalar_t, P, NP, kBackward>
           <<<static_cast<unsigned>(l.blocks), l.threads, 0, stream>>>(g, x, out, geo, pv, l, partial);
@@ -423,8 +417,8 @@ struct CudaBackend {
     const bool aligned = head16(x) == 0 && head16(out) == 0 && (!kBackward || head16(g) == 0);
     const int vec = part::channels_vec(geo.C, CVEC, aligned);
     const part::ChannelsLaunch l = part::channels_launch(geo.N, geo.R, geo.C, vec);
-    TORCH_CHECK(l.grid_x <= std::numeric_limits<int32_t>::max() && l.grid_y <= 65535,
-                "fusedact: ", geo.C, " channels by ", geo.N * geo.R, " rows exceed the CUDA grid");
+    TORCH_CHECK(l.grid_x <= std::numeric_limits<int32_t>::max() && l.grid_y <= 65535, "fusedact: ", geo.C,
+                " channels by ", geo.N * geo.R, " rows exceed the CUDA grid");
     if (dry_run) return l.K;
     const dim3 grid(static_cast<unsigned>(l.grid_x), static_cast<unsigned>(l.grid_y));
     const dim3 block(l.tx, l.ty);
@@ -432,29 +426,24 @@ struct CudaBackend {
       channels_kernel<OpT, scalar_t, P, NP, CVEC, kBackward>
           <<<grid, block, 0, stream>>>(g, x, out, geo, pv, l, partial);
     else
-      channels_kernel<OpT, scalar_t, P, NP, 1, kBackward>
-          <<<grid, block, 0, stream>>>(g, x, out, geo, pv, l, partial);
+      channels_kernel<OpT, scalar_t, P, NP, 1, kBackward><<<grid, block, 0, stream>>>(g, x, out, geo, pv, l, partial);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return l.K;
   }
 
   template <template <typename> class OpT, typename scalar_t, typename P, int NP>
-  static void channel_forward(const scalar_t* x, scalar_t* y, const ChannelGeometry& geo,
-                              ParamView<P, NP> pv) {
-    launch_channels<OpT, false>(static_cast<const scalar_t*>(nullptr), x, y, geo, pv, nullptr,
-                                false);
+  static void channel_forward(const scalar_t* x, scalar_t* y, const ChannelGeometry& geo, ParamView<P, NP> pv) {
+    launch_channels<OpT, false>(static_cast<const scalar_t*>(nullptr), x, y, geo, pv, nullptr, false);
   }
 
   template <template <typename> class OpT, typename scalar_t, typename P, int NP>
-  static std::array<at::Tensor, NP> channel_backward(const scalar_t* g, const scalar_t* x,
-                                                     scalar_t* dx, const ChannelGeometry& geo,
-                                                     ParamView<P, NP> pv,
+  static std::array<at::Tensor, NP> channel_backward(const scalar_t* g, const scalar_t* x, scalar_t* dx,
+                                                     const ChannelGeometry& geo, ParamView<P, NP> pv,
                                                      const at::TensorOptions& options) {
     using T = opmath_t<scalar_t>;
     const auto acc_options = options.dtype(c10::CppTypeToScalarType<T>::value);
     std::array<at::Tensor, NP> out;
-    for (int j = 0; j < NP; ++j)
-      out[j] = at::zeros({pv.n_stride[j] ? geo.N * geo.C : geo.C}, acc_options);
+    for (int j = 0; j < NP; ++j) out[j] = at::zeros({pv.n_stride[j] ? geo.N * geo.C : geo.C}, acc_options);
     if (geo.R * geo.inner * geo.C == 0) return out;
     const int64_t K = launch_channels<OpT, true>(g, x, dx, geo, pv, static_cast<T*>(nullptr), true);
     at::Tensor partial = at::empty({geo.N * K * geo.C * NP}, acc_options);

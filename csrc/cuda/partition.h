@@ -148,17 +148,14 @@ FUSEDACT_HOST_DEVICE int64_t row_unit(const RowLaunch& l, int64_t b, int tid, in
 
 // The backward's group sum: each warp reduces its lanes by shuffles, then the group's
 // thread 0 adds the sums of warps [w0, w0 + group / 32) in order.
-FUSEDACT_HOST_DEVICE int row_group_warp0(const RowLaunch& l, int tid) {
-  return tid / l.group * (l.group / 32);
-}
+FUSEDACT_HOST_DEVICE int row_group_warp0(const RowLaunch& l, int tid) { return tid / l.group * (l.group / 32); }
 
 struct RowBlock {
   int64_t n, c, off, len, slot;  // off: the segment's first element; slot: its (n, k, c)
 };
 
 // Unit u (< 2^31: the launcher checks) of the row launch.
-FUSEDACT_HOST_DEVICE RowBlock row_block(const RowLaunch& l, int64_t R, int64_t C, int64_t inner,
-                                        int64_t u) {
+FUSEDACT_HOST_DEVICE RowBlock row_block(const RowLaunch& l, int64_t R, int64_t C, int64_t inner, int64_t u) {
   int64_t s, c, r;
   const int64_t row = divmod_block(u, l.segs, s);
   const int64_t nr = divmod_block(row, C, c);
@@ -179,17 +176,14 @@ FUSEDACT_HOST_DEVICE RowBlock row_block(const RowLaunch& l, int64_t R, int64_t C
 // elements): 64-bit indices live across the division's slow-path call made ptxas spill.
 FUSEDACT_HOST_DEVICE Flat<int32_t> row_segment(const RowBlock& rb, int head, bool packed, int vec) {
   const int32_t len = static_cast<int32_t>(rb.len);
-  return packed ? Flat<int32_t>::make(len, head, vec, kRowPacks)
-                : Flat<int32_t>::make(len, 0, 1, kRowPacks * vec);
+  return packed ? Flat<int32_t>::make(len, head, vec, kRowPacks) : Flat<int32_t>::make(len, 0, 1, kRowPacks * vec);
 }
 
 // ---- channels innermost (inner == 1): thread (tx, ty) of block (bx, by) takes the
 // channel pack cp = by * blockDim.x + tx (channels cp * vec .. + vec) and rows
 // k * rows + ty + i * blockDim.y of sample n, with (n, k) = (bx / K, bx % K). vec > 1
 // needs C % vec == 0 and every pointer 16-byte aligned.
-FUSEDACT_HOST_DEVICE int channels_vec(int64_t C, int vec, bool aligned) {
-  return aligned && C % vec == 0 ? vec : 1;
-}
+FUSEDACT_HOST_DEVICE int channels_vec(int64_t C, int vec, bool aligned) { return aligned && C % vec == 0 ? vec : 1; }
 
 struct ChannelsLaunch {
   int64_t K, rows, grid_x, grid_y;
@@ -212,12 +206,12 @@ FUSEDACT_HOST_DEVICE ChannelsLaunch channels_launch(int64_t N, int64_t R, int64_
 }
 
 struct ChannelsThread {
-  int64_t n, k, c0;       // c0: the first of its vec channels; c0 >= C: none
+  int64_t n, k, c0;        // c0: the first of its vec channels; c0 >= C: none
   int64_t r_begin, r_end;  // rows r_begin, r_begin + ty, ... < r_end
 };
 
-FUSEDACT_HOST_DEVICE ChannelsThread channels_thread(const ChannelsLaunch& l, int64_t R,
-                                                    int64_t bx, int64_t by, int tx, int ty) {
+FUSEDACT_HOST_DEVICE ChannelsThread channels_thread(const ChannelsLaunch& l, int64_t R, int64_t bx, int64_t by, int tx,
+                                                    int ty) {
   ChannelsThread t;
   t.n = divmod_block(bx, l.K, t.k);
   t.c0 = (by * l.tx + tx) * l.vec;
@@ -231,19 +225,15 @@ FUSEDACT_HOST_DEVICE int64_t channels_index(int64_t R, int64_t C, int64_t n, int
   return (n * R + r) * C + c;
 }
 
-FUSEDACT_HOST_DEVICE int64_t channels_slot(const ChannelsLaunch& l, int64_t C, int64_t n,
-                                           int64_t k, int64_t c) {
+FUSEDACT_HOST_DEVICE int64_t channels_slot(const ChannelsLaunch& l, int64_t C, int64_t n, int64_t k, int64_t c) {
   return (n * l.K + k) * C + c;
 }
 
 // ---- the finish: output b (channel c, or (n, c) when per_sample) sums `items` slots,
 // the i-th at finish_slot(...).
-FUSEDACT_HOST_DEVICE int64_t finish_items(int64_t N, int64_t K, bool per_sample) {
-  return per_sample ? K : N * K;
-}
+FUSEDACT_HOST_DEVICE int64_t finish_items(int64_t N, int64_t K, bool per_sample) { return per_sample ? K : N * K; }
 
-FUSEDACT_HOST_DEVICE int64_t finish_slot(int64_t K, int64_t C, bool per_sample, int64_t b,
-                                         int64_t i) {
+FUSEDACT_HOST_DEVICE int64_t finish_slot(int64_t K, int64_t C, bool per_sample, int64_t b, int64_t i) {
   const int64_t c = b % C;
   const int64_t n0 = per_sample ? b / C : 0;
   return (n0 * K + i) * C + c;

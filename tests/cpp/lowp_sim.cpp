@@ -43,8 +43,7 @@ std::vector<float> with_params(const Op& op, const std::vector<float>& v) {
   out.reserve(v.size() * (1 + Op::kParams));
   for (float x : v) {
     float dp[Op::kParams];
-    out.push_back(g_precise ? op.template backward<Precise>(1.0f, x, dp)
-                            : op.template backward<LowpRcp>(1.0f, x, dp));
+    out.push_back(g_precise ? op.template backward<Precise>(1.0f, x, dp) : op.template backward<LowpRcp>(1.0f, x, dp));
     for (float d : dp) out.push_back(d);
   }
   return out;
@@ -53,8 +52,7 @@ std::vector<float> with_params(const Op& op, const std::vector<float>& v) {
 template <class Op>
 void run(const Op& op, bool bwd, std::vector<float>& v) {
   if (!bwd) return forward(op, v);
-  for (float& x : v)
-    x = g_precise ? op.template backward<Precise>(1.0f, x) : op.template backward<Lowp>(1.0f, x);
+  for (float& x : v) x = g_precise ? op.template backward<Precise>(1.0f, x) : op.template backward<Lowp>(1.0f, x);
 }
 
 int main(int argc, char** argv) {

@@ -28,24 +28,21 @@ using namespace fusedact::part;
 
 namespace {
 
-struct Fail {
-  std::string why;
-};
+struct Fail { std::string why; };
 
 [[noreturn]] void fail(const std::string& why) { throw Fail{why}; }
 
 void mark(std::vector<int>& count, int64_t i, const char* what) {
   if (i < 0 || i >= static_cast<int64_t>(count.size()))
-    fail(std::string(what) + " touches element " + std::to_string(i) + " outside [0, " +
-         std::to_string(count.size()) + ")");
+    fail(std::string(what) + " touches element " + std::to_string(i) + " outside [0, " + std::to_string(count.size()) +
+         ")");
   ++count[i];
 }
 
 void all_once(const std::vector<int>& count, const char* what) {
   for (size_t i = 0; i < count.size(); ++i)
     if (count[i] != 1)
-      fail(std::string(what) + " " + std::to_string(i) + " done " + std::to_string(count[i]) +
-           " times");
+      fail(std::string(what) + " " + std::to_string(i) + " done " + std::to_string(count[i]) + " times");
 }
 
 template <typename I>
@@ -135,17 +132,14 @@ void finish(int64_t N, int64_t K, int64_t C, bool per_sample) {
 }
 
 void check_slot(int64_t slot, int64_t K, int64_t C, int64_t n, int64_t c) {
-  if (slot % C != c || slot / (K * C) != n)
-    fail("a gradient term lands in the slot of another (n, c)");
+  if (slot % C != c || slot / (K * C) != n) fail("a gradient term lands in the slot of another (n, c)");
 }
 
-void row(int64_t N, int64_t R, int64_t C, int64_t inner, int size, int64_t mx, int64_t mg,
-         int64_t mo, bool bwd) {
+void row(int64_t N, int64_t R, int64_t C, int64_t inner, int size, int64_t mx, int64_t mg, int64_t mo, bool bwd) {
   const int vec = 16 / size;
   const RowLaunch l = row_launch(N, R, C, inner, vec);
   if (l.group % 32 || l.group < 32 || (l.group & (l.group - 1))) fail("group not a power-of-two of warps");
-  if (l.threads % l.group || l.threads > kThreads || l.threads / l.group != l.per_block)
-    fail("block not whole groups");
+  if (l.threads % l.group || l.threads > kThreads || l.threads / l.group != l.per_block) fail("block not whole groups");
   if (l.blocks * l.per_block < l.units || (l.blocks - 1) * l.per_block >= l.units)
     fail("blocks do not cover the units");
   const int64_t numel = N * R * C * inner;
@@ -171,9 +165,7 @@ void row(int64_t N, int64_t R, int64_t C, int64_t inner, int size, int64_t mx, i
       }
       if (u < 0) continue;
       const RowBlock rb = row_block(l, R, C, inner, u);
-      auto head_at = [&](int64_t m) {
-        return head_to_align16(static_cast<uintptr_t>((m + rb.off) * size), size);
-      };
+      auto head_at = [&](int64_t m) { return head_to_align16(static_cast<uintptr_t>((m + rb.off) * size), size); };
       const int head = head_at(mx);
       const bool packed = head_at(mo) == head && (!bwd || head_at(mg) == head);
       const Flat<int32_t> f = row_segment(rb, head, packed, vec);
@@ -274,8 +266,7 @@ int main() {
         int size;
         in >> N >> R >> C >> inner >> size;
         const RowLaunch l = row_launch(N, R, C, inner, 16 / size);
-        std::cout << "OK " << l.group << " " << l.per_block << " " << l.threads << " " << l.blocks
-                  << "\n";
+        std::cout << "OK " << l.group << " " << l.per_block << " " << l.threads << " " << l.blocks << "\n";
         continue;
       } else if (kind == "chan") {
         int64_t N, R, C;
