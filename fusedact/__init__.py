@@ -18,7 +18,7 @@ from . import nn, reference
 from ._build_config import CUDA_ARCH_LIST as _CUDA_ARCH_LIST
 from ._build_config import VERSION as __version__
 from .conversion import convert
-from .functional import BACKENDS, acon_c, batch_norm_act, hard_swish, mish, swish
+from .functional import BACKENDS, acon_c, batch_norm_act, hard_swish, mish, swish, sync_batch_norm_act
 from . import triton  # noqa: E402  (never fails without triton)
 
 _register_autograd("fusedact")  # torch.ops.fusedact.* differentiable by themselves
@@ -31,6 +31,7 @@ __all__ = [
     "hard_swish",
     "acon_c",
     "batch_norm_act",
+    "sync_batch_norm_act",
     "convert",
     "nn",
     "reference",

@@ -28,7 +28,7 @@ from torch import Tensor
 from . import _inductor, _opinfo, reference
 from .checks import FLOAT_DTYPES, check_float_beta, check_tensor, check_x
 
-__all__ = ["batch_norm_act", "ACTS"]
+__all__ = ["batch_norm_act", "sync_batch_norm_act", "ACTS"]
 
 ACTS = ("identity", "swish", "mish", "hard_swish", "acon_c")
 
@@ -201,14 +201,24 @@ def _batch_norm_act_backward(
     act_beta: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dp1, dp2, dbeta); an empty tensor where the argument is None."""
+    return _backward_passes(grad, x, weight, bias, mean, invstd, training, act, beta, p1, p2, act_beta)
+
+
+def _backward_passes(grad, x, weight, bias, mean, invstd, training, act, beta, p1, p2, act_beta, reduce=None):
+    """The backward's two passes; ``reduce`` (the synced form): the per-channel sums dx
+    needs, (sum dz (x - mean), sum dz), summed over the process group, and its element count,
+    in place of this x's; dweight, dbias and the activation's gradients stay local."""
     a, b = _affine(x, weight, bias, invstd)
     params = [mean, a, b, *_act_tensors(x, act, beta, p1, p2, act_beta)]
     dz, sums = torch.ops.fusedact.bn_act_backward(grad, x, params, _kernel_act(act, beta, act_beta))
     s_xm, s_dz = sums[0], sums[1]
     if training:
         M = x.numel() // x.shape[1]
-        k2 = -a * invstd * invstd * s_xm / M
-        c = -a * s_dz / M
+        t_xm, t_dz = s_xm, s_dz
+        if reduce is not None:
+            t_xm, t_dz, M = reduce(s_xm, s_dz)
+        k2 = -a * invstd * invstd * t_xm / M
+        c = -a * t_dz / M
     else:
         k2 = c = torch.zeros_like(a)
     dx = torch.ops.fusedact.bn_dx(dz, x, [a, k2, mean, c])
@@ -366,3 +376,90 @@ def _unfused(x, running_mean, running_var, weight, bias, training, momentum, eps
         b = b.reshape(-1) if b.numel() == x.shape[1] else b.reshape(x.shape[0], x.shape[1])
         return functional.acon_c(z, p1.reshape(-1), p2.reshape(-1), b, channel_dim=1, **kw)
     return getattr(functional, act)(z, *act_params, **kw)
+
+
+# ---- the synced form (nn.SyncBatchNorm + activation): statistics over a process group
+
+
+def _gathered_stats(x, group):
+    """(mean, biased var, count) of x's channels over the process group: each rank's
+    (mean, var, count) all-gathered in float64 and combined in rank order (the same
+    result on every rank)."""
+    import torch.distributed as dist
+
+    mean, var = torch.ops.fusedact.bn_stats(x)
+    C = x.shape[1]
+    local = torch.cat([mean.double(), var.double(), mean.new_full((1,), x.numel() // C, dtype=torch.float64)])
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, local, group=group)
+    g = torch.stack(parts)
+    n = g[:, -1:]
+    total = n.sum()
+    m = (n * g[:, :C]).sum(0) / total
+    v = (n * (g[:, C : 2 * C] + (g[:, :C] - m) ** 2)).sum(0) / total
+    return m.to(mean.dtype), v.to(var.dtype), int(total.item())
+
+
+class _SyncBatchNormAct(torch.autograd.Function):
+    """The fused op with the statistics of the whole process group (nn.SyncBatchNorm's
+    sync_batch_norm): the forward all-gathers the per-rank statistics, the backward
+    all-reduces the two per-channel sums dx needs. First derivatives only, as there."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, p1, p2, act_beta, running_mean, running_var, momentum, eps, act, beta, group):
+        import torch.distributed as dist
+
+        mean, var, total = _gathered_stats(x, group)
+        if running_mean is not None:
+            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+            unbiased = var * (total / max(total - 1, 1))
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        invstd = torch.rsqrt(var + eps)
+        ctx.save_for_backward(x, weight, bias, mean, invstd, p1, p2, act_beta)
+        ctx.act, ctx.beta, ctx.group, ctx.total = act, beta, group, total
+        ctx.dist = dist
+        return _batch_norm_act(x, mean, invstd, weight, bias, True, eps, act, beta, p1, p2, act_beta)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, bias, mean, invstd, p1, p2, act_beta = ctx.saved_tensors
+
+        def reduce(s_xm, s_dz):
+            both = torch.cat([s_xm, s_dz])
+            ctx.dist.all_reduce(both, group=ctx.group)
+            return both[: s_xm.numel()], both[s_xm.numel() :], ctx.total
+
+        dx, dw, db, dp1, dp2, dbeta = _backward_passes(
+            grad, x, weight, bias, mean, invstd, True, ctx.act, ctx.beta, p1, p2, act_beta, reduce
+        )
+        need = ctx.needs_input_grad
+        keep = [(dx, x), (dw, weight), (db, bias), (dp1, p1), (dp2, p2), (dbeta, act_beta)]
+        grads = [g if n and t is not None else None for n, (g, t) in zip(need, keep)]
+        return (*grads, None, None, None, None, None, None, None)
+
+
+def sync_batch_norm_act(
+    x: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    momentum: float,
+    eps: float,
+    act: str,
+    *act_params,
+    group=None,
+) -> Tensor:
+    """batch_norm_act in training with the statistics of the process group ``group``
+    (default: the world), as nn.SyncBatchNorm then the activation: the running statistics
+    get the group's mean and unbiased variance, and dx sums over the group. The fused
+    passes are CPU kernels: x on another device takes F.batch_norm's synced path."""
+    op = "fusedact.sync_batch_norm_act"
+    _check(op, x, running_mean, running_var, weight, bias, True, act, act_params)
+    if x.device.type != "cpu":
+        raise ValueError(f"{op}: the fused synced passes are CPU kernels; use nn.SyncBatchNorm for {x.device}")
+    beta, p1, p2, act_beta = reference.split_act_params(act, act_params)
+    return _SyncBatchNormAct.apply(
+        x, weight, bias, p1, p2, act_beta, running_mean, running_var, momentum, eps, act, beta, group
+    )

@@ -138,9 +138,13 @@ def _replacement(m: nn.Module, backend) -> nn.Module | None:
     return new.train(m.training)
 
 
-def _fusible(act) -> bool:
-    """An activation batch_norm_act runs in its pass, with no parameters (which would
-    move in the state_dict) and the native backend."""
+def _fusible(act, learnable: bool = False) -> bool:
+    """An activation batch_norm_act runs in its pass, with the native backend: with no
+    parameters, or (``learnable``: where its parameters keep their state_dict keys)
+    ACON-C over the channels. Meta-ACON's beta comes from the activation's input, which
+    the fused op never forms: it stays apart."""
+    if type(act) is fnn.AconC:
+        return learnable and act.channel_dim == 1 and act.backend in (None, "native")
     return (
         type(act) in (fnn.Swish, fnn.Mish, fnn.HardSwish)
         and next(act.parameters(), None) is None
@@ -149,12 +153,16 @@ def _fusible(act) -> bool:
 
 
 def _is_bn(m, dims=(1, 2)) -> bool:
-    return (type(m) is nn.BatchNorm2d and 2 in dims) or (type(m) is nn.BatchNorm1d and 1 in dims)
+    return (
+        (type(m) is nn.BatchNorm2d and 2 in dims)
+        or (type(m) is nn.BatchNorm1d and 1 in dims)
+        or type(m) is nn.SyncBatchNorm
+    )
 
 
-def _bn_act(bn, act):
-    cls = fnn.BatchNormAct2d if type(bn) is nn.BatchNorm2d else fnn.BatchNormAct1d
-    return cls.from_modules(bn, act)
+def _bn_act(bn, act, own_act: bool = True):
+    cls = {nn.BatchNorm2d: fnn.BatchNormAct2d, nn.BatchNorm1d: fnn.BatchNormAct1d}.get(type(bn), fnn.SyncBatchNormAct)
+    return cls.from_modules(bn, act, own_act=own_act)
 
 
 def _conv_bn_act(m, x):
@@ -186,7 +194,7 @@ def _fuse_bn(model: nn.Module) -> nn.Module:
         if (
             (t.__module__, t.__name__) == ("timm.layers.norm_act", "BatchNormAct2d")
             and type(m.drop) is nn.Identity
-            and _fusible(m.act)
+            and _fusible(m.act, learnable=True)  # m.act's keys are act.* here and there
             and not isinstance(m, fnn.BatchNormAct2d)
         ):
             return fnn.BatchNormAct2d.from_modules(m, m.act)
@@ -194,9 +202,9 @@ def _fuse_bn(model: nn.Module) -> nn.Module:
             conv_forward is not None
             and getattr(t, "forward", None) is conv_forward
             and _is_bn(getattr(m, "bn", None), (2,))
-            and _fusible(getattr(m, "act", None))
+            and _fusible(getattr(m, "act", None), learnable=True)
         ):
-            m.bn = _bn_act(m.bn, m.act)
+            m.bn = _bn_act(m.bn, m.act, own_act=False)  # m.act stays m's child: the same keys
             m.forward = functools.partial(_conv_bn_act, m)
         if isinstance(m, nn.Sequential):
             keys = list(m._modules)
@@ -219,7 +227,8 @@ def convert(model: nn.Module, *, backend: str | None = None, fuse_bn: bool = Tru
     ``model`` by its fusedact module (see this module's docstring for the exact rules),
     keeping their parameters, and returns the model. ``backend`` is that of the new
     modules, and is given to the fusedact modules already there when it is not None.
-    ``fuse_bn``: a BatchNorm directly followed by a parameter-free activation becomes one
+    ``fuse_bn``: a BatchNorm directly followed by a parameter-free activation (or ACON-C
+    in ultralytics' Conv and timm's BatchNormAct2d) becomes one
     fusedact.nn.BatchNormAct2d/1d (see _fuse_bn); False keeps them apart.
 
     Only modules are converted: activations called as functions inside a forward

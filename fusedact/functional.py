@@ -19,7 +19,7 @@ from .functions import invoke
 from .onnx import _DECOMPOSITIONS as _ONNX_FORMS
 from .onnx import exporting as _onnx_exporting
 
-__all__ = ["swish", "mish", "hard_swish", "acon_c", "batch_norm_act", "BACKENDS"]
+__all__ = ["swish", "mish", "hard_swish", "acon_c", "batch_norm_act", "sync_batch_norm_act", "BACKENDS"]
 
 BACKENDS = ("native", "triton", "eager")
 
@@ -213,4 +213,4 @@ def acon_c(
     return _run(backend, "acon_c_forward", x, p1, p2, beta, channel_dim)
 
 
-from .batch_norm import batch_norm_act  # noqa: E402  (it calls the functions above)
+from .batch_norm import batch_norm_act, sync_batch_norm_act  # noqa: E402  (it calls the functions above)

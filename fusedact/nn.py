@@ -11,7 +11,7 @@ from torch import nn
 
 from . import functional as F
 
-__all__ = ["Swish", "Mish", "HardSwish", "AconC", "MetaAconC", "BatchNormAct2d", "BatchNormAct1d"]
+__all__ = ["Swish", "Mish", "HardSwish", "AconC", "MetaAconC", "BatchNormAct2d", "BatchNormAct1d", "SyncBatchNormAct"]
 
 
 class Swish(nn.Module):
@@ -223,13 +223,17 @@ class _BatchNormActMixin:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._bn_act_forward(x)
 
-    def _bn_act_forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(x)
-        # nn.BatchNorm's own rules: momentum=None is the cumulative average
+    def _momentum_factor(self) -> float:
+        """nn.BatchNorm's own rules: counts the batch; momentum=None is the cumulative average."""
         factor = 0.0 if self.momentum is None else self.momentum
         if self.training and self.track_running_stats and self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)
             factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return factor
+
+    def _bn_act_forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input_dim(x)
+        factor = self._momentum_factor()
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         name, params, backend = _act_call(self.act)
@@ -249,10 +253,12 @@ class _BatchNormActMixin:
         )
 
     @classmethod
-    def from_modules(cls, bn: nn.modules.batchnorm._BatchNorm, act: nn.Module):
+    def from_modules(cls, bn: nn.modules.batchnorm._BatchNorm, act: nn.Module, *, own_act: bool = True):
         """A BatchNormAct over bn's own Parameter and buffer objects (an optimizer built
         before keeps them) and the activation module ``act`` (a fusedact activation or
-        nn.Identity)."""
+        nn.Identity). ``own_act=False``: act stays registered where it was (its
+        parameters keep their state_dict keys there) and is only used here, not held as a
+        submodule (ultralytics' Conv, whose ``act`` is its own child)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
@@ -263,7 +269,11 @@ class _BatchNormActMixin:
             new._buffers[name] = b
         new._non_persistent_buffers_set = set(bn._non_persistent_buffers_set)
         new.train(bn.training)
-        new.act = _make_act(act, bn.num_features, None)
+        act = _make_act(act, bn.num_features, None)
+        if own_act:
+            new.act = act
+        else:
+            object.__setattr__(new, "act", act)  # an attribute, not a submodule
         return new
 
 
@@ -276,3 +286,75 @@ class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
     """BatchNormAct2d for (N, C) and (N, C, L) input."""
+
+
+class SyncBatchNormAct(_BatchNormActMixin, nn.modules.batchnorm._BatchNorm):
+    """``act(nn.SyncBatchNorm(x))``: in training under torch.distributed, the statistics
+    of the whole process group (fusedact.sync_batch_norm_act on the CPU; on other
+    devices nn.SyncBatchNorm's own synced path, then the activation); otherwise
+    BatchNormAct2d's one op. nn.SyncBatchNorm's state_dict keys and ``process_group``
+    (an attribute, set after construction). Not a subclass of nn.SyncBatchNorm: DDP refuses those on the CPU."""
+
+    _check_input_dim = nn.SyncBatchNorm._check_input_dim
+    _check_non_zero_input_channels = nn.SyncBatchNorm._check_non_zero_input_channels
+
+    process_group = None  # nn.SyncBatchNorm's: None is the world; from_modules copies bn's
+
+    @classmethod
+    def from_modules(cls, bn: nn.modules.batchnorm._BatchNorm, act: nn.Module, *, own_act: bool = True):
+        """As BatchNormAct2d.from_modules; the process group is bn's (nn.SyncBatchNorm) or the world."""
+        new = super().from_modules(bn, act, own_act=own_act)
+        new.process_group = getattr(bn, "process_group", None)
+        return new
+
+    def _group(self):
+        """The process group to sync over, or None where nn.SyncBatchNorm would not sync."""
+        dist = torch.distributed
+        if not (self.training and dist.is_available() and dist.is_initialized()):
+            return None
+        group = self.process_group or dist.group.WORLD
+        return group if dist.get_world_size(group) > 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        group = self._group()
+        if group is None:
+            return self._bn_act_forward(x)
+        name, params, backend = _act_call(self.act)
+        if x.device.type != "cpu" or backend not in (None, "native"):
+            return self.act(nn.SyncBatchNorm.forward(self, x))
+        self._check_input_dim(x)
+        factor = self._momentum_factor()
+        track = self.track_running_stats
+        return F.sync_batch_norm_act(
+            x,
+            self.running_mean if track else None,
+            self.running_var if track else None,
+            self.weight,
+            self.bias,
+            factor,
+            self.eps,
+            name,
+            *params,
+            group=group,
+        )
+
+    @classmethod
+    def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
+        """nn.SyncBatchNorm.convert_sync_batchnorm that keeps fusedact's fused blocks:
+        a BatchNormAct2d/1d becomes a SyncBatchNormAct over the same Parameters, buffers
+        and activation; other BatchNorms become nn.SyncBatchNorm as there. (torch's own
+        function turns a BatchNormAct into a plain nn.SyncBatchNorm, which drops the
+        activation.)"""
+        if isinstance(module, (BatchNormAct2d, BatchNormAct1d)):
+            own = "act" in module._modules
+            new = cls.from_modules(module, module.act, own_act=own)
+            new.process_group = process_group
+            return new
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            return nn.SyncBatchNorm.convert_sync_batchnorm(module, process_group)
+        for name, child in list(module._modules.items()):
+            if child is not None:
+                new = cls.convert_sync_batchnorm(child, process_group)
+                if new is not child:
+                    setattr(module, name, new)
+        return module

@@ -415,3 +415,83 @@ def test_opcheck_of_the_passes():
         torch.library.opcheck(ops.bn_act_forward.default, (x, params, act))
         torch.library.opcheck(ops.bn_act_backward.default, (g, x, params, act))
     torch.library.opcheck(ops.bn_dx.default, (g, x, [a, b, mean, b]))
+
+
+def test_convert_fuses_acon_c_where_its_keys_stay():
+    """ACON-C's parameters fuse where they keep their state_dict keys: ultralytics' Conv
+    (act stays Conv's child; bn only uses it) and timm's BatchNormAct2d (act.* there and
+    here). Gradients of p1, p2, beta match; checkpoints load both ways; fuse() works."""
+    conv = pytest.importorskip("ultralytics.nn.modules.conv")
+    torch.manual_seed(0)
+
+    def acon(c):
+        a = fusedact.nn.AconC(c)
+        with torch.no_grad():
+            for p in a.parameters():
+                p.copy_(torch.randn_like(p))
+        return a
+
+    model = nn.Sequential(conv.Conv(3, 8, 3, act=acon(8)), conv.Conv(8, 4, 1, act=fusedact.nn.MetaAconC(4)))
+    ref = copy.deepcopy(model)
+    keys = set(model.state_dict())
+    fusedact.convert(model)
+    assert isinstance(model[0].bn, fusedact.nn.BatchNormAct2d) and model[0].bn.act is model[0].act
+    assert type(model[1].bn) is nn.BatchNorm2d  # Meta-ACON's beta comes from bn's output
+    assert set(model.state_dict()) == keys and "0.bn.act.p1" not in model.state_dict()
+    x = torch.randn(2, 3, 10, 10)
+    for _ in range(2):
+        torch.testing.assert_close(_train_step(model, x), _train_step(ref, x), rtol=1e-5, atol=1e-5)
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    fresh = copy.deepcopy(ref)
+    fresh.load_state_dict(model.state_dict())
+    model.load_state_dict(ref.state_dict())
+    model.eval(), ref.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    c = copy.deepcopy(model)  # EMA copies: the copy's bn uses the copy's act
+    assert c[0].bn.act is c[0].act
+    m = model[0]
+    m.conv = __import__("ultralytics.utils.torch_utils", fromlist=["x"]).fuse_conv_and_bn(m.conv, m.bn)
+    delattr(m, "bn")
+    m.forward = m.forward_fuse
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+
+    timm_norm_act = pytest.importorskip("timm.layers.norm_act")
+    tb = timm_norm_act.BatchNormAct2d(8, act_layer=nn.Identity)
+    tb.act = acon(8)
+    tref = copy.deepcopy(tb)
+    new = fusedact.convert(nn.Sequential(tb))[0]
+    assert isinstance(new, fusedact.nn.BatchNormAct2d) and set(new.state_dict()) == set(tref.state_dict())
+    x = torch.randn(2, 8, 5, 5)
+    torch.testing.assert_close(_train_step(new, x), _train_step(tref, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(new.act.p1.grad, tref.act.p1.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_sync_batch_norm_act_without_a_group_is_the_local_op_and_converts():
+    """Outside torch.distributed (or in eval) SyncBatchNormAct is nn.SyncBatchNorm's
+    fallback (F.batch_norm) then the activation; convert fuses nn.SyncBatchNorm + act with
+    the same keys, and SyncBatchNormAct.convert_sync_batchnorm keeps fused blocks fused
+    (torch's own turns them into a plain nn.SyncBatchNorm)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SyncBatchNorm(8), nn.SiLU(), nn.Conv2d(8, 4, 1))
+    ref = copy.deepcopy(model)
+    keys = set(model.state_dict())
+    fusedact.convert(model)
+    assert isinstance(model[1], fusedact.nn.SyncBatchNormAct) and isinstance(model[2], nn.Identity)
+    assert set(model.state_dict()) == keys
+    x = torch.randn(4, 3, 9, 9)
+    for _ in range(2):
+        torch.testing.assert_close(_train_step(model, x), _train_step(ref, x), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(model[1].running_var, ref[1].running_var, rtol=1e-6, atol=1e-7)
+    model.eval(), ref.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+
+    conv = pytest.importorskip("ultralytics.nn.modules.conv")
+    net = fusedact.convert(nn.Sequential(nn.BatchNorm2d(3), nn.Mish(), conv.Conv(3, 4, 3)))
+    keys = set(net.state_dict())
+    out = fusedact.nn.SyncBatchNormAct.convert_sync_batchnorm(net)
+    assert isinstance(out[0], fusedact.nn.SyncBatchNormAct) and isinstance(out[2].bn, fusedact.nn.SyncBatchNormAct)
+    assert out[2].bn.act is out[2].act and set(out.state_dict()) == keys
+    assert isinstance(out[0].act, fusedact.nn.Mish)
+    with pytest.raises(ValueError, match="CPU kernels"):
+        fusedact.sync_batch_norm_act(torch.randn(2, 3, 4, device="meta"), None, None, None, None, 0.1, 1e-5, "mish")

@@ -147,14 +147,15 @@ def make_bn_model(fused: bool):
     return fusedact.convert(model) if fused else model
 
 
-def _bn_worker(rank, init_file, out_file):
+def _bn_worker(rank, init_file, out_file, maker, kinds):
+    """Trains maker(kind) under DDP for each kind; rank 0 saves the state_dicts."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         states = []
-        for fused in (True, False):
-            model = nn.parallel.DistributedDataParallel(make_bn_model(fused))
+        for kind in kinds:
+            model = nn.parallel.DistributedDataParallel(maker(kind))
             train(model, *make_data(), rank=rank, world=WORLD)
             states.append(model.module.state_dict())
         if rank == 0:
@@ -167,9 +168,9 @@ def test_ddp_batch_norm_act_trains_as_batch_norm_then_activation(tmp_path):
     """Under DDP the fused block uses each rank's local batch statistics, as nn.BatchNorm2d
     does (DDP broadcasts rank 0's buffers): 2 ranks train the converted model to the
     parameters and running statistics of the unconverted one, within float32 rounding.
-    (nn.SyncBatchNorm has no fused form yet.)"""
+    """
     out = tmp_path / "bn_states.pt"
-    mp.spawn(_bn_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_bn_worker, args=(str(tmp_path / "init"), str(out), make_bn_model, (True, False)), nprocs=WORLD, join=True)
     fused, eager = torch.load(out)
     assert isinstance(make_bn_model(True)[1], fusedact.nn.BatchNormAct2d)
     assert fused.keys() == eager.keys()
@@ -177,3 +178,41 @@ def test_ddp_batch_norm_act_trains_as_batch_norm_then_activation(tmp_path):
         # different summation orders in the statistics and gradients, through 4 SGD steps
         # with momentum: 1e-5 relative is ~80 float32 ulp
         torch.testing.assert_close(fused[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def make_sync_model(kind: str):
+    """make_bn_model with synced BatchNorms: "fused" (nn.SyncBatchNorm + act converted to
+    fusedact.nn.SyncBatchNormAct), "fused-then-sync" (BatchNormAct2d, then
+    SyncBatchNormAct.convert_sync_batchnorm), or the single-process reference "full"
+    (nn.BatchNorm2d on the full batch: the group's statistics)."""
+    model = make_bn_model(False)
+    if kind == "fused":
+        model = fusedact.convert(nn.SyncBatchNorm.convert_sync_batchnorm(model))
+    elif kind == "fused-then-sync":
+        model = fusedact.nn.SyncBatchNormAct.convert_sync_batchnorm(fusedact.convert(model))
+    assert kind == "full" or all(isinstance(model[i], fusedact.nn.SyncBatchNormAct) for i in (1, 4))
+    return model
+
+
+def test_sync_batch_norm_act_trains_as_one_process_on_the_full_batch(tmp_path):
+    """nn.SyncBatchNorm + activation, converted to fusedact.nn.SyncBatchNormAct (either
+    order of the conversions): 2 gloo ranks on half batches each reach the parameters and
+    running statistics one process gets with nn.BatchNorm2d on the full batch (the group's
+    statistics, the group's dx sums; DDP averages the rest)."""
+    out = tmp_path / "sync_states.pt"
+    kinds = ("fused", "fused-then-sync")
+    mp.spawn(_bn_worker, args=(str(tmp_path / "init"), str(out), make_sync_model, kinds), nprocs=WORLD, join=True)
+    model = make_sync_model("full")
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    train(model, *make_data())
+    full = model.state_dict()
+    for state in torch.load(out):
+        assert state.keys() == full.keys()
+        for name, value in full.items():
+            if name.endswith("num_batches_tracked"):
+                assert torch.equal(state[name], value)
+                continue
+            assert not torch.equal(value, initial[name]), f"{name} did not train"
+            # as above: summation orders differ (per rank, then across ranks, and the
+            # statistics combined from the ranks' in float64), through 4 SGD steps
+            torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
