@@ -109,13 +109,22 @@ def _act_tensors(x: Tensor, act: str, beta: float, p1, p2, act_beta) -> list[Ten
     return []
 
 
-def _stats(x, running_mean, running_var, training, momentum, eps):
+def _passes(backend: str):
+    """The namespace of the passes: torch.ops.fusedact (C++), or fusedact_triton's."""
+    if backend == "triton":
+        from . import triton
+
+        return triton.namespace()
+    return torch.ops.fusedact
+
+
+def _stats(x, running_mean, running_var, training, momentum, eps, backend="native"):
     """(mean, invstd) per channel in opmath; in training, x's batch statistics (two
     read-only passes, csrc/cpu/bn_stats.h) and the running statistics updated as
     nn.BatchNorm2d updates them (the unbiased variance, momentum)."""
     pt = _opmath(x)
     if training:
-        mean, var = torch.ops.fusedact.bn_stats(x)
+        mean, var = _passes(backend).bn_stats(x)
         if running_mean is not None:
             M = x.numel() // x.shape[1]
             with torch.no_grad():
@@ -146,13 +155,15 @@ def _batch_norm_stats(
     training: bool,
     momentum: float,
     eps: float,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """(mean, invstd) per channel in opmath; in training the running statistics are updated."""
-    return _stats(x, running_mean, running_var, training, momentum, eps)
+    """(mean, invstd) per channel in opmath; in training the running statistics are updated.
+    backend: "native" or "triton", the passes' (as for the two ops below)."""
+    return _stats(x, running_mean, running_var, training, momentum, eps, backend)
 
 
 @_batch_norm_stats.register_fake
-def _(x, running_mean, running_var, training, momentum, eps):
+def _(x, running_mean, running_var, training, momentum, eps, backend):
     stat = x.new_empty((x.shape[1],), dtype=_opmath(x))
     return stat, torch.empty_like(stat)
 
@@ -171,17 +182,18 @@ def _batch_norm_act(
     p1: Optional[Tensor],
     p2: Optional[Tensor],
     act_beta: Optional[Tensor],
+    backend: str,
 ) -> Tensor:
     """act((x - mean) invstd weight + bias); training: mean and invstd are x's own batch
     statistics (the backward differentiates through them); eps only for the second
     derivative, which recomputes them."""
     a, b = _affine(x, weight, bias, invstd)
     params = [mean, a, b, *_act_tensors(x, act, beta, p1, p2, act_beta)]
-    return torch.ops.fusedact.bn_act_forward(x, params, _kernel_act(act, beta, act_beta))
+    return _passes(backend).bn_act_forward(x, params, _kernel_act(act, beta, act_beta))
 
 
 @_batch_norm_act.register_fake
-def _(x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta):
+def _(x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta, backend):
     return _opinfo.output_like(x, act_beta is not None and act_beta.numel() != x.shape[1])
 
 
@@ -199,18 +211,22 @@ def _batch_norm_act_backward(
     p1: Optional[Tensor],
     p2: Optional[Tensor],
     act_beta: Optional[Tensor],
+    backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dweight, dbias, dp1, dp2, dbeta); an empty tensor where the argument is None."""
-    return _backward_passes(grad, x, weight, bias, mean, invstd, training, act, beta, p1, p2, act_beta)
+    return _backward_passes(grad, x, weight, bias, mean, invstd, training, act, beta, p1, p2, act_beta, backend)
 
 
-def _backward_passes(grad, x, weight, bias, mean, invstd, training, act, beta, p1, p2, act_beta, reduce=None):
+def _backward_passes(
+    grad, x, weight, bias, mean, invstd, training, act, beta, p1, p2, act_beta, backend="native", reduce=None
+):
     """The backward's two passes; ``reduce`` (the synced form): the per-channel sums dx
     needs, (sum dz (x - mean), sum dz), summed over the process group, and its element count,
     in place of this x's; dweight, dbias and the activation's gradients stay local."""
     a, b = _affine(x, weight, bias, invstd)
     params = [mean, a, b, *_act_tensors(x, act, beta, p1, p2, act_beta)]
-    dz, sums = torch.ops.fusedact.bn_act_backward(grad, x, params, _kernel_act(act, beta, act_beta))
+    passes = _passes(backend)
+    dz, sums = passes.bn_act_backward(grad, x, params, _kernel_act(act, beta, act_beta))
     s_xm, s_dz = sums[0], sums[1]
     if training:
         M = x.numel() // x.shape[1]
@@ -221,7 +237,7 @@ def _backward_passes(grad, x, weight, bias, mean, invstd, training, act, beta, p
         c = -a * t_dz / M
     else:
         k2 = c = torch.zeros_like(a)
-    dx = torch.ops.fusedact.bn_dx(dz, x, [a, k2, mean, c])
+    dx = passes.bn_dx(dz, x, [a, k2, mean, c])
 
     def empty():
         return x.new_empty((0,))  # one each: a custom op's outputs may not alias
@@ -237,7 +253,7 @@ def _backward_passes(grad, x, weight, bias, mean, invstd, training, act, beta, p
 
 
 @_batch_norm_act_backward.register_fake
-def _(grad, x, weight, bias, mean, invstd, training, act, beta, p1, p2, act_beta):
+def _(grad, x, weight, bias, mean, invstd, training, act, beta, p1, p2, act_beta, backend):
     def like(p):
         return torch.empty_like(p) if p is not None else x.new_empty((0,))
 
@@ -245,9 +261,9 @@ def _(grad, x, weight, bias, mean, invstd, training, act, beta, p1, p2, act_beta
 
 
 def _setup_context(ctx, inputs, output):
-    x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta = inputs
+    x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta, backend = inputs
     ctx.save_for_backward(x, weight, bias, mean, invstd, p1, p2, act_beta)
-    ctx.training, ctx.eps, ctx.act, ctx.beta = training, eps, act, beta
+    ctx.training, ctx.eps, ctx.act, ctx.beta, ctx.backend = training, eps, act, beta, backend
 
 
 def _backward(ctx, grad):
@@ -256,7 +272,7 @@ def _backward(ctx, grad):
         outs = _eager_vjp(ctx, grad, x, weight, bias, mean, invstd, p1, p2, act_beta)
     else:
         outs = _batch_norm_act_backward(
-            grad, x, weight, bias, mean, invstd, ctx.training, ctx.act, ctx.beta, p1, p2, act_beta
+            grad, x, weight, bias, mean, invstd, ctx.training, ctx.act, ctx.beta, p1, p2, act_beta, ctx.backend
         )
     dx, dw, db, dp1, dp2, dbeta = outs
     need = ctx.needs_input_grad
@@ -273,6 +289,7 @@ def _backward(ctx, grad):
         dp1 if need[9] and p1 is not None else None,
         dp2 if need[10] and p2 is not None else None,
         dbeta if need[11] and act_beta is not None else None,
+        None,
     ]
     return tuple(pick)
 
@@ -343,7 +360,8 @@ def batch_norm_act(
 
     ``act``: "swish" (``act_params``: nothing for SiLU, a float beta or a one-element
     tensor), "mish", "hard_swish", "acon_c" (p1, p2, beta: C elements each, beta N*C
-    for Meta-ACON) or "identity". ``backend="eager"``: the eager form.
+    for Meta-ACON) or "identity". ``backend``: None/"native" (the C++ passes; CPU), "triton"
+    (the Triton passes) or "eager" (the eager form).
     """
     op = "fusedact.batch_norm_act"
     _check(op, x, running_mean, running_var, weight, bias, training, act, act_params)
@@ -352,13 +370,14 @@ def batch_norm_act(
         backend == "eager"
         or torch.onnx.is_in_onnx_export()  # either exporter: no symbolic for these ops
         or (_inductor_compiling() and _inductor.mode_for("batch_norm_act", x.device) == "fuse")
-        or x.device.type != "cpu"
-    ):  # the fused passes are CPU kernels so far (csrc/ops_impl.h)
+        or (x.device.type != "cpu" and backend != "triton")
+    ):  # the native passes are CPU kernels so far (csrc/ops_impl.h)
         return _unfused(x, running_mean, running_var, weight, bias, training, momentum, eps, act, act_params, backend)
-    if backend not in (None, "native"):
-        raise ValueError(f"{op}: backend {backend!r}: batch_norm_act has the native and eager backends")
-    mean, invstd = _batch_norm_stats(x.detach(), running_mean, running_var, training, momentum, eps)
-    return _batch_norm_act(x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta)
+    if backend not in (None, "native", "triton"):
+        raise ValueError(f"{op}: unknown backend {backend!r}: native (default), triton or eager")
+    passes = backend or "native"
+    mean, invstd = _batch_norm_stats(x.detach(), running_mean, running_var, training, momentum, eps, passes)
+    return _batch_norm_act(x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta, passes)
 
 
 def _unfused(x, running_mean, running_var, weight, bias, training, momentum, eps, act, act_params, backend):
@@ -418,7 +437,7 @@ class _SyncBatchNormAct(torch.autograd.Function):
         ctx.save_for_backward(x, weight, bias, mean, invstd, p1, p2, act_beta)
         ctx.act, ctx.beta, ctx.group, ctx.total = act, beta, group, total
         ctx.dist = dist
-        return _batch_norm_act(x, mean, invstd, weight, bias, True, eps, act, beta, p1, p2, act_beta)
+        return _batch_norm_act(x, mean, invstd, weight, bias, True, eps, act, beta, p1, p2, act_beta, "native")
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -431,7 +450,7 @@ class _SyncBatchNormAct(torch.autograd.Function):
             return both[: s_xm.numel()], both[s_xm.numel() :], ctx.total
 
         dx, dw, db, dp1, dp2, dbeta = _backward_passes(
-            grad, x, weight, bias, mean, invstd, True, ctx.act, ctx.beta, p1, p2, act_beta, reduce
+            grad, x, weight, bias, mean, invstd, True, ctx.act, ctx.beta, p1, p2, act_beta, "native", reduce
         )
         need = ctx.needs_input_grad
         keep = [(dx, x), (dw, weight), (db, bias), (dp1, p1), (dp2, p2), (dbeta, act_beta)]

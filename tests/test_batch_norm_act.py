@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import fusedact
-from conftest import make_layout
+from conftest import DEVICES, FUSED_BACKENDS, TRITON_INTERPRET, make_layout
 from fusedact.testing import relative_error, slack_for
 
 ACT_CASES = [  # (id, act, builder of act_params(x) in float32 for 16-bit x)
@@ -71,8 +71,9 @@ def _run(f, x, w, b, ap, g):
     return [y] + list(torch.autograd.grad(y, wrt, g))
 
 
-def _fused(act, training, rm, rv, eps=1e-5, momentum=0.1):
-    return lambda x, w, b, ap: fusedact.batch_norm_act(x, rm, rv, w, b, training, momentum, eps, act, *ap)
+def _fused(act, training, rm, rv, eps=1e-5, momentum=0.1, backend=None):
+    kw = {} if backend is None else {"backend": backend}
+    return lambda x, w, b, ap: fusedact.batch_norm_act(x, rm, rv, w, b, training, momentum, eps, act, *ap, **kw)
 
 
 def _eager(act, training, rm, rv, dtype, eps=1e-5, momentum=0.1):
@@ -92,12 +93,23 @@ def _to64(ts):
 @pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act_case", ACT_CASES, ids=[c[0] for c in ACT_CASES])
-def test_matches_batch_norm_then_activation(act_case, dtype, layout, training):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_batch_norm_then_activation(device, backend, act_case, dtype, layout, training):
+    """native on the CPU: the C++ passes (elsewhere its unfused path); triton: the Triton
+    passes (under the interpreter on the CPU)."""
     _, act, _ = act_case
     x, w, b, rm, rv, ap = _inputs(act_case, dtype, layout)
     g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
     rm_f, rv_f, rm_e, rv_e = rm.clone(), rv.clone(), rm.clone(), rv.clone()
-    fused = _run(_fused(act, training, rm_f, rv_f), x, w, b, ap, g)
+
+    def on(t):
+        return t.to(device) if isinstance(t, torch.Tensor) else t
+
+    rm_d, rv_d = on(rm_f), on(rv_f)
+    fused = _run(_fused(act, training, rm_d, rv_d, backend=backend), on(x), on(w), on(b), [on(p) for p in ap], on(g))
+    fused = [t.cpu() for t in fused]
+    rm_f.copy_(rm_d), rv_f.copy_(rv_d)
     eager = _run(_eager(act, training, rm_e, rv_e, dtype), x, w, b, ap, g)
     truth = _run(
         _eager(act, training, rm.double().clone(), rv.double().clone(), torch.float64),
@@ -202,7 +214,8 @@ def test_module_running_statistics_follow_batch_norm_over_steps(momentum):
 
 @pytest.mark.parametrize("act_case", ACT_CASES, ids=[c[0] for c in ACT_CASES])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
-def test_gradcheck(act_case, training):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_gradcheck(backend, act_case, training):
     x, w, b, rm, rv, ap = _inputs(act_case, torch.float64, "channels_last")
     x = x[:3, :, :3, :2]
     ap = [p[:3] if isinstance(p, torch.Tensor) and p.dim() == 2 else p for p in ap]
@@ -212,10 +225,16 @@ def test_gradcheck(act_case, training):
     def f(x, w, b, *tp):
         # fresh running statistics every call: the op mutates them
         return fusedact.batch_norm_act(
-            x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, act_case[1], *(list(tp) or floats)
+            x, rm.clone(), rv.clone(), w, b, training, 0.1, 1e-5, act_case[1], *(list(tp) or floats), backend=backend
         )
 
     inputs = [t.detach().requires_grad_() for t in (x, w, b, *tensors)]
+    if backend == "triton":
+        # the interpreter runs a launch in about a second: gradcheck's fast mode (random
+        # projections, a few evaluations); the second derivative is the eager form's VJP
+        # for either backend, checked with native
+        assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, fast_mode=True)
+        return
     assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-5, rtol=1e-4)
     assert torch.autograd.gradgradcheck(f, inputs, eps=1e-6, atol=1e-4, rtol=1e-3)
 
@@ -231,18 +250,20 @@ def test_one_value_per_channel_raises_as_batch_norm():
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_nan_and_inf_propagate_as_batch_norm(value):
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_nan_and_inf_propagate_as_batch_norm(backend, value):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 4, 4)
     x[1, 1, 2, 3] = value
     ref = nn.Sequential(nn.BatchNorm2d(3), nn.SiLU())
-    ours = fusedact.nn.BatchNormAct2d.from_modules(copy.deepcopy(ref[0]), fusedact.nn.Swish())
+    ours = fusedact.nn.BatchNormAct2d.from_modules(copy.deepcopy(ref[0]), fusedact.nn.Swish(backend=backend))
     a, e = ours(x), ref(x)
     assert torch.equal(a.isnan(), e.isnan()) and torch.equal(a.isinf(), e.isinf())
     assert torch.equal(ours.running_mean.isnan(), ref[0].running_mean.isnan())
 
 
-def test_saves_x_and_the_statistics_only():
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_saves_x_and_the_statistics_only(backend):
     """The autograd graph of one BatchNormAct2d holds x and per-channel tensors: no
     activation-sized tensor besides x (nn.BatchNorm2d + SiLU save two)."""
     x = torch.randn(4, 8, 16, 16, requires_grad=True)
@@ -253,7 +274,7 @@ def test_saves_x_and_the_statistics_only():
             module(x)
         return sorted(sizes, reverse=True)
 
-    ours = saved(fusedact.nn.BatchNormAct2d(8, act="mish"))
+    ours = saved(fusedact.nn.BatchNormAct2d(8, act=fusedact.nn.Mish(backend=backend)))
     theirs = saved(nn.Sequential(nn.BatchNorm2d(8), nn.Mish()))
     assert ours[0] == x.numel() and all(n <= 8 for n in ours[1:]), ours
     assert sum(n == x.numel() for n in theirs) == 2, theirs
@@ -355,9 +376,11 @@ def test_export_keeps_the_op_and_opcheck():
     ep = torch.export.export(m, (x,))
     assert "fusedact.batch_norm_act" in str(ep.graph), ep.graph
     torch.testing.assert_close(ep.module()(x), m(x))
-    for training in (True, False):
+    backends = ["native"] + (["triton"] if fusedact.triton.available() and TRITON_INTERPRET else [])
+    for training, backend in [(t, b) for t in (True, False) for b in backends]:
         torch.library.opcheck(
-            torch.ops.fusedact.batch_norm_stats.default, (x, torch.zeros(6), torch.ones(6), training, 0.1, 1e-5)
+            torch.ops.fusedact.batch_norm_stats.default,
+            (x, torch.zeros(6), torch.ones(6), training, 0.1, 1e-5, backend),
         )
         for act, beta, p in (
             ("mish", 1.0, (None, None, None)),
@@ -375,6 +398,7 @@ def test_export_keeps_the_op_and_opcheck():
                 act,
                 beta,
                 *p,
+                backend,
             )
             torch.library.opcheck(torch.ops.fusedact.batch_norm_act.default, args)
 
@@ -399,12 +423,16 @@ def test_onnx_export_is_batch_normalization_then_the_activation(tmp_path, dynamo
     torch.testing.assert_close(torch.from_numpy(out[0]), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_opcheck_of_the_passes():
-    """The C++ passes against their fakes (fusedact/_ops.py), a per-sample beta included:
-    its sums come back flat, (N * C,)."""
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_opcheck_of_the_passes(backend):
+    """The passes (C++, or Triton's) against their fakes (fusedact/_ops.py), a per-sample
+    beta included: its sums come back flat, (N * C,)."""
     x, g = torch.randn(4, 6, 3, 3), torch.randn(4, 6, 3, 3)
     mean, a, b = torch.randn(6), torch.rand(6) + 0.5, torch.randn(6)
-    ops = torch.ops.fusedact
+    ops = torch.ops.fusedact if backend == "native" else fusedact.triton.namespace()
+    if backend == "triton":
+        dz, sums = ops.bn_act_backward(g, x, [mean, a, b, torch.randn(6), torch.randn(6), torch.rand(4, 6)], "acon_c")
+        assert sums[5].shape == (24,)
     torch.library.opcheck(ops.bn_stats.default, (x,))
     for act, extra in (
         ("silu", []),

@@ -204,16 +204,16 @@ def test_kernels_use_lowp_only_for_16_bit_data():
     (float16's backward excepted), LowpRcp for their backward that sums parameter
     gradients, Precise for float32/float64."""
     src = (ROOT / "csrc" / "cuda" / "activations_cuda.cu").read_text()
+    flat = " ".join(src.split())  # the text up to whitespace (clang-format may rewrap it)
     assert (
-        "using MathFor = std::conditional_t<sizeof(scalar_t) == 2 &&\n"
-        "                                       !(kBackward && std::is_same_v<scalar_t, c10::Half>),\n"
-        "                                   math::Lowp, math::Precise>;"
-    ) in src
-    assert "using M = MathFor<scalar_t, kBackward>;" in src
+        "using MathFor = std::conditional_t<sizeof(scalar_t) == 2 && "
+        "!(kBackward && std::is_same_v<scalar_t, c10::Half>), math::Lowp, math::Precise>;"
+    ) in flat
+    assert "using M = MathFor<scalar_t, kBackward>;" in flat
     # the parameter-gradient backward (three arguments) never takes an M
-    assert "op.template backward<M>(static_cast<T>(gv[k].v[v]), static_cast<T>(xv[k].v[v]))" in src
+    assert "op.template backward<M>(static_cast<T>(gv[k].v[v]), static_cast<T>(xv[k].v[v]))" in flat
     # the row and channels kernels: their backward (with dp) takes LowpRcp for 2-byte data
-    assert "using SumsMathFor = std::conditional_t<sizeof(scalar_t) == 2, math::LowpRcp, math::Precise>;" in src
+    assert "using SumsMathFor = std::conditional_t<sizeof(scalar_t) == 2, math::LowpRcp, math::Precise>;" in flat
     channel_kernels = src.split("row_kernel(")[1].split("finish_kernel(")[0]
     assert channel_kernels.count("op.template backward<SumsMathFor<scalar_t>>(") == 2
     assert "op.backward(" not in channel_kernels

@@ -403,3 +403,189 @@ def _sum_partials_kernel(PARTIAL, OUT, M, K, k_blocks, BLOCK_M: tl.constexpr, BL
         tile = tl.load(base + ms.to(tl.int64)[:, None] * K + ks[None, :], mask=mask, other=0.0)
         acc += tl.sum(tile, axis=0)
     tl.store(OUT + b * K + ks, acc.to(OUT.dtype.element_ty), mask=k_ok)
+
+
+# ---- batch_norm_act's passes (fusedact/batch_norm.py). A sample of dense x is
+# [R][C][inner] (NCHW: R = 1; channels_last: inner = 1); per-(sample, channel) kernels
+# take one (n, c) a program and walk its R x inner elements in tiles of ROWS x BLOCK.
+# ACT: 0 identity, 1 silu, 2 swish (beta per channel in P1), 3 mish, 4 hard_swish,
+# 5 acon_c (P1, P2, P3 = p1, p2, beta; beta per sample when BETA_PER_SAMPLE).
+
+
+@triton.jit
+def _bn_act_params(P1, P2, P3, c, n_idx, C, mask, ACT: tl.constexpr, BETA_PER_SAMPLE: tl.constexpr):
+    # the activation's parameters (opmath), read only where it has them
+    p1 = 0.0
+    p2 = 0.0
+    p3 = 0.0
+    if ACT == 2 or ACT == 5:
+        p1 = tl.load(P1 + c, mask=mask, other=0.0)
+    if ACT == 5:
+        p2 = tl.load(P2 + c, mask=mask, other=0.0)
+        if BETA_PER_SAMPLE:
+            p3 = tl.load(P3 + n_idx * C + c, mask=mask, other=0.0)
+        else:
+            p3 = tl.load(P3 + c, mask=mask, other=0.0)
+    return p1, p2, p3
+
+
+@triton.jit
+def _act_fwd(z, p1, p2, p3, ACT: tl.constexpr):
+    if ACT == 0:
+        y = z
+    elif ACT == 1:
+        y = _swish_fwd(z, 1.0)
+    elif ACT == 2:
+        y = _swish_fwd(z, p1)
+    elif ACT == 3:
+        y = _mish_fwd(z)
+    elif ACT == 4:
+        y = _hard_swish_fwd(z)
+    else:
+        y = _acon_c_fwd(z, p1, p2, p3)
+    return y
+
+
+@triton.jit
+def _act_bwd(g, z, p1, p2, p3, ACT: tl.constexpr):
+    """(dz, the activation's three parameter gradients: 0 where it has none)."""
+    zero = g * 0.0
+    if ACT == 0:
+        dz, d1, d2, d3 = g, zero, zero, zero
+    elif ACT == 1:
+        dz, d1 = _swish_bwd(g, z, 1.0)
+        d1, d2, d3 = zero, zero, zero
+    elif ACT == 2:
+        dz, d1 = _swish_bwd(g, z, p1)
+        d2, d3 = zero, zero
+    elif ACT == 3:
+        dz, d1, d2, d3 = _mish_bwd(g, z), zero, zero, zero
+    elif ACT == 4:
+        dz, d1, d2, d3 = _hard_swish_bwd(g, z), zero, zero, zero
+    else:
+        dz, d1, d2, d3 = _acon_c_bwd(g, z, p1, p2, p3)
+    return dz, d1, d2, d3
+
+
+@triton.jit
+def _bn_tile(pid, R, C, inner, r0, i0, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """The offsets and mask of one ROWS x BLOCK tile of sample n, channel c (pid = n C + c)."""
+    n_idx = pid // C
+    c = pid % C
+    rows = r0 + tl.arange(0, ROWS)
+    idx = i0 + tl.arange(0, BLOCK)
+    mask = (rows < R)[:, None] & (idx < inner)[None, :]
+    offs = ((n_idx * R + rows.to(tl.int64)) * C + c)[:, None] * inner + idx[None, :]
+    return offs, mask
+
+
+@triton.jit
+def _bn_sums_kernel(X, SHIFT, OUT, R, C, inner, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """OUT[n C + c] = (sum (x - shift), sum (x - shift)^2) over sample n, channel c, in float64."""
+    pid = tl.program_id(0).to(tl.int64)
+    shift = tl.load(SHIFT + pid % C).to(tl.float64)
+    s1 = tl.zeros((ROWS, BLOCK), dtype=tl.float64)
+    s2 = tl.zeros((ROWS, BLOCK), dtype=tl.float64)
+    for r0 in range(0, R, ROWS):
+        for i0 in range(0, inner, BLOCK):
+            offs, mask = _bn_tile(pid, R, C, inner, r0, i0, ROWS, BLOCK)
+            d = tl.where(mask, tl.load(X + offs, mask=mask, other=0.0).to(tl.float64) - shift, 0.0)
+            s1 += d
+            s2 += d * d
+    tl.store(OUT + pid * 2, tl.sum(tl.sum(s1, axis=1), axis=0))
+    tl.store(OUT + pid * 2 + 1, tl.sum(tl.sum(s2, axis=1), axis=0))
+
+
+@triton.jit
+def _bn_act_fwd_kernel(
+    X,
+    Y,
+    MEAN,
+    A,
+    B,
+    P1,
+    P2,
+    P3,
+    n,
+    inner,
+    C,
+    sample_size,
+    ACT: tl.constexpr,
+    BETA_PER_SAMPLE: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """y = act((x - mean) a + b), flat over dense x."""
+    offs, mask = _offsets(n, BLOCK)
+    c = (offs // inner) % C
+    x = _opmath(tl.load(X + offs, mask=mask))
+    mean = tl.load(MEAN + c, mask=mask, other=0.0)
+    a = tl.load(A + c, mask=mask, other=0.0)
+    b = tl.load(B + c, mask=mask, other=0.0)
+    p1, p2, p3 = _bn_act_params(P1, P2, P3, c, offs // sample_size, C, mask, ACT, BETA_PER_SAMPLE)
+    tl.store(Y + offs, _to_out(_act_fwd((x - mean) * a + b, p1, p2, p3, ACT), Y), mask=mask)
+
+
+@triton.jit
+def _bn_act_bwd_kernel(
+    G,
+    X,
+    DZ,
+    MEAN,
+    A,
+    B,
+    P1,
+    P2,
+    P3,
+    OUT,
+    R,
+    C,
+    inner,
+    ACT: tl.constexpr,
+    BETA_PER_SAMPLE: tl.constexpr,
+    ROWS: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """dz = act'(z) g for sample n, channel c (pid = n C + c), and its sums
+    OUT[pid][0:5] = (dz (x - mean), dz, and the activation's three parameter gradients)."""
+    pid = tl.program_id(0).to(tl.int64)
+    c = pid % C
+    n_idx = pid // C
+    mean = tl.load(MEAN + c)
+    a = tl.load(A + c)
+    b = tl.load(B + c)
+    p1, p2, p3 = _bn_act_params(P1, P2, P3, c, n_idx, C, True, ACT, BETA_PER_SAMPLE)
+    zero = tl.zeros((ROWS, BLOCK), dtype=mean.dtype)
+    s_xm, s_dz, s1, s2, s3 = zero, zero, zero, zero, zero
+    for r0 in range(0, R, ROWS):
+        for i0 in range(0, inner, BLOCK):
+            offs, mask = _bn_tile(pid, R, C, inner, r0, i0, ROWS, BLOCK)
+            x = _opmath(tl.load(X + offs, mask=mask, other=0.0))
+            g = _opmath(tl.load(G + offs, mask=mask, other=0.0))
+            xm = x - mean
+            dz, d1, d2, d3 = _act_bwd(g, xm * a + b, p1, p2, p3, ACT)
+            tl.store(DZ + offs, _to_out(dz, DZ), mask=mask)
+            s_xm += tl.where(mask, dz * xm, 0.0)
+            s_dz += tl.where(mask, dz, 0.0)
+            s1 += tl.where(mask, d1, 0.0)
+            s2 += tl.where(mask, d2, 0.0)
+            s3 += tl.where(mask, d3, 0.0)
+    base = OUT + pid * 5
+    tl.store(base, tl.sum(tl.sum(s_xm, axis=1), axis=0).to(tl.float64))
+    tl.store(base + 1, tl.sum(tl.sum(s_dz, axis=1), axis=0).to(tl.float64))
+    tl.store(base + 2, tl.sum(tl.sum(s1, axis=1), axis=0).to(tl.float64))
+    tl.store(base + 3, tl.sum(tl.sum(s2, axis=1), axis=0).to(tl.float64))
+    tl.store(base + 4, tl.sum(tl.sum(s3, axis=1), axis=0).to(tl.float64))
+
+
+@triton.jit
+def _bn_dx_kernel(DZ, X, DX, K1, K2, MEAN, CC, n, inner, C, BLOCK: tl.constexpr):
+    """dx = k1 dz + (k2 (x - mean) + c) per channel, flat over dense x."""
+    offs, mask = _offsets(n, BLOCK)
+    c = (offs // inner) % C
+    x = _opmath(tl.load(X + offs, mask=mask))
+    dz = _opmath(tl.load(DZ + offs, mask=mask))
+    k1 = tl.load(K1 + c, mask=mask, other=0.0)
+    k2 = tl.load(K2 + c, mask=mask, other=0.0)
+    mean = tl.load(MEAN + c, mask=mask, other=0.0)
+    cc = tl.load(CC + c, mask=mask, other=0.0)
+    tl.store(DX + offs, _to_out(k1 * dz + (k2 * (x - mean) + cc), DX), mask=mask)

@@ -64,7 +64,8 @@ def _op(name: str):
 
     def register(fn):
         if not INTERPRET:
-            return triton_op(f"fusedact_triton::{name}", _fusing(fn, name), mutates_args=())
+            body = _fusing(fn, name) if name in _inductor.DECOMPOSITIONS else fn  # bn_*: no decomposition
+            return triton_op(f"fusedact_triton::{name}", body, mutates_args=())
         op = custom_op(f"fusedact_triton::{name}", fn, mutates_args=())
         op.register_fake(fn)
         return op
@@ -358,3 +359,158 @@ def acon_c_backward(
     grads = [sums[0, :, 0], sums[0, :, 1], dbeta]
     # copies: an op's outputs may not alias one another
     return (dx,) + tuple(gr.reshape(p.shape).to(p.dtype, copy=True) for gr, p in zip(grads, (p1, p2, beta)))
+
+
+# ---- batch_norm_act's passes: the schemas of torch.ops.fusedact.bn_* (csrc/ops.cpp).
+# params: opmath tensors, (C,) or (N, C) for a per-sample beta; [mean, a, b, act's...]
+# for bn_act_*, [k1, k2, mean, c] for bn_dx.
+
+_BN_ACTS = {"identity": 0, "silu": 1, "swish": 2, "mish": 3, "hard_swish": 4, "acon_c": 5}
+
+
+def _bn_geometry(op: str, x: torch.Tensor):
+    """(dense x with its samples outermost, N, R, C, inner): a sample is [R][C][inner]."""
+    check_x(op, x)
+    if x.dim() < 2:
+        raise ValueError(f"{op}: x must be (N, C, ...), got {x.dim()} dimension(s)")
+    xd = _dense(x)
+    if not batch_blocked(xd):
+        xd = x.contiguous()
+    N, C = x.shape[0], x.shape[1]
+    sample = xd.numel() // N if N else 0
+    inner = xd.stride(1) if C > 1 else sample
+    R = sample // (C * inner) if sample else 0
+    return xd, N, R, C, max(inner, 1)
+
+
+def _bn_tiles(R: int, inner: int) -> tuple[int, int]:
+    """(ROWS, BLOCK) of the per-(sample, channel) kernels: about 1024 elements a tile."""
+    block = min(1024, triton.next_power_of_2(inner))
+    return max(1, min(triton.next_power_of_2(max(R, 1)), 1024 // block)), block
+
+
+def _bn_act_code(op: str, act: str, params, nparams: int) -> int:
+    if act not in _BN_ACTS:
+        raise ValueError(f"{op}: unknown act '{act}' ({', '.join(_BN_ACTS)})")
+    if len(params) != nparams:
+        raise ValueError(f"{op}: act '{act}' takes {nparams} parameter tensors, got {len(params)}")
+    return _BN_ACTS[act]
+
+
+def _bn_param_ptrs(x, params):
+    """mean, a, b and three activation pointers (x itself where the activation has none:
+    the kernels do not read them)."""
+    acts = list(params[3:]) + [x] * (6 - len(params))
+    return [p.contiguous() for p in params[:3]] + [p.contiguous() for p in acts]
+
+
+def _nparams(act: str) -> int:
+    return 3 + {"swish": 1, "acon_c": 3}.get(act, 0)
+
+
+@_op("bn_stats")
+def bn_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    op = "fusedact.bn_stats"
+    xd, N, R, C, inner = _bn_geometry(op, x)
+    M = xd.numel() // C if C else 0
+    if M == 0:
+        raise ValueError(f"{op}: x has no elements per channel")
+    rows, block = _bn_tiles(R, inner)
+    acc = _opmath_dtype(xd)
+
+    def sums(shift):  # [C][2] in float64: the samples' partials added in order
+        part = xd.new_empty((N * C * 2,), dtype=torch.float64)
+        _launch(k._bn_sums_kernel, (N * C,), xd, shift, part, R, C, inner, ROWS=rows, BLOCK=block)
+        return part.reshape(N, C, 2).sum(0)
+
+    shift = (sums(xd.new_zeros((C,), dtype=acc))[:, 0] / M).to(acc)
+    s = sums(shift)
+    d = s[:, 0] / M  # the residual of the shift (NaN about an infinite mean)
+    mean = torch.where(torch.isfinite(d), shift.double() + d, shift.double())
+    var = (s[:, 1] / M - d * d).clamp_min(0.0)
+    return mean.to(acc), var.to(acc)
+
+
+@_op("bn_act_forward")
+def bn_act_forward(x: torch.Tensor, params: list[torch.Tensor], act: str) -> torch.Tensor:
+    op = "fusedact.bn_act_forward"
+    code = _bn_act_code(op, act, params, _nparams(act))
+    xd, N, R, C, inner = _bn_geometry(op, x)
+    y = torch.empty_like(xd)
+    n = xd.numel()
+    if n:
+        per_sample = code == 5 and params[5].dim() == 2
+        block = _block(xd)
+        _launch(
+            k._bn_act_fwd_kernel,
+            _grid(n, block),
+            xd,
+            y,
+            *_bn_param_ptrs(xd, params),
+            n,
+            inner,
+            C,
+            R * C * inner,
+            ACT=code,
+            BETA_PER_SAMPLE=per_sample,
+            BLOCK=block,
+        )
+    return y
+
+
+@_op("bn_act_backward")
+def bn_act_backward(
+    grad: torch.Tensor, x: torch.Tensor, params: list[torch.Tensor], act: str
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    op = "fusedact.bn_act_backward"
+    code = _bn_act_code(op, act, params, _nparams(act))
+    xd, N, R, C, inner = _bn_geometry(op, x)
+    check_grad(op, grad, x)
+    g = _with_layout_of(grad, xd)
+    dz = torch.empty_like(xd)
+    acc = _opmath_dtype(xd)
+    per_sample = code == 5 and params[5].dim() == 2
+    part = xd.new_zeros((N * C * 5,), dtype=torch.float64)
+    if xd.numel():
+        rows, block = _bn_tiles(R, inner)
+        ptrs = _bn_param_ptrs(xd, params)
+        _launch(
+            k._bn_act_bwd_kernel,
+            (N * C,),
+            g,
+            xd,
+            dz,
+            *ptrs,
+            part,
+            R,
+            C,
+            inner,
+            ACT=code,
+            BETA_PER_SAMPLE=per_sample,
+            ROWS=rows,
+            BLOCK=block,
+        )
+    part = part.reshape(N, C, 5)
+    total = part.sum(0).to(acc)  # the samples' partials added in order
+    sums = [total[:, 0], total[:, 1], torch.zeros_like(total[:, 0])]
+    for j in range(len(params) - 3):
+        sums.append(part[:, :, 4].reshape(-1).to(acc) if j == 2 and per_sample else total[:, 2 + j])  # (N C,) flat
+    return dz, [t.clone() for t in sums]  # an op's outputs may not alias one another
+
+
+@_op("bn_dx")
+def bn_dx(dz: torch.Tensor, x: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    op = "fusedact.bn_dx"
+    if len(params) != 4:
+        raise ValueError(f"{op}: takes 4 parameter tensors (k1, k2, mean, c), got {len(params)}")
+    xd, N, R, C, inner = _bn_geometry(op, x)
+    check_grad(op, dz, x)
+    d = _with_layout_of(dz, xd)
+    dx = torch.empty_like(xd)
+    n = xd.numel()
+    if n:
+        block = _block(xd)
+        _launch(
+            k._bn_dx_kernel, _grid(n, block), d, xd, dx, *[p.contiguous() for p in params], n, inner, C, BLOCK=block
+        )
+    return dx
