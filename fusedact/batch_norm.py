@@ -342,6 +342,49 @@ def _inductor_compiling() -> bool:
     return torch.compiler.is_compiling() and not exporting()
 
 
+def _plain_eager(*args) -> bool:
+    """Plain eager tensors, no transform, mode or tracer: the two graph ops' work can be
+    done by one autograd.Function without their dispatch (about 0.1-0.2 ms a call in
+    torch.library's Python layer, most of a small block's step; benchmarks/NOTES.md)."""
+    return (
+        not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+        and all(a is None or type(a) in (Tensor, torch.nn.Parameter) for a in args if not isinstance(a, float))
+        and args[0].device.type != "meta"
+    )
+
+
+class _EagerBatchNormAct(torch.autograd.Function):
+    """batch_norm_stats then batch_norm_act, as those ops compute them (the same passes and
+    backward), in one Function for plain eager calls."""
+
+    @staticmethod
+    def forward(
+        ctx, x, weight, bias, p1, p2, act_beta, running_mean, running_var, training, momentum, eps, act, beta, backend
+    ):
+        mean, invstd = _stats(x, running_mean, running_var, training, momentum, eps, backend)
+        a, b = _affine(x, weight, bias, invstd)
+        params = [mean, a, b, *_act_tensors(x, act, beta, p1, p2, act_beta)]
+        ctx.save_for_backward(x, weight, bias, mean, invstd, p1, p2, act_beta)
+        ctx.training, ctx.eps, ctx.act, ctx.beta, ctx.backend = training, eps, act, beta, backend
+        return _passes(backend).bn_act_forward(x, params, _kernel_act(act, beta, act_beta))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, bias, mean, invstd, p1, p2, act_beta = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: the eager form's VJP, differentiable again
+            outs = _eager_vjp(ctx, grad, x, weight, bias, mean, invstd, p1, p2, act_beta)
+        else:
+            outs = _backward_passes(
+                grad, x, weight, bias, mean, invstd, ctx.training, ctx.act, ctx.beta, p1, p2, act_beta, ctx.backend
+            )
+        keep = (x, weight, bias, p1, p2, act_beta)
+        grads = [g if need and t is not None else None for g, t, need in zip(outs, keep, ctx.needs_input_grad)]
+        return (*grads, None, None, None, None, None, None, None, None)
+
+
 def batch_norm_act(
     x: Tensor,
     running_mean: Optional[Tensor],
@@ -376,6 +419,10 @@ def batch_norm_act(
     if backend not in (None, "native", "triton"):
         raise ValueError(f"{op}: unknown backend {backend!r}: native (default), triton or eager")
     passes = backend or "native"
+    if _plain_eager(x, weight, bias, running_mean, running_var, *act_params):
+        return _EagerBatchNormAct.apply(
+            x, weight, bias, p1, p2, act_beta, running_mean, running_var, training, momentum, eps, act, beta, passes
+        )
     mean, invstd = _batch_norm_stats(x.detach(), running_mean, running_var, training, momentum, eps, passes)
     return _batch_norm_act(x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta, passes)
 

@@ -523,3 +523,29 @@ def test_sync_batch_norm_act_without_a_group_is_the_local_op_and_converts():
     assert isinstance(out[0].act, fusedact.nn.Mish)
     with pytest.raises(ValueError, match="CPU kernels"):
         fusedact.sync_batch_norm_act(torch.randn(2, 3, 4, device="meta"), None, None, None, None, 0.1, 1e-5, "mish")
+
+
+@pytest.mark.parametrize("act_case", ACT_CASES, ids=[c[0] for c in ACT_CASES])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_eager_function_equals_the_graph_ops_bit_for_bit(act_case, training):
+    """A plain eager call runs one autograd.Function in place of the two graph ops
+    (batch_norm_stats, batch_norm_act): the same passes, so y, every gradient and the
+    running statistics are bitwise those of the ops called directly."""
+    x, w, b, rm, rv, ap = _inputs(act_case, torch.float32, "channels_last")
+    g = torch.randn(x.shape)
+    beta, p1, p2, act_beta = fusedact.reference.split_act_params(act_case[1], ap)
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+
+    def through_ops(x, w, b, tp):
+        tb, tp1, tp2, tab = fusedact.reference.split_act_params(act_case[1], tp)
+        ops = torch.ops.fusedact
+        mean, invstd = ops.batch_norm_stats(x.detach(), rm2, rv2, training, 0.1, 1e-5, "native")
+        return ops.batch_norm_act(x, mean, invstd, w, b, training, 1e-5, act_case[1], tb, tp1, tp2, tab, "native")
+
+    fast = _run(_fused(act_case[1], training, rm1, rv1), x, w, b, ap, g)
+    y = _fused(act_case[1], training, rm.clone(), rv.clone())(x.requires_grad_(), w, b, ap)
+    assert type(y.grad_fn).__name__ == "_EagerBatchNormActBackward"
+    slow = _run(through_ops, x, w, b, ap, g)
+    for a, e in zip(fast, slow):
+        assert torch.equal(a, e)
+    assert torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
