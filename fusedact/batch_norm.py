@@ -125,14 +125,27 @@ def _stats(x, running_mean, running_var, training, momentum, eps, backend="nativ
     pt = _opmath(x)
     if training:
         mean, var = _passes(backend).bn_stats(x)
-        if running_mean is not None:
-            M = x.numel() // x.shape[1]
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-                running_var.mul_(1 - momentum).add_((var * (M / max(M - 1, 1))).to(running_var.dtype), alpha=momentum)
+        _update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     else:
         mean, var = running_mean.to(pt, copy=True), running_var.to(pt)
     return mean, torch.rsqrt(var + eps)
+
+
+def _update_running(running_mean, running_var, mean, var, count: int, momentum: float) -> None:
+    """nn.BatchNorm2d's update from the batch mean and biased variance of ``count``
+    elements per channel (the running variance takes the unbiased one); None: no update."""
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_((var * (count / max(count - 1, 1))).to(running_var.dtype), alpha=momentum)
+
+
+def _forward_pass(x, mean, invstd, weight, bias, act, beta, p1, p2, act_beta, backend):
+    """y = act((x - mean) invstd weight + bias): the one forward pass."""
+    a, b = _affine(x, weight, bias, invstd)
+    params = [mean, a, b, *_act_tensors(x, act, beta, p1, p2, act_beta)]
+    return _passes(backend).bn_act_forward(x, params, _kernel_act(act, beta, act_beta))
 
 
 def _affine(x, weight, bias, invstd):
@@ -187,9 +200,7 @@ def _batch_norm_act(
     """act((x - mean) invstd weight + bias); training: mean and invstd are x's own batch
     statistics (the backward differentiates through them); eps only for the second
     derivative, which recomputes them."""
-    a, b = _affine(x, weight, bias, invstd)
-    params = [mean, a, b, *_act_tensors(x, act, beta, p1, p2, act_beta)]
-    return _passes(backend).bn_act_forward(x, params, _kernel_act(act, beta, act_beta))
+    return _forward_pass(x, mean, invstd, weight, bias, act, beta, p1, p2, act_beta, backend)
 
 
 @_batch_norm_act.register_fake
@@ -260,20 +271,35 @@ def _(grad, x, weight, bias, mean, invstd, training, act, beta, p1, p2, act_beta
     return torch.empty_like(x), like(weight), like(bias), like(p1), like(p2), like(act_beta)
 
 
-def _setup_context(ctx, inputs, output):
-    x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta, backend = inputs
+def _save(ctx, x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta, backend):
+    """What every backward of the block needs: x, the statistics, the parameters."""
     ctx.save_for_backward(x, weight, bias, mean, invstd, p1, p2, act_beta)
     ctx.training, ctx.eps, ctx.act, ctx.beta, ctx.backend = training, eps, act, beta, backend
 
 
+def _setup_context(ctx, inputs, output):
+    _save(ctx, *inputs)
+
+
+def _gradients(ctx, grad, backward):
+    """(dx, dweight, dbias, dp1, dp2, dbeta) from what _save kept, and the saved tensors:
+    ``backward`` (the backward op or its passes) or, under create_graph=True, the eager
+    form's VJP, differentiable again."""
+    saved = ctx.saved_tensors
+    x, weight, bias, mean, invstd, p1, p2, act_beta = saved
+    if torch.is_grad_enabled():
+        return _eager_vjp(ctx, grad, x, weight, bias, mean, invstd, p1, p2, act_beta), saved
+    outs = backward(grad, x, weight, bias, mean, invstd, ctx.training, ctx.act, ctx.beta, p1, p2, act_beta, ctx.backend)
+    return outs, saved
+
+
+def _needed(outs, inputs, needs_input_grad) -> list:
+    """outs where the input is a tensor that needs its gradient, else None."""
+    return [g if need and t is not None else None for g, t, need in zip(outs, inputs, needs_input_grad)]
+
+
 def _backward(ctx, grad):
-    x, weight, bias, mean, invstd, p1, p2, act_beta = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: the eager form's VJP, differentiable again
-        outs = _eager_vjp(ctx, grad, x, weight, bias, mean, invstd, p1, p2, act_beta)
-    else:
-        outs = _batch_norm_act_backward(
-            grad, x, weight, bias, mean, invstd, ctx.training, ctx.act, ctx.beta, p1, p2, act_beta, ctx.backend
-        )
+    outs, (x, weight, bias, mean, invstd, p1, p2, act_beta) = _gradients(ctx, grad, _batch_norm_act_backward)
     dx, dw, db, dp1, dp2, dbeta = outs
     need = ctx.needs_input_grad
     pick = [
@@ -365,23 +391,13 @@ class _EagerBatchNormAct(torch.autograd.Function):
         ctx, x, weight, bias, p1, p2, act_beta, running_mean, running_var, training, momentum, eps, act, beta, backend
     ):
         mean, invstd = _stats(x, running_mean, running_var, training, momentum, eps, backend)
-        a, b = _affine(x, weight, bias, invstd)
-        params = [mean, a, b, *_act_tensors(x, act, beta, p1, p2, act_beta)]
-        ctx.save_for_backward(x, weight, bias, mean, invstd, p1, p2, act_beta)
-        ctx.training, ctx.eps, ctx.act, ctx.beta, ctx.backend = training, eps, act, beta, backend
-        return _passes(backend).bn_act_forward(x, params, _kernel_act(act, beta, act_beta))
+        _save(ctx, x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta, backend)
+        return _forward_pass(x, mean, invstd, weight, bias, act, beta, p1, p2, act_beta, backend)
 
     @staticmethod
     def backward(ctx, grad):
-        x, weight, bias, mean, invstd, p1, p2, act_beta = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: the eager form's VJP, differentiable again
-            outs = _eager_vjp(ctx, grad, x, weight, bias, mean, invstd, p1, p2, act_beta)
-        else:
-            outs = _backward_passes(
-                grad, x, weight, bias, mean, invstd, ctx.training, ctx.act, ctx.beta, p1, p2, act_beta, ctx.backend
-            )
-        keep = (x, weight, bias, p1, p2, act_beta)
-        grads = [g if need and t is not None else None for g, t, need in zip(outs, keep, ctx.needs_input_grad)]
+        outs, (x, weight, bias, _, _, p1, p2, act_beta) = _gradients(ctx, grad, _backward_passes)
+        grads = _needed(outs, (x, weight, bias, p1, p2, act_beta), ctx.needs_input_grad)
         return (*grads, None, None, None, None, None, None, None, None)
 
 
@@ -473,35 +489,28 @@ class _SyncBatchNormAct(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, p1, p2, act_beta, running_mean, running_var, momentum, eps, act, beta, group):
-        import torch.distributed as dist
-
         mean, var, total = _gathered_stats(x, group)
-        if running_mean is not None:
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            unbiased = var * (total / max(total - 1, 1))
-            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        _update_running(running_mean, running_var, mean, var, total, momentum)
         invstd = torch.rsqrt(var + eps)
-        ctx.save_for_backward(x, weight, bias, mean, invstd, p1, p2, act_beta)
-        ctx.act, ctx.beta, ctx.group, ctx.total = act, beta, group, total
-        ctx.dist = dist
-        return _batch_norm_act(x, mean, invstd, weight, bias, True, eps, act, beta, p1, p2, act_beta, "native")
+        _save(ctx, x, mean, invstd, weight, bias, True, eps, act, beta, p1, p2, act_beta, "native")
+        ctx.group, ctx.total = group, total
+        return _forward_pass(x, mean, invstd, weight, bias, act, beta, p1, p2, act_beta, "native")
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, weight, bias, mean, invstd, p1, p2, act_beta = ctx.saved_tensors
+        import torch.distributed as dist
 
         def reduce(s_xm, s_dz):
             both = torch.cat([s_xm, s_dz])
-            ctx.dist.all_reduce(both, group=ctx.group)
+            dist.all_reduce(both, group=ctx.group)
             return both[: s_xm.numel()], both[s_xm.numel() :], ctx.total
 
-        dx, dw, db, dp1, dp2, dbeta = _backward_passes(
-            grad, x, weight, bias, mean, invstd, True, ctx.act, ctx.beta, p1, p2, act_beta, "native", reduce
-        )
-        need = ctx.needs_input_grad
-        keep = [(dx, x), (dw, weight), (db, bias), (dp1, p1), (dp2, p2), (dbeta, act_beta)]
-        grads = [g if n and t is not None else None for n, (g, t) in zip(need, keep)]
+        def synced(*args):
+            return _backward_passes(*args, reduce=reduce)
+
+        outs, (x, weight, bias, _, _, p1, p2, act_beta) = _gradients(ctx, grad, synced)
+        grads = _needed(outs, (x, weight, bias, p1, p2, act_beta), ctx.needs_input_grad)
         return (*grads, None, None, None, None, None, None, None)
 
 
