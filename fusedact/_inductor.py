@@ -18,7 +18,8 @@ hard_swish's forward keeps SPEC's ends around aten's form (x itself from 3, -0.0
 -3, through a clamp: a second select made the partitioner save 11 MB more in
 MobileNetV3); its backward is aten's, whose dx at x = NaN is g (not NaN). Elsewhere
 the math is activation_math.h's, op for op (the same grouping, saturation guards and
-selects), in float32 for 16-bit data, rounded once to x's dtype; parameter gradients
+selects), except acon_c's backward, which takes s from aten.sigmoid and 1 - s (its
+comment says why; the guards stay), in float32 for 16-bit data, rounded once to x's dtype; parameter gradients
 are float32 (float64) sums returned in the parameter's dtype.
 """
 
@@ -80,13 +81,6 @@ def _sigmoid_slope(z):
     """s(z) and s (1 - s) (activation_math.h's sigmoid_slope)."""
     r, ar = _sigmoid_halves(z)
     return torch.where(z >= 0, r, ar), r * ar
-
-
-def _sigmoid_pair(z):
-    """s(z) and 1 - s(z) (sigmoid_pair)."""
-    r, ar = _sigmoid_halves(z)
-    pos = z >= 0
-    return torch.where(pos, r, ar), torch.where(pos, ar, r)
 
 
 def _sum_to(t: torch.Tensor, p: torch.Tensor, keep: tuple[int, ...]) -> torch.Tensor:
@@ -158,24 +152,26 @@ def acon_c_forward(x, p1, p2, beta, channel_dim):
 
 
 def acon_c_backward(grad, x, p1, p2, beta, channel_dim):
+    # g h formed once, read by dx and the p1 sum, and s from aten.sigmoid with 1 - s: in
+    # activation_math.h's form (sigmoid_pair's selects, h and g x apart) Inductor realized
+    # NCHW intermediates of a channels_last x and transposed them, and a compiled
+    # BN + AconC step took 2.2x the original's (benchmarks/NOTES.md, "ACON under compile")
     gf, xf = _opmath(grad, x)
     cd, per_sample, (a, b, bt) = _acon_params(x, xf, p1, p2, beta, channel_dim)
     d = a - b
     u = d * xf
     z = bt * u
-    s, sc = _sigmoid_pair(z)
+    s = torch.sigmoid(z)
+    sc = 1 - s  # sigmoid(-z) is exact for large z, but brought the transposes back
     k = _SATURATION[xf.dtype]
-    zc = z.clamp(-k, k)
-    h = s * (1 + zc * sc)
-    gx = gf * xf
-    saturated = (z >= k) | (z <= -k)
-    dbeta = gf * torch.where(saturated, 0.0, (u * s) * (u * sc))
-    dx = (gf * (d * h + b)).to(x.dtype)
+    zc = z.clamp(-k, k)  # z = +-inf: h = s (not inf * 0)
+    gh = gf * (s + zc * (s * sc))
+    dbeta = gf * torch.where(z.abs() >= k, 0.0, (u * u) * (s * sc))
     beta_axes = (0, cd) if per_sample else (cd,)
     return (
-        dx,
-        _sum_to(gx * h, p1, (cd,)),
-        _sum_to(gx * (sc * (1 - zc * s)), p2, (cd,)),
+        (gh * d + gf * b).to(x.dtype),
+        _sum_to(gh * xf, p1, (cd,)),
+        _sum_to((gf * xf) * (sc * (1 - zc * s)), p2, (cd,)),
         _sum_to(dbeta, beta, beta_axes),
     )
 

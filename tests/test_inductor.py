@@ -348,6 +348,37 @@ def test_fused_block_saves_what_the_original_saves(act):
     assert saved["kernel"] >= saved["torch"] + act_bytes - x.shape[1] * 8, saved
 
 
+class EagerAconC(nn.Module):  # YOLOv5's AconC, what a user compiles before convert
+    def __init__(self, c):
+        super().__init__()
+        self.p1 = nn.Parameter(torch.randn(1, c, 1, 1))
+        self.p2 = nn.Parameter(torch.randn(1, c, 1, 1))
+        self.beta = nn.Parameter(torch.ones(1, c, 1, 1))
+
+    def forward(self, x):
+        dpx = (self.p1 - self.p2) * x
+        return dpx * torch.sigmoid(self.beta * dpx) + self.p2 * x
+
+
+def test_acon_block_keeps_the_layout():
+    """A compiled BatchNorm + AconC step on channels_last x (the layout Inductor gives a
+    conv's output on the CPU) transposes no more tiles with our decomposition than with
+    YOLOv5's eager module: in activation_math.h's form, Inductor realized NCHW
+    intermediates and the step ran 2.2x slower (benchmarks/NOTES.md)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 32, 16, 16).to(memory_format=torch.channels_last).requires_grad_()
+    counts = {}
+    for label, act in (("eager", EagerAconC(32)), ("ours", fusedact.nn.AconC(32))):
+        torch._dynamo.reset()
+        block = nn.Sequential(nn.BatchNorm2d(32), act)
+        with compile_mode("fuse"):
+            compiled = torch.compile(block, fullgraph=True)
+            _, codes = run_and_get_code(lambda: compiled(x).sum().backward())
+        assert not fused_ops_in(codes)
+        counts[label] = sum(code.count("transpose_mxn") for code in codes)
+    assert counts["ours"] <= counts["eager"], counts
+
+
 def test_mode_change_recompiles():
     """Dynamo guards on the setting: a compiled function compiles again when it changes."""
     torch._dynamo.reset()
