@@ -180,11 +180,16 @@ def test_opcheck_every_op(device, backend):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_torch_compile_fullgraph(device, backend):
-    """All four ops in one compiled function, forward and backward, no graph break."""
+    """All four ops in one compiled function, forward and backward, no graph break, and
+    the compiled graph computes the same function as eager. In float64: compiled and eager
+    reduce the parameter gradients in another order and Inductor evaluates the
+    decompositions with its own roundings, so in float32 they differ by the bound of a
+    float32 sum (test_inductor.py holds each op to it); float64 shows the math equal to
+    the default 1e-7 with room for nothing else."""
     torch._dynamo.reset()
-    x = rand_x((2, 8, 6, 6), torch.float32, device)
+    x = rand_x((2, 8, 6, 6), torch.float64, device)
     p1, p2, b = make_params("acon_c", x, per_sample=True)
-    beta = torch.tensor(1.2, device=device)
+    beta = torch.tensor(1.2, dtype=torch.float64, device=device)
 
     def f(x, p1, p2, b, beta):
         h = fusedact.swish(x, beta, backend=backend) + fusedact.mish(x, backend=backend) * fusedact.hard_swish(
