@@ -25,4 +25,15 @@ TORCH_LIBRARY(fusedact, m) {
   m.def("bn_act_backward(Tensor grad, Tensor x, Tensor[] params, str act) -> (Tensor, Tensor[])");
   m.def("bn_dx(Tensor dz, Tensor x, Tensor[] params) -> Tensor");
   m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");  // (mean, biased variance) per channel, opmath
+  // The passes with their per-channel arithmetic, one call each: (mean, invstd), updating
+  // the running statistics in training; y; (dx, dweight, dbias, the act's sums).
+  m.def(
+      "bn_batch_stats(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, bool training, float momentum, "
+      "float eps) -> (Tensor, Tensor)");
+  m.def(
+      "bn_act_apply(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor[] act_params, str act) "
+      "-> Tensor");
+  m.def(
+      "bn_act_grad(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, bool training, "
+      "Tensor[] act_params, str act) -> (Tensor, Tensor, Tensor, Tensor[])");
 }

@@ -10,13 +10,18 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
+#include <ATen/ScalarOps.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Optional.h>
 
+#include <algorithm>
 #include <tuple>
 #include <vector>
 
@@ -363,6 +368,90 @@ at::Tensor bn_dx(const at::Tensor& dz, const at::Tensor& x, at::TensorList param
   return std::get<0>(bn_backward<B, math::BnDx>("fusedact.bn_dx", dz, x, params));
 }
 
+// ---- batch_norm_act's passes with their per-channel arithmetic, one call each (the
+// eager path's and the native graph ops'; fusedact/batch_norm.py): the dozen small
+// tensor ops around the passes cost more than the passes on a small block.
+
+inline at::ScalarType bn_opmath(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// (mean, invstd) per channel in opmath; in training x's batch statistics, and the running
+// ones updated as nn.BatchNorm2d does (unbiased variance; momentum), in their own dtype.
+template <class B>
+std::tuple<at::Tensor, at::Tensor> bn_batch_stats(const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
+                                                  const c10::optional<at::Tensor>& running_var, bool training,
+                                                  double momentum, double eps) {
+  const auto pt = bn_opmath(x);
+  at::Tensor mean, var;
+  if (training) {
+    std::tie(mean, var) = bn_stats<B>(x);
+    TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
+                "fusedact.bn_batch_stats: give both running_mean and running_var, or neither");
+    if (running_mean.has_value()) {
+      const int64_t M = x.numel() / x.size(1);
+      at::NoGradGuard no_grad;
+      // 1 - momentum as Python passes it (a wrapped double): a plain Scalar is rounded to
+      // a 16-bit x's dtype first, and the running statistics would differ by an ulp
+      const at::Tensor keep = at::native::wrapped_scalar_tensor(1 - momentum);
+      running_mean->mul_(keep).add_(mean.to(running_mean->scalar_type()), momentum);
+      const double unbias = double(M) / double(std::max<int64_t>(M - 1, 1));
+      running_var->mul_(keep).add_((var * unbias).to(running_var->scalar_type()), momentum);
+    }
+  } else {
+    TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
+                "fusedact.bn_batch_stats: training=False needs running_mean and running_var");
+    mean = running_mean->to(pt, /*non_blocking=*/false, /*copy=*/true);
+    var = running_var->to(pt);
+  }
+  return {mean, (var + eps).rsqrt()};
+}
+
+// (mean, a, b, the activation's): the passes' parameters, a = weight invstd, b = bias.
+inline std::vector<at::Tensor> bn_pass_params(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                                              const c10::optional<at::Tensor>& weight,
+                                              const c10::optional<at::Tensor>& bias, at::TensorList act_params) {
+  const auto pt = bn_opmath(x);
+  std::vector<at::Tensor> params{mean, weight.has_value() ? weight->to(pt) * invstd : invstd,
+                                 bias.has_value() ? bias->to(pt) : at::zeros_like(invstd)};
+  params.insert(params.end(), act_params.begin(), act_params.end());
+  return params;
+}
+
+// y = act((x - mean) invstd weight + bias)
+template <class B>
+at::Tensor bn_act_apply(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
+                        const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
+                        at::TensorList act_params, c10::string_view act) {
+  return bn_act_forward<B>(x, bn_pass_params(x, mean, invstd, weight, bias, act_params), act);
+}
+
+// (dx, dweight, dbias, the activation's parameter sums): dweight and dbias in their
+// parameter's dtype (empty where it is None), the sums flat in opmath.
+template <class B>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_grad(
+    const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd, bool training,
+    at::TensorList act_params, c10::string_view act) {
+  const std::vector<at::Tensor> params = bn_pass_params(x, mean, invstd, weight, bias, act_params);
+  const at::Tensor& a = params[1];
+  auto [dz, sums] = bn_act_backward<B>(grad, x, params, act);
+  const at::Tensor &s_xm = sums[0], &s_dz = sums[1];
+  at::Tensor k2, c;
+  if (training) {
+    const double M = double(x.numel() / x.size(1));
+    k2 = -a * invstd * invstd * s_xm / M;
+    c = -a * s_dz / M;
+  } else {
+    k2 = at::zeros_like(a);
+    c = at::zeros_like(a);
+  }
+  at::Tensor dx = bn_dx<B>(dz, x, {a, k2, mean, c});
+  at::Tensor dweight = weight.has_value() ? (s_xm * invstd).to(weight->scalar_type()) : x.new_empty({0});
+  at::Tensor dbias = bias.has_value() ? s_dz.to(bias->scalar_type()) : x.new_empty({0});
+  return {dx, dweight, dbias, std::vector<at::Tensor>(sums.begin() + 3, sums.end())};
+}
+
 // Registers one backend's implementations of every op under its dispatch key.
 #define FUSEDACT_REGISTER_BACKEND(KEY, B)                             \
   TORCH_LIBRARY_IMPL(fusedact, KEY, m) {                              \
@@ -384,6 +473,9 @@ at::Tensor bn_dx(const at::Tensor& dz, const at::Tensor& x, at::TensorList param
     m.impl("bn_act_backward", &fusedact::bn_act_backward<B>); \
     m.impl("bn_dx", &fusedact::bn_dx<B>);                     \
     m.impl("bn_stats", &fusedact::bn_stats<B>);               \
+    m.impl("bn_batch_stats", &fusedact::bn_batch_stats<B>);   \
+    m.impl("bn_act_apply", &fusedact::bn_act_apply<B>);       \
+    m.impl("bn_act_grad", &fusedact::bn_act_grad<B>);         \
   }
 
 }  // namespace fusedact

@@ -100,5 +100,33 @@ def _bn_dx(dz, x, params):
 @register_fake("fusedact::bn_stats")
 def _bn_stats(x):
     check_x("fusedact.bn_stats", x)
-    stat = x.new_empty((x.shape[1],), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+    stat = _opmath_stat(x)
     return stat, torch.empty_like(stat)
+
+
+def _opmath_stat(x):
+    return x.new_empty((x.shape[1],), dtype=torch.float64 if x.dtype == torch.float64 else torch.float32)
+
+
+@register_fake("fusedact::bn_batch_stats")
+def _bn_batch_stats(x, running_mean, running_var, training, momentum, eps):
+    check_x("fusedact.bn_batch_stats", x)
+    stat = _opmath_stat(x)
+    return stat, torch.empty_like(stat)
+
+
+@register_fake("fusedact::bn_act_apply")
+def _bn_act_apply(x, mean, invstd, weight, bias, act_params, act):
+    check_x("fusedact.bn_act_apply", x)
+    return _bn_out(x, act_params)
+
+
+@register_fake("fusedact::bn_act_grad")
+def _bn_act_grad(grad, x, weight, bias, mean, invstd, training, act_params, act):
+    check_x("fusedact.bn_act_grad", x)
+    check_grad("fusedact.bn_act_grad", grad, x)
+
+    def like(p):
+        return p.new_empty(p.shape) if p is not None else x.new_empty((0,))
+
+    return _bn_out(x, act_params), like(weight), like(bias), [p.new_empty((p.numel(),)) for p in act_params]

@@ -11,7 +11,10 @@ invstd per channel, z = (x - mean) a + bias and y = act(z).
   gradients; one more pass writes dx = a (dz - mean(dz) - xhat mean(dz xhat)).
 - Inference: the running statistics, one pass.
 The passes are ``torch.ops.fusedact.bn_stats`` / ``bn_act_forward`` / ``bn_act_backward``
-/ ``bn_dx`` (CPU kernels so far; CUDA x takes the unfused path). Users' graphs hold
+/ ``bn_dx`` (CPU kernels so far; CUDA x takes the unfused path). The native backend calls
+them through ``bn_batch_stats`` / ``bn_act_apply`` / ``bn_act_grad``, which do the
+per-channel arithmetic around them (running statistics, affine, dx coefficients) in the
+same C++ call: at small shapes those ~20 ATen calls cost more than the passes. Users' graphs hold
 ``torch.ops.fusedact.batch_norm_stats`` (which updates the running statistics) and
 ``batch_norm_act`` (differentiable; backward ``batch_norm_act_backward``). Their eager
 form, F.batch_norm then the activation's function, is what ONNX export and, under
@@ -122,6 +125,8 @@ def _stats(x, running_mean, running_var, training, momentum, eps, backend="nativ
     """(mean, invstd) per channel in opmath; in training, x's batch statistics (two
     read-only passes, csrc/cpu/bn_stats.h) and the running statistics updated as
     nn.BatchNorm2d updates them (the unbiased variance, momentum)."""
+    if backend == "native":  # the same, in one C++ call (csrc/ops_impl.h)
+        return torch.ops.fusedact.bn_batch_stats(x, running_mean, running_var, training, momentum, eps)
     pt = _opmath(x)
     if training:
         mean, var = _passes(backend).bn_stats(x)
@@ -143,9 +148,12 @@ def _update_running(running_mean, running_var, mean, var, count: int, momentum: 
 
 def _forward_pass(x, mean, invstd, weight, bias, act, beta, p1, p2, act_beta, backend):
     """y = act((x - mean) invstd weight + bias): the one forward pass."""
+    act_params = _act_tensors(x, act, beta, p1, p2, act_beta)
+    kernel_act = _kernel_act(act, beta, act_beta)
+    if backend == "native":  # the affine and the pass in one C++ call
+        return torch.ops.fusedact.bn_act_apply(x, mean, invstd, weight, bias, act_params, kernel_act)
     a, b = _affine(x, weight, bias, invstd)
-    params = [mean, a, b, *_act_tensors(x, act, beta, p1, p2, act_beta)]
-    return _passes(backend).bn_act_forward(x, params, _kernel_act(act, beta, act_beta))
+    return _passes(backend).bn_act_forward(x, [mean, a, b, *act_params], kernel_act)
 
 
 def _affine(x, weight, bias, invstd):
@@ -234,10 +242,36 @@ def _backward_passes(
     """The backward's two passes; ``reduce`` (the synced form): the per-channel sums dx
     needs, (sum dz (x - mean), sum dz), summed over the process group, and its element count,
     in place of this x's; dweight, dbias and the activation's gradients stay local."""
+    act_params = _act_tensors(x, act, beta, p1, p2, act_beta)
+    kernel_act = _kernel_act(act, beta, act_beta)
+
+    def empty():
+        return x.new_empty((0,))  # one each: a custom op's outputs may not alias
+
+    if backend == "native" and reduce is None:  # both passes and the per-channel arithmetic in C++
+        dx, dweight, dbias, act_sums = torch.ops.fusedact.bn_act_grad(
+            grad, x, weight, bias, mean, invstd, training, act_params, kernel_act
+        )
+    else:
+        dx, dweight, dbias, act_sums = _backward_composed(
+            grad, x, weight, bias, mean, invstd, training, act_params, kernel_act, backend, reduce
+        )
+        dweight = dweight if weight is not None else empty()
+        dbias = dbias if bias is not None else empty()
+    dp = [empty(), empty(), empty()]
+    if act == "acon_c":
+        dp = [s.reshape(p.shape).to(p.dtype) for s, p in zip(act_sums, (p1, p2, act_beta))]
+    elif act == "swish" and act_beta is not None:
+        dp[2] = act_sums[0].sum().reshape(act_beta.shape).to(act_beta.dtype)
+    return dx, dweight, dbias, dp[0], dp[1], dp[2]
+
+
+def _backward_composed(grad, x, weight, bias, mean, invstd, training, act_params, kernel_act, backend, reduce):
+    """bn_act_grad's work from the passes (Triton's, or the synced form's with ``reduce``):
+    (dx, dweight, dbias, the activation's sums); dweight, dbias None where the parameter is."""
     a, b = _affine(x, weight, bias, invstd)
-    params = [mean, a, b, *_act_tensors(x, act, beta, p1, p2, act_beta)]
     passes = _passes(backend)
-    dz, sums = passes.bn_act_backward(grad, x, params, _kernel_act(act, beta, act_beta))
+    dz, sums = passes.bn_act_backward(grad, x, [mean, a, b, *act_params], kernel_act)
     s_xm, s_dz = sums[0], sums[1]
     if training:
         M = x.numel() // x.shape[1]
@@ -249,18 +283,9 @@ def _backward_passes(
     else:
         k2 = c = torch.zeros_like(a)
     dx = passes.bn_dx(dz, x, [a, k2, mean, c])
-
-    def empty():
-        return x.new_empty((0,))  # one each: a custom op's outputs may not alias
-
-    dweight = (s_xm * invstd).to(weight.dtype) if weight is not None else empty()
-    dbias = s_dz.to(bias.dtype) if bias is not None else empty()
-    dp = [empty(), empty(), empty()]
-    if act == "acon_c":
-        dp = [s.reshape(p.shape).to(p.dtype) for s, p in zip(sums[3:6], (p1, p2, act_beta))]
-    elif act == "swish" and act_beta is not None:
-        dp[2] = sums[3].sum().reshape(act_beta.shape).to(act_beta.dtype)
-    return dx, dweight, dbias, dp[0], dp[1], dp[2]
+    dweight = (s_xm * invstd).to(weight.dtype) if weight is not None else None
+    dbias = s_dz.to(bias.dtype) if bias is not None else None
+    return dx, dweight, dbias, sums[3:]
 
 
 @_batch_norm_act_backward.register_fake

@@ -445,6 +445,48 @@ def test_opcheck_of_the_passes(backend):
     torch.library.opcheck(ops.bn_dx.default, (g, x, [a, b, mean, b]))
 
 
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_one_call_ops_equal_the_passes(dtype, training):
+    """bn_batch_stats / bn_act_apply / bn_act_grad (the passes with their per-channel
+    arithmetic in C++, the native path's) give bitwise what the passes composed in Python
+    give (the Triton and synced paths' composition), running statistics included; and
+    they pass opcheck against their fakes."""
+    from fusedact import batch_norm as bn
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 6, 3, 5, dtype=dtype).to(memory_format=torch.channels_last)
+    g = torch.randn_like(x)
+    w, b = torch.rand(6, dtype=dtype) + 0.5, torch.randn(6, dtype=dtype)
+    rm, rv = torch.randn(6, dtype=dtype), torch.rand(6, dtype=dtype) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    ops = torch.ops.fusedact
+    mean, invstd = ops.bn_batch_stats(x, rm, rv, training, 0.1, 1e-5)
+    if training:
+        m2, var = ops.bn_stats(x)
+        bn._update_running(rm2, rv2, m2, var, x.numel() // 6, 0.1)
+    else:
+        pt = bn._opmath(x)
+        m2, var = rm2.to(pt), rv2.to(pt)
+    for got, want in ((mean, m2), (invstd, torch.rsqrt(var + 1e-5)), (rm, rm2), (rv, rv2)):
+        assert torch.equal(got, want)
+    p = [torch.randn(6), torch.randn(6), torch.rand(4, 6)]
+    p = [t.to(bn._opmath(x)) for t in p]
+    for weight, bias in ((w, b), (None, None)):
+        a, b0 = bn._affine(x, weight, bias, invstd)
+        y = ops.bn_act_apply(x, mean, invstd, weight, bias, p, "acon_c")
+        assert torch.equal(y, ops.bn_act_forward(x, [mean, a, b0, *p], "acon_c"))
+        got = ops.bn_act_grad(g, x, weight, bias, mean, invstd, training, p, "acon_c")
+        want = bn._backward_composed(g, x, weight, bias, mean, invstd, training, p, "acon_c", "native", None)
+        assert torch.equal(got[0], want[0])
+        for k in (1, 2):
+            assert got[k].numel() == 0 if want[k] is None else torch.equal(got[k], want[k])
+        assert all(torch.equal(u, v) for u, v in zip(got[3], want[3]))
+    torch.library.opcheck(ops.bn_batch_stats.default, (x, rm, rv, training, 0.1, 1e-5))
+    torch.library.opcheck(ops.bn_act_apply.default, (x, mean, invstd, w, b, p, "acon_c"))
+    torch.library.opcheck(ops.bn_act_grad.default, (g, x, w, b, mean, invstd, training, p, "acon_c"))
+
+
 def test_convert_fuses_acon_c_where_its_keys_stay():
     """ACON-C's parameters fuse where they keep their state_dict keys: ultralytics' Conv
     (act stays Conv's child; bn only uses it) and timm's BatchNormAct2d (act.* there and

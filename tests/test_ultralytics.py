@@ -58,7 +58,7 @@ def test_yolo_converted_forward_and_training_step_match():
     with torch.profiler.profile() as prof:
         fused.loss(batch(x))[0].sum().backward()
     # the fused kernels ran: BatchNorm + SiLU blocks (convert's fuse_bn)
-    assert sum(e.name == "fusedact::bn_act_backward" for e in prof.events()) > 50
+    assert sum(e.name == "fusedact::bn_act_grad" for e in prof.events()) > 50
     model.loss(batch(x))[0].sum().backward()
     compared = 0
     for (name, p), q in zip(model.named_parameters(), fused.parameters()):
