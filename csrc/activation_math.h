@@ -22,6 +22,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__) || defined(__HIPCC__)
 #define FUSEDACT_HOST_DEVICE __host__ __device__ __forceinline__
@@ -488,6 +489,60 @@ struct BnDx {
     dp[0] = dp[1] = dp[2] = dp[3] = T(0);
     return k1 * dz + (k2 * (x - mean) + c);
   }
+};
+
+// BnAct's backward for its sums alone: the loops skip the dz store (kSumsOnly), and the
+// dx pass (BnActDx) recomputes dz from g and x, so that dz is never written and read back.
+// Whether a backward pass writes Op's result: not for an op that only sums (kSumsOnly).
+template <class Op, class = void>
+struct SumsOnly : std::false_type {};
+template <class Op>
+struct SumsOnly<Op, std::void_t<decltype(Op::kSumsOnly)>> : std::true_type {};
+template <class Op>
+constexpr bool kWrites = !SumsOnly<Op>::value;
+
+template <template <typename> class Act>
+struct BnActSums {
+  template <typename T>
+  struct Op : BnAct<Act>::template Op<T> {
+    static constexpr bool kSumsOnly = true;
+    static FUSEDACT_HOST_DEVICE Op from(const T* v) { return {BnAct<Act>::template Op<T>::from(v)}; }
+  };
+};
+
+// BatchNorm's dx from g and x: dz = g act'(z) recomputed, then BnDx's dx = a dz + k2 (x -
+// mean) + c. Parameters: k2, c, then BnAct's (mean, a, b, the activation's): first, so
+// that NP scalars in order brace-initialize it (an activation without members is last).
+// Its slots sum nothing (zeros).
+template <template <typename> class Act>
+struct BnActDx {
+  template <typename T>
+  struct Op {
+    using Bn = typename BnAct<Act>::template Op<T>;
+    static constexpr int kParams = Bn::kParams + 2;
+    T k2, c;
+    Bn bn;
+
+    static FUSEDACT_HOST_DEVICE Op from(const T* v) { return {v[0], v[1], Bn::from(v + 2)}; }
+    template <class M = Precise>
+    FUSEDACT_HOST_DEVICE T forward(T x) const {
+      return x;
+    }
+    template <class M = Precise>
+    FUSEDACT_HOST_DEVICE T backward(T g, T x, T (&dp)[kParams]) const {
+      const T xm = x - bn.mean;
+      const T z = xm * bn.a + bn.b;
+      T dz;
+      if constexpr (Bn::kAct == 0) {
+        dz = bn.act.template backward<M>(g, z);
+      } else {
+        T da[Bn::kAct];
+        dz = bn.act.template backward<M>(g, z, da);
+      }
+      for (int j = 0; j < kParams; ++j) dp[j] = T(0);
+      return bn.a * dz + (k2 * xm + c);
+    }
+  };
 };
 
 }  // namespace math

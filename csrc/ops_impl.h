@@ -296,9 +296,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> bn_backward(const char* name, co
     constexpr int NP = OpT<P>::kParams;
     const BnArgs a = bn_args(name, x, params, NP);
     const at::Tensor g = with_layout_of(grad, a.x);
-    dx = at::empty_like(a.x);
-    auto s = B::template channel_backward<OpT>(g.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(),
-                                               dx.data_ptr<scalar_t>(), a.geo, bn_param_view<P, NP>(a), a.x.options());
+    // an op that only sums writes nothing: dx stays undefined, its pointer never written
+    constexpr bool writes = math::kWrites<OpT<P>>;
+    if (writes) dx = at::empty_like(a.x);
+    scalar_t* out = writes ? dx.data_ptr<scalar_t>() : const_cast<scalar_t*>(a.x.data_ptr<scalar_t>());
+    auto s = B::template channel_backward<OpT>(g.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), out, a.geo,
+                                               bn_param_view<P, NP>(a), a.x.options());
     for (int j = 0; j < NP; ++j) sums.push_back(s[j]);
   });
   return {dx, sums};
@@ -336,15 +339,17 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x_in) {
   return {mean, var};
 }
 
-// The activation by name: f.template operator()<OpT>() with OpT its BnAct.
-#define FUSEDACT_BN_ACT_DISPATCH(ACT, NAME, CALL)                                  \
-  if (ACT == "identity") return CALL(math::BnAct<math::Identity>::template Op);    \
-  if (ACT == "silu") return CALL(math::BnAct<math::Silu>::template Op);            \
-  if (ACT == "swish") return CALL(math::BnAct<math::Swish>::template Op);          \
-  if (ACT == "mish") return CALL(math::BnAct<math::Mish>::template Op);            \
-  if (ACT == "hard_swish") return CALL(math::BnAct<math::HardSwish>::template Op); \
-  if (ACT == "acon_c") return CALL(math::BnAct<math::AconC>::template Op);         \
+// The activation by name: CALL(OpT) with OpT the FAMILY (math::BnAct, BnActSums,
+// BnActDx) of that activation.
+#define FUSEDACT_BN_ACT_DISPATCH_OF(FAMILY, ACT, NAME, CALL)                        \
+  if (ACT == "identity") return CALL(math::FAMILY<math::Identity>::template Op);    \
+  if (ACT == "silu") return CALL(math::FAMILY<math::Silu>::template Op);            \
+  if (ACT == "swish") return CALL(math::FAMILY<math::Swish>::template Op);          \
+  if (ACT == "mish") return CALL(math::FAMILY<math::Mish>::template Op);            \
+  if (ACT == "hard_swish") return CALL(math::FAMILY<math::HardSwish>::template Op); \
+  if (ACT == "acon_c") return CALL(math::FAMILY<math::AconC>::template Op);         \
   TORCH_CHECK(false, NAME, ": unknown act '", ACT, "' (identity, silu, swish, mish, hard_swish, acon_c)")
+#define FUSEDACT_BN_ACT_DISPATCH(ACT, NAME, CALL) FUSEDACT_BN_ACT_DISPATCH_OF(BnAct, ACT, NAME, CALL)
 
 template <class B>
 at::Tensor bn_act_forward(const at::Tensor& x, at::TensorList params, c10::string_view act) {
@@ -433,9 +438,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_g
     const at::Tensor& grad, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
     const c10::optional<at::Tensor>& bias, const at::Tensor& mean, const at::Tensor& invstd, bool training,
     at::TensorList act_params, c10::string_view act) {
-  const std::vector<at::Tensor> params = bn_pass_params(x, mean, invstd, weight, bias, act_params);
-  const at::Tensor& a = params[1];
-  auto [dz, sums] = bn_act_backward<B>(grad, x, params, act);
+  constexpr const char* name = "fusedact.bn_act_grad";
+  std::vector<at::Tensor> params = bn_pass_params(x, mean, invstd, weight, bias, act_params);
+  const at::Tensor a = params[1];
+  // dz recomputed in the dx pass (never written) where that measured faster: the cheap
+  // backwards, and float32/float64 x; 16-bit x with a costly backward (SiLU, Mish, ACON-C)
+  // and ACON-C throughout store dz once and read it back.
+  // Measurements: benchmarks/NOTES.md, "BatchNorm + activation", third pass.
+  const bool lowp = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
+  const bool recompute = act == "identity" || act == "hard_swish" || (!lowp && act != "acon_c");
+  at::Tensor dz;
+  std::vector<at::Tensor> sums;
+  if (recompute) {
+#define FUSEDACT_CALL(OPT) std::get<1>(bn_backward<B, OPT>(name, grad, x, params))
+    sums = [&] { FUSEDACT_BN_ACT_DISPATCH_OF(BnActSums, act, name, FUSEDACT_CALL); }();
+#undef FUSEDACT_CALL
+  } else {
+    std::tie(dz, sums) = bn_act_backward<B>(grad, x, params, act);
+  }
   const at::Tensor &s_xm = sums[0], &s_dz = sums[1];
   at::Tensor k2, c;
   if (training) {
@@ -446,7 +466,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_g
     k2 = at::zeros_like(a);
     c = at::zeros_like(a);
   }
-  at::Tensor dx = bn_dx<B>(dz, x, {a, k2, mean, c});
+  at::Tensor dx;
+  if (recompute) {
+    params.insert(params.begin(), {k2, c});
+#define FUSEDACT_CALL(OPT) std::get<0>(bn_backward<B, OPT>(name, grad, x, params))
+    dx = [&] { FUSEDACT_BN_ACT_DISPATCH_OF(BnActDx, act, name, FUSEDACT_CALL); }();
+#undef FUSEDACT_CALL
+  } else {
+    dx = bn_dx<B>(dz, x, {a, k2, mean, c});
+  }
   at::Tensor dweight = weight.has_value() ? (s_xm * invstd).to(weight->scalar_type()) : x.new_empty({0});
   at::Tensor dbias = bias.has_value() ? s_dz.to(bias->scalar_type()) : x.new_empty({0});
   return {dx, dweight, dbias, std::vector<at::Tensor>(sums.begin() + 3, sums.end())};

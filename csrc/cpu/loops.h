@@ -24,6 +24,8 @@ FUSEDACT_ALWAYS_INLINE void for_each_param(F&& f) {
   }(std::make_integer_sequence<int, NP>{});
 }
 
+using math::kWrites;
+
 // ---- chunk loops
 
 template <class Op, typename scalar_t>
@@ -87,13 +89,15 @@ struct ReduceBackwardLoop {
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) {
         T dp[NP];
-        store(dx, i + l, op.backward(load(g, i + l), load(x, i + l), dp));
+        const T v = op.backward(load(g, i + l), load(x, i + l), dp);
+        if constexpr (kWrites<Op>) store(dx, i + l, v);
         for_each_param<NP>([&](auto j) { acc[j][l] += dp[j]; });
       }
     }
     for (int64_t i = nv; i < n; ++i) {
       T dp[NP];
-      store(dx, i, op.backward(load(g, i), load(x, i), dp));
+      const T v = op.backward(load(g, i), load(x, i), dp);
+      if constexpr (kWrites<Op>) store(dx, i, v);
       for_each_param<NP>([&](auto j) { acc[j][i - nv] += dp[j]; });
     }
     for (int j = 0; j < NP; ++j) {
@@ -191,12 +195,18 @@ struct ChannelsBackwardLoop {
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* gr = g + r * C;
       const scalar_t* xr = x + r * C;
-      store_all<kVector>(dx + r * C, C, false, [&](int64_t c) FUSEDACT_LAMBDA_INLINE {
+      auto element = [&](int64_t c) FUSEDACT_LAMBDA_INLINE {
         T dp[NP];
         const T v = op_at<OpT, T>(rp, c).backward(load(gr, c), load(xr, c), dp);
         for_each_param<NP>([&](auto j) { acc[j * C + c] += dp[j]; });
         return v;
-      });
+      };
+      if constexpr (kWrites<OpT<T>>) {
+        store_all<kVector>(dx + r * C, C, false, element);
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) element(c);
+      }
     }
   }
 };
