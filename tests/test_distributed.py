@@ -155,9 +155,13 @@ def _bn_worker(rank, init_file, out_file, maker, kinds):
         torch.set_num_threads(1)
         states = []
         for kind in kinds:
-            model = nn.parallel.DistributedDataParallel(maker(kind))
+            module = maker(kind.removesuffix("-compiled"))
+            model = nn.parallel.DistributedDataParallel(module)
+            if kind.endswith("-compiled"):  # as users compile a DDP model
+                torch._dynamo.reset()
+                model = torch.compile(model)
             train(model, *make_data(), rank=rank, world=WORLD)
-            states.append(model.module.state_dict())
+            states.append(module.state_dict())
         if rank == 0:
             torch.save(states, out_file)
     finally:
@@ -198,9 +202,10 @@ def test_sync_batch_norm_act_trains_as_one_process_on_the_full_batch(tmp_path):
     """nn.SyncBatchNorm + activation, converted to fusedact.nn.SyncBatchNormAct (either
     order of the conversions): 2 gloo ranks on half batches each reach the parameters and
     running statistics one process gets with nn.BatchNorm2d on the full batch (the group's
-    statistics, the group's dx sums; DDP averages the rest)."""
+    statistics, the group's dx sums; DDP averages the rest); and the same under
+    torch.compile of the DDP model."""
     out = tmp_path / "sync_states.pt"
-    kinds = ("fused", "fused-then-sync")
+    kinds = ("fused", "fused-then-sync", "fused-compiled")
     mp.spawn(_bn_worker, args=(str(tmp_path / "init"), str(out), make_sync_model, kinds), nprocs=WORLD, join=True)
     model = make_sync_model("full")
     initial = {k: v.clone() for k, v in model.state_dict().items()}
