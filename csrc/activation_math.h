@@ -491,8 +491,6 @@ struct BnDx {
   }
 };
 
-// BnAct's backward for its sums alone: the loops skip the dz store (kSumsOnly), and the
-// dx pass (BnActDx) recomputes dz from g and x, so that dz is never written and read back.
 // Whether a backward pass writes Op's result: not for an op that only sums (kSumsOnly).
 template <class Op, class = void>
 struct SumsOnly : std::false_type {};
@@ -501,6 +499,8 @@ struct SumsOnly<Op, std::void_t<decltype(Op::kSumsOnly)>> : std::true_type {};
 template <class Op>
 constexpr bool kWrites = !SumsOnly<Op>::value;
 
+// BnAct's backward for its sums alone: the loops skip the dz store (kSumsOnly), and the
+// dx pass (BnActDx) recomputes dz from g and x, so that dz is never written and read back.
 template <template <typename> class Act>
 struct BnActSums {
   template <typename T>
