@@ -147,8 +147,14 @@ def make_bn_model(fused: bool):
     return fusedact.convert(model) if fused else model
 
 
+def make_local_model(kind: str):
+    """make_bn_model by name, for _bn_worker: "fused" or "eager"."""
+    return make_bn_model(kind == "fused")
+
+
 def _bn_worker(rank, init_file, out_file, maker, kinds):
-    """Trains maker(kind) under DDP for each kind; rank 0 saves the state_dicts."""
+    """Trains maker(kind) under DDP for each kind name (a "-compiled" suffix: the DDP model
+    under torch.compile); rank 0 saves the state_dicts."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -174,7 +180,7 @@ def test_ddp_batch_norm_act_trains_as_batch_norm_then_activation(tmp_path):
     parameters and running statistics of the unconverted one, within float32 rounding.
     """
     out = tmp_path / "bn_states.pt"
-    mp.spawn(_bn_worker, args=(str(tmp_path / "init"), str(out), make_bn_model, (True, False)), nprocs=WORLD, join=True)
+    mp.spawn(_bn_worker, args=(str(tmp_path / "init"), str(out), make_local_model, ("fused", "eager")), nprocs=WORLD, join=True)
     fused, eager = torch.load(out)
     assert isinstance(make_bn_model(True)[1], fusedact.nn.BatchNormAct2d)
     assert fused.keys() == eager.keys()
