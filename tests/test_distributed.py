@@ -180,7 +180,8 @@ def test_ddp_batch_norm_act_trains_as_batch_norm_then_activation(tmp_path):
     parameters and running statistics of the unconverted one, within float32 rounding.
     """
     out = tmp_path / "bn_states.pt"
-    mp.spawn(_bn_worker, args=(str(tmp_path / "init"), str(out), make_local_model, ("fused", "eager")), nprocs=WORLD, join=True)
+    kinds = ("fused", "eager")
+    mp.spawn(_bn_worker, args=(str(tmp_path / "init"), str(out), make_local_model, kinds), nprocs=WORLD, join=True)
     fused, eager = torch.load(out)
     assert isinstance(make_bn_model(True)[1], fusedact.nn.BatchNormAct2d)
     assert fused.keys() == eager.keys()
