@@ -473,10 +473,11 @@ struct BnAct {
 
 // BatchNorm's dx from dz (BnAct's backward): dx = k1 dz + k2 (x - mean) + c per channel;
 // training: k1 = a, k2 = -a invstd^2 sum(dz (x - mean)) / M, c = -a sum(dz) / M;
-// inference: k1 = a, k2 = c = 0. Its slots sum nothing (zeros).
+// inference: k1 = a, k2 = c = 0. Its slots sum nothing (zeros; kNoSums).
 template <typename T>
 struct BnDx {
   static constexpr int kParams = 4;  // k1, k2, mean, c
+  static constexpr bool kNoSums = true;
   T k1, k2, mean, c;
 
   static FUSEDACT_HOST_DEVICE BnDx from(const T* v) { return {v[0], v[1], v[2], v[3]}; }
@@ -499,6 +500,15 @@ struct SumsOnly<Op, std::void_t<decltype(Op::kSumsOnly)>> : std::true_type {};
 template <class Op>
 constexpr bool kWrites = !SumsOnly<Op>::value;
 
+// Whether a backward pass sums Op's parameter terms: not for an op whose slots are all
+// zero (kNoSums: BatchNorm's dx passes), whose loops then skip the accumulators.
+template <class Op, class = void>
+struct NoSums : std::false_type {};
+template <class Op>
+struct NoSums<Op, std::void_t<decltype(Op::kNoSums)>> : std::true_type {};
+template <class Op>
+constexpr bool kSums = !NoSums<Op>::value;
+
 // BnAct's backward for its sums alone: the loops skip the dz store (kSumsOnly), and the
 // dx pass (BnActDx) recomputes dz from g and x, so that dz is never written and read back.
 template <template <typename> class Act>
@@ -513,13 +523,14 @@ struct BnActSums {
 // BatchNorm's dx from g and x: dz = g act'(z) recomputed, then BnDx's dx = a dz + k2 (x -
 // mean) + c. Parameters: k2, c, then BnAct's (mean, a, b, the activation's): first, so
 // that NP scalars in order brace-initialize it (an activation without members is last).
-// Its slots sum nothing (zeros).
+// Its slots sum nothing (zeros; kNoSums).
 template <template <typename> class Act>
 struct BnActDx {
   template <typename T>
   struct Op {
     using Bn = typename BnAct<Act>::template Op<T>;
     static constexpr int kParams = Bn::kParams + 2;
+    static constexpr bool kNoSums = true;
     T k2, c;
     Bn bn;
 

@@ -52,6 +52,12 @@ using UnaryBwd = Tensor(const Tensor&, const Tensor&);
 using AconFwd = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t);
 using AconBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                            const Tensor&, int64_t);
+using BnStats = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, bool, double, double);
+using BnApply = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, at::TensorList,
+                       c10::string_view);
+using BnGrad = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(const Tensor&, const Tensor&, const OptTensor&,
+                                                                       const OptTensor&, const Tensor&, const Tensor&,
+                                                                       bool, at::TensorList, c10::string_view);
 
 template <class Sig>
 c10::TypedOperatorHandle<Sig> op(const char* name) {
@@ -68,6 +74,9 @@ struct Ops {
   c10::TypedOperatorHandle<UnaryBwd> hard_swish_bwd = op<UnaryBwd>("fusedact::hard_swish_backward");
   c10::TypedOperatorHandle<AconFwd> acon_fwd = op<AconFwd>("fusedact::acon_c_forward");
   c10::TypedOperatorHandle<AconBwd> acon_bwd = op<AconBwd>("fusedact::acon_c_backward");
+  c10::TypedOperatorHandle<BnStats> bn_stats = op<BnStats>("fusedact::bn_batch_stats");
+  c10::TypedOperatorHandle<BnApply> bn_apply = op<BnApply>("fusedact::bn_act_apply");
+  c10::TypedOperatorHandle<BnGrad> bn_grad = op<BnGrad>("fusedact::bn_act_grad");
 };
 
 const Ops& ops() {
@@ -169,6 +178,94 @@ struct AconCFunction : torch::autograd::Function<AconCFunction> {
 
 namespace {
 
+OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
+
+// The activation's parameters as the passes take them (fusedact/batch_norm.py,
+// _act_tensors): opmath-typed (C,), or (N, C) for Meta-ACON's beta; swish's beta per channel.
+std::vector<Tensor> bn_act_tensors(const Tensor& x, const std::string& act, double beta, const Tensor& p1,
+                                   const Tensor& p2, const Tensor& act_beta) {
+  const auto pt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t C = x.size(1);
+  if (act == "acon_c") {
+    Tensor b = act_beta.reshape(-1);
+    if (b.numel() != C) b = b.reshape({x.size(0), C});
+    return {p1.reshape(-1).to(pt).contiguous(), p2.reshape(-1).to(pt).contiguous(), b.to(pt).contiguous()};
+  }
+  if (act == "swish" && act_beta.defined()) return {act_beta.reshape(1).to(pt).expand(C).contiguous()};
+  if (act == "swish" && beta != 1.0) return {at::full({C}, beta, x.options().dtype(pt))};
+  return {};
+}
+
+// The eager form's VJP (fusedact/batch_norm.py), for a backward that is differentiated
+// again (create_graph=True); set from Python when the module loads.
+pybind11::object& bn_act_vjp() {
+  static auto* fn = new pybind11::object();  // leaked: no Python call at exit
+  return *fn;
+}
+
+}  // namespace
+
+// fusedact.batch_norm_act for a plain eager call: batch_norm_act's passes (bn_batch_stats,
+// bn_act_apply; bn_act_grad in the backward), in one C++ Function. Saves x, the
+// statistics and the parameters. Inputs: x, weight, bias, p1, p2, act_beta (undefined
+// where None), then the rest; `act` is the kernel's (silu for swish at beta 1).
+struct BatchNormActFunction : torch::autograd::Function<BatchNormActFunction> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                        const OptTensor& p1, const OptTensor& p2, const OptTensor& act_beta,
+                        const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
+                        double eps, std::string act, double beta) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [mean, invstd] = ops().bn_stats.call(x, running_mean, running_var, training, momentum, eps);
+    const Tensor none;
+    auto t = [&](const OptTensor& o) { return o.has_value() ? *o : none; };
+    const std::vector<Tensor> act_params = bn_act_tensors(x, act, beta, t(p1), t(p2), t(act_beta));
+    ctx->save_for_backward({x, t(weight), t(bias), mean, invstd, t(p1), t(p2), t(act_beta)});
+    ctx->saved_data["training"] = training;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["act"] = act;
+    ctx->saved_data["beta"] = beta;
+    return ops().bn_apply.call(x, mean, invstd, weight, bias, act_params, act);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const Tensor &x = s[0], &weight = s[1], &bias = s[2], &mean = s[3], &invstd = s[4];
+    const Tensor &p1 = s[5], &p2 = s[6], &act_beta = s[7];
+    const bool training = ctx->saved_data["training"].toBool();
+    const std::string act = ctx->saved_data["act"].toStringRef();
+    const double beta = ctx->saved_data["beta"].toDouble();
+    variable_list out(13);
+    if (at::GradMode::is_enabled()) {  // create_graph=True: the eager form's VJP, differentiable
+      pybind11::gil_scoped_acquire gil;
+      TORCH_CHECK(bn_act_vjp(), "fusedact: batch_norm_act's double backward is not set up");
+      auto r = bn_act_vjp()(grads[0], x, opt(weight), opt(bias), mean, invstd, opt(p1), opt(p2), opt(act_beta),
+                            training, ctx->saved_data["eps"].toDouble(), act, beta)
+                   .cast<std::vector<c10::optional<Tensor>>>();
+      for (size_t i = 0; i < 6 && i < r.size(); ++i) {
+        const Tensor& input = s[i < 3 ? i : i + 2];  // x, weight, bias; p1, p2, act_beta after the statistics
+        if (r[i].has_value() && input.defined()) out[i] = *r[i];
+      }
+      return out;
+    }
+    at::AutoDispatchBelowADInplaceOrView guard;
+    const std::vector<Tensor> act_params = bn_act_tensors(x, act, beta, p1, p2, act_beta);
+    auto [dx, dweight, dbias, sums] =
+        ops().bn_grad.call(grads[0], x, opt(weight), opt(bias), mean, invstd, training, act_params, act);
+    out[0] = dx;
+    if (weight.defined()) out[1] = dweight;
+    if (bias.defined()) out[2] = dbias;
+    if (act == "acon_c") {
+      const Tensor* ps[3] = {&p1, &p2, &act_beta};
+      for (int j = 0; j < 3; ++j) out[3 + j] = sums[j].reshape(ps[j]->sizes()).to(ps[j]->scalar_type());
+    } else if (act_beta.defined()) {
+      out[5] = sums[0].sum().reshape(act_beta.sizes()).to(act_beta.scalar_type());
+    }
+    return out;
+  }
+};
+
+namespace {
+
 // Function<F>::apply(x, rest...) for the Functions above whose only tensor argument is x:
 // the same node (CppNode<F>, the same fields, so the engine, hooks and compiled autograd
 // see no difference), built without apply's general handling of several inputs and
@@ -261,6 +358,22 @@ Result acon_c(const Tensor& x, const Tensor& p1, const Tensor& p2, const Tensor&
   return below_autograd(ops().acon_fwd, x, p1, p2, beta, channel_dim);
 }
 
+// batch_norm_act's eager call (fusedact/batch_norm.py checked the arguments): y, or None
+// where the fast path does not apply. `act` is the kernel's activation name.
+Result batch_norm_act(const Tensor& x, const OptTensor& running_mean, const OptTensor& running_var,
+                      const OptTensor& weight, const OptTensor& bias, bool training, double momentum, double eps,
+                      const std::string& act, double beta, const OptTensor& p1, const OptTensor& p2,
+                      const OptTensor& act_beta) {
+  const Tensor none;
+  auto t = [&](const OptTensor& o) -> const Tensor& { return o.has_value() ? *o : none; };
+  if (!fast_path_allowed({&x, &t(weight), &t(bias), &t(p1), &t(p2), &t(act_beta)})) return c10::nullopt;
+  if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python)) return c10::nullopt;
+  // undefined tensors as None: the Function's inputs are then not variables
+  auto o = [](const OptTensor& v) { return v.has_value() && v->defined() ? v : OptTensor(); };
+  return BatchNormActFunction::apply(x, o(weight), o(bias), o(p1), o(p2), o(act_beta), o(running_mean), o(running_var),
+                                     training, momentum, eps, act, beta);
+}
+
 // ---- swish (float beta), mish and hard_swish as plain CPython functions, which the
 // functional API calls first with no Python check (Dynamo traces a stand-in returning
 // None: fusedact/functional.py). Their argument checks are here: in Python, with
@@ -339,6 +452,13 @@ void register_fast_path(pybind11::module& m) {
   fast.def("acon_c_forward", [](const Tensor& x, const Tensor& p1, const Tensor& p2, const Tensor& beta, int64_t cd) {
     return gil_released_if_large(x, [&] { return acon_c(x, p1, p2, beta, cd); });
   });
+  fast.def("batch_norm_act", [](const Tensor& x, const OptTensor& rm, const OptTensor& rv, const OptTensor& w,
+                                const OptTensor& b, bool training, double momentum, double eps, const std::string& act,
+                                double beta, const OptTensor& p1, const OptTensor& p2, const OptTensor& act_beta) {
+    return gil_released_if_large(
+        x, [&] { return batch_norm_act(x, rm, rv, w, b, training, momentum, eps, act, beta, p1, p2, act_beta); });
+  });
+  fast.def("set_batch_norm_act_vjp", [](pybind11::object fn) { bn_act_vjp() = std::move(fn); });
   if (PyModule_AddFunctions(fast.ptr(), fast_methods) != 0) throw pybind11::error_already_set();
 }
 

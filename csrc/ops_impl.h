@@ -375,50 +375,105 @@ at::Tensor bn_dx(const at::Tensor& dz, const at::Tensor& x, at::TensorList param
 
 // ---- batch_norm_act's passes with their per-channel arithmetic, one call each (the
 // eager path's and the native graph ops'; fusedact/batch_norm.py): the dozen small
-// tensor ops around the passes cost more than the passes on a small block.
+// tensor ops around the passes cost more than the passes on a small block, so the
+// arithmetic runs in loops over the channels, on host memory: these ops are registered
+// for the CPU alone (a device backend needs it in a kernel).
 
 inline at::ScalarType bn_opmath(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// f(const R* in, R* out) over a (C,) tensor t of any floating dtype R, in place: out
+// is t's memory (or a contiguous copy written back).
+template <typename F>
+void bn_update_in_place(const at::Tensor& t, F&& f) {
+  at::Tensor c = t.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "fusedact.bn_batch_stats", [&] {
+    scalar_t* p = c.data_ptr<scalar_t>();
+    f(p);
+  });
+  if (!c.is_same(t)) t.copy_(c);
+}
+
+// (C,) values of t (any floating dtype) as T, in `out`.
+template <typename T>
+std::vector<T> bn_host_values(const at::Tensor& t) {
+  const at::Tensor c = t.contiguous();
+  std::vector<T> out(c.numel());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "fusedact.bn_act", [&] {
+    const scalar_t* p = c.data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<T>(p[i]);
+  });
+  return out;
+}
+
 // (mean, invstd) per channel in opmath; in training x's batch statistics, and the running
-// ones updated as nn.BatchNorm2d does (unbiased variance; momentum), in their own dtype.
+// ones updated as nn.BatchNorm2d does (unbiased variance; momentum), in double, rounded
+// once to their dtype.
 template <class B>
 std::tuple<at::Tensor, at::Tensor> bn_batch_stats(const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
                                                   const c10::optional<at::Tensor>& running_var, bool training,
                                                   double momentum, double eps) {
+  constexpr const char* name = "fusedact.bn_batch_stats";
   const auto pt = bn_opmath(x);
+  TORCH_CHECK(running_mean.has_value() == running_var.has_value(), name,
+              ": give both running_mean and running_var, or neither");
+  TORCH_CHECK(training || running_mean.has_value(), name, ": training=False needs running_mean and running_var");
   at::Tensor mean, var;
   if (training) {
     std::tie(mean, var) = bn_stats<B>(x);
-    TORCH_CHECK(running_mean.has_value() == running_var.has_value(),
-                "fusedact.bn_batch_stats: give both running_mean and running_var, or neither");
-    if (running_mean.has_value()) {
-      const int64_t M = x.numel() / x.size(1);
-      at::NoGradGuard no_grad;
-      // 1 - momentum as Python passes it (a wrapped double): a plain Scalar is rounded to
-      // a 16-bit x's dtype first, and the running statistics would differ by an ulp
-      const at::Tensor keep = at::native::wrapped_scalar_tensor(1 - momentum);
-      running_mean->mul_(keep).add_(mean.to(running_mean->scalar_type()), momentum);
-      const double unbias = double(M) / double(std::max<int64_t>(M - 1, 1));
-      running_var->mul_(keep).add_((var * unbias).to(running_var->scalar_type()), momentum);
-    }
   } else {
-    TORCH_CHECK(running_mean.has_value() && running_var.has_value(),
-                "fusedact.bn_batch_stats: training=False needs running_mean and running_var");
     mean = running_mean->to(pt, /*non_blocking=*/false, /*copy=*/true);
     var = running_var->to(pt);
   }
-  return {mean, (var + eps).rsqrt()};
+  at::Tensor invstd = at::empty_like(mean);
+  const int64_t C = mean.numel();
+  AT_DISPATCH_FLOATING_TYPES(pt, name, [&] {
+    var = var.contiguous();
+    const scalar_t* m = mean.data_ptr<scalar_t>();
+    const scalar_t* v = var.data_ptr<scalar_t>();
+    scalar_t* inv = invstd.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) inv[c] = scalar_t(1) / std::sqrt(v[c] + static_cast<scalar_t>(eps));
+    if (!training || !running_mean.has_value()) return;
+    TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C, name, ": running statistics must have C = ", C,
+                " elements");
+    const double M = double(x.numel() / x.size(1)), unbias = M / std::max(M - 1, 1.0);
+    at::NoGradGuard no_grad;
+    bn_update_in_place(*running_mean, [&](auto* r) {
+      using R = std::remove_pointer_t<decltype(r)>;
+      for (int64_t c = 0; c < C; ++c) r[c] = static_cast<R>((1 - momentum) * double(r[c]) + momentum * double(m[c]));
+    });
+    bn_update_in_place(*running_var, [&](auto* r) {
+      using R = std::remove_pointer_t<decltype(r)>;
+      for (int64_t c = 0; c < C; ++c)
+        r[c] = static_cast<R>((1 - momentum) * double(r[c]) + momentum * (double(v[c]) * unbias));
+    });
+  });
+  return {mean, invstd};
 }
 
-// (mean, a, b, the activation's): the passes' parameters, a = weight invstd, b = bias.
+// (mean, a, b, the activation's): the passes' parameters, a = weight invstd, b = bias,
+// each rounded as the Python composition's tensor ops round them (bitwise the same).
 inline std::vector<at::Tensor> bn_pass_params(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& invstd,
                                               const c10::optional<at::Tensor>& weight,
                                               const c10::optional<at::Tensor>& bias, at::TensorList act_params) {
   const auto pt = bn_opmath(x);
-  std::vector<at::Tensor> params{mean, weight.has_value() ? weight->to(pt) * invstd : invstd,
-                                 bias.has_value() ? bias->to(pt) : at::zeros_like(invstd)};
+  TORCH_CHECK(mean.scalar_type() == pt && invstd.scalar_type() == pt && invstd.dim() == 1,
+              "fusedact.bn_act: mean and invstd must be (C,) ", pt, " tensors");
+  at::Tensor a = weight.has_value() ? at::empty_like(invstd) : invstd, b = at::empty_like(invstd);
+  AT_DISPATCH_FLOATING_TYPES(pt, "fusedact.bn_act", [&] {
+    const int64_t C = invstd.numel();
+    const scalar_t* inv = invstd.data_ptr<scalar_t>();
+    if (weight.has_value()) {
+      const std::vector<scalar_t> w = bn_host_values<scalar_t>(*weight);
+      TORCH_CHECK(int64_t(w.size()) == C, "fusedact.bn_act: weight must have C = ", C, " elements");
+      for (int64_t c = 0; c < C; ++c) a.data_ptr<scalar_t>()[c] = w[c] * inv[c];
+    }
+    const std::vector<scalar_t> bv = bias.has_value() ? bn_host_values<scalar_t>(*bias) : std::vector<scalar_t>(C);
+    TORCH_CHECK(int64_t(bv.size()) == C, "fusedact.bn_act: bias must have C = ", C, " elements");
+    std::copy(bv.begin(), bv.end(), b.data_ptr<scalar_t>());
+  });
+  std::vector<at::Tensor> params{mean, a, b};
   params.insert(params.end(), act_params.begin(), act_params.end());
   return params;
 }
@@ -431,6 +486,21 @@ at::Tensor bn_act_apply(const at::Tensor& x, const at::Tensor& mean, const at::T
   return bn_act_forward<B>(x, bn_pass_params(x, mean, invstd, weight, bias, act_params), act);
 }
 
+// (C,) opmath values f(c) rounded to t's dtype, in a new tensor like t.
+template <typename T, typename F>
+at::Tensor bn_per_channel_like(const at::Tensor& t, int64_t C, F&& f) {
+  at::Tensor out = at::empty({C}, t.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "fusedact.bn_act_grad", [&] {
+    scalar_t* p = out.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) p[c] = static_cast<scalar_t>(f(c));
+  });
+  return out;
+}
+
+// The sizes of x from which bn_act_grad recomputes dz rather than store it (below).
+constexpr int64_t kBnRecomputeCheapBytes = int64_t(8) << 20;
+constexpr int64_t kBnRecomputeBytes = int64_t(32) << 20;
+
 // (dx, dweight, dbias, the activation's parameter sums): dweight and dbias in their
 // parameter's dtype (empty where it is None), the sums flat in opmath.
 template <class B>
@@ -441,12 +511,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_g
   constexpr const char* name = "fusedact.bn_act_grad";
   std::vector<at::Tensor> params = bn_pass_params(x, mean, invstd, weight, bias, act_params);
   const at::Tensor a = params[1];
-  // dz recomputed in the dx pass (never written) where that measured faster: the cheap
-  // backwards, and float32/float64 x; 16-bit x with a costly backward (SiLU, Mish, ACON-C)
-  // and ACON-C throughout store dz once and read it back.
-  // Measurements: benchmarks/NOTES.md, "BatchNorm + activation", third pass.
+  // dz recomputed in the dx pass (never written) where that measured faster: identity
+  // always; hard_swish from kBnRecomputeCheapBytes of x; SiLU, swish and Mish with
+  // float32/float64 x from kBnRecomputeBytes. Below those, x, g and dz stay in cache and a
+  // second evaluation of the derivative costs more than dz's trip; 16-bit x with a costly
+  // backward and ACON-C throughout store dz once and read it back.
+  // Measurements: benchmarks/NOTES.md, "BatchNorm + activation", third and fourth passes.
   const bool lowp = x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf;
-  const bool recompute = act == "identity" || act == "hard_swish" || (!lowp && act != "acon_c");
+  const int64_t bytes = x.numel() * int64_t(x.element_size());
+  const bool recompute = act == "identity" || (act == "hard_swish" && bytes >= kBnRecomputeCheapBytes) ||
+                         (!lowp && act != "acon_c" && act != "hard_swish" && bytes >= kBnRecomputeBytes);
   at::Tensor dz;
   std::vector<at::Tensor> sums;
   if (recompute) {
@@ -456,16 +530,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_g
   } else {
     std::tie(dz, sums) = bn_act_backward<B>(grad, x, params, act);
   }
-  const at::Tensor &s_xm = sums[0], &s_dz = sums[1];
-  at::Tensor k2, c;
-  if (training) {
-    const double M = double(x.numel() / x.size(1));
-    k2 = -a * invstd * invstd * s_xm / M;
-    c = -a * s_dz / M;
-  } else {
-    k2 = at::zeros_like(a);
-    c = at::zeros_like(a);
-  }
+  // k2 = -a invstd^2 sum(dz (x - mean)) / M, c = -a sum(dz) / M (zero in inference), in
+  // the composition's order of roundings; dweight = sum(dz (x - mean)) invstd, dbias = sum(dz)
+  const int64_t C = a.numel();
+  at::Tensor k2 = at::empty_like(a), c = at::empty_like(a), dweight, dbias;
+  AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), name, [&] {
+    using T = scalar_t;
+    const T *pa = a.data_ptr<T>(), *inv = invstd.data_ptr<T>();
+    const T *s_xm = sums[0].data_ptr<T>(), *s_dz = sums[1].data_ptr<T>();
+    const T M = static_cast<T>(C ? x.numel() / C : 0);
+    T *pk2 = k2.data_ptr<T>(), *pc = c.data_ptr<T>();
+    for (int64_t j = 0; j < C; ++j) {
+      pk2[j] = training ? -pa[j] * inv[j] * inv[j] * s_xm[j] / M : T(0);
+      pc[j] = training ? -pa[j] * s_dz[j] / M : T(0);
+    }
+    dweight = weight.has_value() ? bn_per_channel_like<T>(*weight, C, [&](int64_t j) { return s_xm[j] * inv[j]; })
+                                 : x.new_empty({0});
+    dbias = bias.has_value() ? bn_per_channel_like<T>(*bias, C, [&](int64_t j) { return s_dz[j]; }) : x.new_empty({0});
+  });
   at::Tensor dx;
   if (recompute) {
     params.insert(params.begin(), {k2, c});
@@ -475,8 +557,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_g
   } else {
     dx = bn_dx<B>(dz, x, {a, k2, mean, c});
   }
-  at::Tensor dweight = weight.has_value() ? (s_xm * invstd).to(weight->scalar_type()) : x.new_empty({0});
-  at::Tensor dbias = bias.has_value() ? s_dz.to(bias->scalar_type()) : x.new_empty({0});
   return {dx, dweight, dbias, std::vector<at::Tensor>(sums.begin() + 3, sums.end())};
 }
 

@@ -23,12 +23,13 @@ torch.compile, Inductor see (rule 5 of issue 20: Inductor fuses the block itself
 
 from __future__ import annotations
 
+import types
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from . import _inductor, _opinfo, reference
+from . import _C, _inductor, _opinfo, reference
 from .checks import FLOAT_DTYPES, check_float_beta, check_tensor, check_x
 
 __all__ = ["batch_norm_act", "sync_batch_norm_act", "ACTS"]
@@ -374,6 +375,16 @@ def _eager_vjp(ctx, grad, x, weight, bias, mean, invstd, p1, p2, act_beta):
     return out
 
 
+def _vjp_for_cpp(grad, x, weight, bias, mean, invstd, p1, p2, act_beta, training, eps, kernel_act, beta):
+    """_eager_vjp for the C++ Function's double backward (csrc/fast_path.cpp)."""
+    act = "swish" if kernel_act == "silu" else kernel_act
+    ctx = types.SimpleNamespace(training=training, eps=eps, act=act, beta=beta)
+    return _eager_vjp(ctx, grad, x, weight, bias, mean, invstd, p1, p2, act_beta)
+
+
+_C.fast.set_batch_norm_act_vjp(_vjp_for_cpp)
+
+
 def _fill(primals, live, values):
     out = list(primals)
     for i, v in zip(live, values):
@@ -461,6 +472,13 @@ def batch_norm_act(
         raise ValueError(f"{op}: unknown backend {backend!r}: native (default), triton or eager")
     passes = backend or "native"
     if _plain_eager(x, weight, bias, running_mean, running_var, *act_params):
+        if passes == "native":  # the same ops from a C++ Function (csrc/fast_path.cpp)
+            kernel_act = _kernel_act(act, beta, act_beta)
+            y = _C.fast.batch_norm_act(
+                x, running_mean, running_var, weight, bias, training, momentum, eps, kernel_act, beta, p1, p2, act_beta
+            )
+            if y is not None:
+                return y
         return _EagerBatchNormAct.apply(
             x, weight, bias, p1, p2, act_beta, running_mean, running_var, training, momentum, eps, act, beta, passes
         )

@@ -97,6 +97,36 @@ struct CpuBackend {
     });
   }
 
+  // dx of an op without sums (kNoSums) over the geometry, split as channel_forward is.
+  template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+  static void channel_map(const scalar_t* g, const scalar_t* x, scalar_t* dx, const ChannelGeometry& geo,
+                          ParamView<P, NP> pv) {
+    using T = opmath_t<scalar_t>;
+    if (geo.inner > 1 && geo.inner <= kSegment) {
+      at::parallel_for(0, geo.N * geo.R * geo.C, std::max<int64_t>(1, kGrain / geo.inner), [&](int64_t b, int64_t e) {
+        run_chunk<RunsBackwardLoop<OpT, scalar_t, P, NP>>(g, x, dx, geo.inner, geo.C, geo.R * geo.C, pv, b, e,
+                                                          static_cast<T*>(nullptr));
+      });
+    } else if (geo.inner > 1) {
+      for_each_segment(geo, [&](int64_t n, int64_t, int64_t c, int64_t, int64_t, int64_t off, int64_t len) {
+        T v[NP];
+        pv.load(n, c, v);
+        run_chunk<ReduceBackwardLoop<OpT<T>, scalar_t>>(g + off, x + off, dx + off, len, OpT<T>::from(v),
+                                                        static_cast<T*>(nullptr));
+      });
+    } else {
+      const int64_t C = geo.C;
+      at::parallel_for(0, geo.N * geo.R, std::max<int64_t>(1, kGrain / C), [&](int64_t b, int64_t e) {
+        for (int64_t row = b, next; row < e; row = next) {  // one call per sample's rows
+          const int64_t n = row / geo.R;
+          next = std::min(e, (n + 1) * geo.R);
+          run_chunk<ChannelsBackwardLoop<OpT, scalar_t, P, NP>>(g + row * C, x + row * C, dx + row * C, C, pv, n,
+                                                                next - row, static_cast<T*>(nullptr));
+        }
+      });
+    }
+  }
+
   template <template <typename> class OpT, typename scalar_t, typename P, int NP>
   static std::array<at::Tensor, NP> channel_backward(const scalar_t* g, const scalar_t* x, scalar_t* dx,
                                                      const ChannelGeometry& geo, ParamView<P, NP> pv,
@@ -104,6 +134,10 @@ struct CpuBackend {
     using T = opmath_t<scalar_t>;
     const int64_t N = geo.N, C = geo.C;
     const bool empty = geo.R * geo.inner == 0;
+    if constexpr (!math::kSums<OpT<T>>) {  // dx alone: no partial sums, no finish
+      if (!empty) channel_map<OpT>(g, x, dx, geo, pv);
+      return {};
+    }
     // partial[((n * K + k) * C + c) * NP + j]: slot k of (sample n, channel c).
     int64_t K = 0;
     std::vector<T> partial;
@@ -156,7 +190,7 @@ struct CpuBackend {
       out[j] = at::empty({pv.n_stride[j] ? N * C : C}, acc_options);
       outp[j] = out[j].template data_ptr<T>();
     }
-    at::parallel_for(0, C, 16, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, C, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, N * K * NP)), [&](int64_t b, int64_t e) {
       for (int64_t c = b; c < e; ++c)
         for (int j = 0; j < NP; ++j) {
           T total = 0;

@@ -24,6 +24,7 @@ FUSEDACT_ALWAYS_INLINE void for_each_param(F&& f) {
   }(std::make_integer_sequence<int, NP>{});
 }
 
+using math::kSums;
 using math::kWrites;
 
 // ---- chunk loops
@@ -91,15 +92,16 @@ struct ReduceBackwardLoop {
         T dp[NP];
         const T v = op.backward(load(g, i + l), load(x, i + l), dp);
         if constexpr (kWrites<Op>) store(dx, i + l, v);
-        for_each_param<NP>([&](auto j) { acc[j][l] += dp[j]; });
+        if constexpr (kSums<Op>) for_each_param<NP>([&](auto j) { acc[j][l] += dp[j]; });
       }
     }
     for (int64_t i = nv; i < n; ++i) {
       T dp[NP];
       const T v = op.backward(load(g, i), load(x, i), dp);
       if constexpr (kWrites<Op>) store(dx, i, v);
-      for_each_param<NP>([&](auto j) { acc[j][i - nv] += dp[j]; });
+      if constexpr (kSums<Op>) for_each_param<NP>([&](auto j) { acc[j][i - nv] += dp[j]; });
     }
+    if constexpr (!kSums<Op>) return;  // sums may be null
     for (int j = 0; j < NP; ++j) {
       T s = 0;
       for (int l = 0; l < kLanes; ++l) s += acc[j][l];
@@ -138,7 +140,7 @@ struct RunsBackwardLoop {
       pv.load(row / RC, row % C, v);
       const int64_t off = row * inner;
       ReduceBackwardLoop<OpT<T>, scalar_t>::template run<kVector>(g + off, x + off, dx + off, inner, OpT<T>::from(v),
-                                                                  sums + (row - begin) * NP);
+                                                                  kSums<OpT<T>> ? sums + (row - begin) * NP : sums);
     }
   }
 };
@@ -198,7 +200,7 @@ struct ChannelsBackwardLoop {
       auto element = [&](int64_t c) FUSEDACT_LAMBDA_INLINE {
         T dp[NP];
         const T v = op_at<OpT, T>(rp, c).backward(load(gr, c), load(xr, c), dp);
-        for_each_param<NP>([&](auto j) { acc[j * C + c] += dp[j]; });
+        if constexpr (kSums<OpT<T>>) for_each_param<NP>([&](auto j) { acc[j * C + c] += dp[j]; });
         return v;
       };
       if constexpr (kWrites<OpT<T>>) {
