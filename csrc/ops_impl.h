@@ -497,6 +497,31 @@ at::Tensor bn_per_channel_like(const at::Tensor& t, int64_t C, F&& f) {
   return out;
 }
 
+// bn_act_grad's two passes a channel at a time (B::channel_grad, OpT = BnAct's): (dx, the
+// sums of every slot), or nothing where the backend does not take x's geometry.
+template <class B, template <typename> class OpT>
+c10::optional<std::tuple<at::Tensor, std::vector<at::Tensor>>> bn_grad_by_channel(
+    const char* name, const at::Tensor& grad, const at::Tensor& x, at::TensorList params, const at::Tensor& invstd,
+    bool training) {
+  check_grad(name, grad, x);
+  c10::optional<std::tuple<at::Tensor, std::vector<at::Tensor>>> out;
+  FUSEDACT_DISPATCH(x.scalar_type(), [&] {
+    using P = at::opmath_type<scalar_t>;
+    constexpr int NP = OpT<P>::kParams;
+    const BnArgs a = bn_args(name, x, params, NP);
+    const at::Tensor g = with_layout_of(grad, a.x);
+    at::Tensor dx = at::empty_like(a.x);
+    at::Tensor sums = at::empty({NP, a.geo.C}, a.x.options().dtype(c10::CppTypeToScalarType<P>::value));
+    if (!B::template channel_grad<OpT>(g.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), a.geo,
+                                       bn_param_view<P, NP>(a), invstd.data_ptr<P>(), training, sums.data_ptr<P>()))
+      return;
+    std::vector<at::Tensor> list;
+    for (int j = 0; j < NP; ++j) list.push_back(j < 3 ? sums[j] : sums[j].clone());  // outputs may not alias
+    out.emplace(dx, std::move(list));
+  });
+  return out;
+}
+
 // The sizes of x from which bn_act_grad recomputes dz rather than store it (below).
 constexpr int64_t kBnRecomputeCheapBytes = int64_t(8) << 20;
 constexpr int64_t kBnRecomputeBytes = int64_t(32) << 20;
@@ -511,6 +536,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_g
   constexpr const char* name = "fusedact.bn_act_grad";
   std::vector<at::Tensor> params = bn_pass_params(x, mean, invstd, weight, bias, act_params);
   const at::Tensor a = params[1];
+  const int64_t C = a.numel();
+  // dweight = sum(dz (x - mean)) invstd, dbias = sum(dz), in their parameters' dtypes
+  auto parameter_grads = [&](const std::vector<at::Tensor>& sums) {
+    at::Tensor dweight, dbias;
+    AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), name, [&] {
+      using T = scalar_t;
+      const T *inv = invstd.data_ptr<T>(), *s_xm = sums[0].data_ptr<T>(), *s_dz = sums[1].data_ptr<T>();
+      dweight = weight.has_value() ? bn_per_channel_like<T>(*weight, C, [&](int64_t j) { return s_xm[j] * inv[j]; })
+                                   : x.new_empty({0});
+      dbias =
+          bias.has_value() ? bn_per_channel_like<T>(*bias, C, [&](int64_t j) { return s_dz[j]; }) : x.new_empty({0});
+    });
+    return std::make_tuple(dweight, dbias);
+  };
+  // short channel runs: both passes a channel at a time (CpuBackend::channel_grad)
+#define FUSEDACT_CALL(OPT) bn_grad_by_channel<B, OPT>(name, grad, x, params, invstd, training)
+  auto by_channel = [&] { FUSEDACT_BN_ACT_DISPATCH_OF(BnAct, act, name, FUSEDACT_CALL); }();
+#undef FUSEDACT_CALL
+  if (by_channel.has_value()) {
+    auto& [dx, sums] = *by_channel;
+    auto [dweight, dbias] = parameter_grads(sums);
+    return {dx, dweight, dbias, std::vector<at::Tensor>(sums.begin() + 3, sums.end())};
+  }
   // dz recomputed in the dx pass (never written) where that measured faster: identity
   // always; hard_swish from kBnRecomputeCheapBytes of x; SiLU, swish and Mish with
   // float32/float64 x from kBnRecomputeBytes. Below those, x, g and dz stay in cache and a
@@ -531,9 +579,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_g
     std::tie(dz, sums) = bn_act_backward<B>(grad, x, params, act);
   }
   // k2 = -a invstd^2 sum(dz (x - mean)) / M, c = -a sum(dz) / M (zero in inference), in
-  // the composition's order of roundings; dweight = sum(dz (x - mean)) invstd, dbias = sum(dz)
-  const int64_t C = a.numel();
-  at::Tensor k2 = at::empty_like(a), c = at::empty_like(a), dweight, dbias;
+  // the composition's order of roundings
+  at::Tensor k2 = at::empty_like(a), c = at::empty_like(a);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), name, [&] {
     using T = scalar_t;
     const T *pa = a.data_ptr<T>(), *inv = invstd.data_ptr<T>();
@@ -544,10 +591,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_g
       pk2[j] = training ? -pa[j] * inv[j] * inv[j] * s_xm[j] / M : T(0);
       pc[j] = training ? -pa[j] * s_dz[j] / M : T(0);
     }
-    dweight = weight.has_value() ? bn_per_channel_like<T>(*weight, C, [&](int64_t j) { return s_xm[j] * inv[j]; })
-                                 : x.new_empty({0});
-    dbias = bias.has_value() ? bn_per_channel_like<T>(*bias, C, [&](int64_t j) { return s_dz[j]; }) : x.new_empty({0});
   });
+  auto [dweight, dbias] = parameter_grads(sums);
   at::Tensor dx;
   if (recompute) {
     params.insert(params.begin(), {k2, c});

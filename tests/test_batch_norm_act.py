@@ -460,11 +460,16 @@ def _recomputes_dz(act, dtype, nbytes):
 LARGE = {("hard_swish", torch.bfloat16): (16, 6, 256, 256), ("silu", torch.float32): (32, 6, 256, 256)}
 
 
-@pytest.mark.parametrize("large", [False, True], ids=["small", "large"])
+# NCHW x: a channel at a time (its 60 elements; csrc/cpu/activations_cpu.cpp,
+# channel_grad) or, past kChannelGradElems (32768) a channel, in the two passes
+NCHW = {"small-nchw": (4, 6, 3, 5), "long-nchw": (4, 6, 96, 96)}
+
+
+@pytest.mark.parametrize("size", ["small", "large", *NCHW])
 @pytest.mark.parametrize("act", ["acon_c", "silu", "hard_swish"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
-def test_one_call_ops_equal_the_passes(dtype, training, act, large):
+def test_one_call_ops_equal_the_passes(dtype, training, act, size):
     """bn_batch_stats / bn_act_apply / bn_act_grad (the passes with their per-channel
     arithmetic in C++, the native path's) give bitwise what the passes composed in Python
     give (the Triton and synced paths' composition), the running statistics within
@@ -474,10 +479,14 @@ def test_one_call_ops_equal_the_passes(dtype, training, act, large):
     in float32 (dz never rounded to x's dtype), rounded once."""
     from fusedact import batch_norm as bn
 
+    large = size == "large"
     if large and (act, dtype) not in LARGE:
         pytest.skip("the small x covers this case's path")
     torch.manual_seed(0)
-    x = torch.randn(LARGE[act, dtype] if large else (4, 6, 3, 5), dtype=dtype).to(memory_format=torch.channels_last)
+    if size in NCHW:
+        x = torch.randn(NCHW[size], dtype=dtype)
+    else:
+        x = torch.randn(LARGE[act, dtype] if large else (4, 6, 3, 5), dtype=dtype).to(memory_format=torch.channels_last)
     g = torch.randn_like(x)
     w, b = torch.rand(6, dtype=dtype) + 0.5, torch.randn(6, dtype=dtype)
     rm, rv = torch.randn(6, dtype=dtype), torch.rand(6, dtype=dtype) + 0.5

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "../ops_impl.h"
@@ -206,6 +207,35 @@ struct CpuBackend {
     return out;
   }
 
+  // batch_norm_act's backward a channel at a time, where a channel's runs are short
+  // (NCHW-like, at most kChannelGradElems elements a channel) and every parameter is per
+  // channel: a task takes whole channels, sums OpT's slots over the channel's runs
+  // writing dz to a scratch buffer that stays in cache, forms dx's coefficients, then
+  // dx = BnDx(dz, x). The same loops, sums in the same order and the same coefficient
+  // arithmetic as the two passes of bn_act_grad (bitwise the same), one parallel region
+  // and no second trip of g and x through memory. sums: [NP][C], in opmath. False where
+  // it does not apply.
+  // Measurements: benchmarks/NOTES.md, "BatchNorm + activation", fourth pass.
+  static constexpr int64_t kChannelGradElems = 32768;
+
+  template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+  static bool channel_grad(const scalar_t* g, const scalar_t* x, scalar_t* dx, const ChannelGeometry& geo,
+                           ParamView<P, NP> pv, const P* invstd, bool training, P* sums) {
+    using T = opmath_t<scalar_t>;
+    static_assert(std::is_same_v<T, P>, "batch_norm_act's parameters are opmath-typed");
+    const int64_t C = geo.C, NR = geo.N * geo.R, inner = geo.inner, per_channel = NR * inner;
+    // runs longer than kSegment sum in segments in channel_backward: another order
+    if (inner <= 1 || inner > kSegment || per_channel > kChannelGradElems || per_channel == 0) return false;
+    for (int j = 0; j < NP; ++j)
+      if (pv.n_stride[j]) return false;
+    const int64_t grain = std::max<int64_t>(1, kGrain / per_channel);
+    at::parallel_for(0, C, grain, [&](int64_t b, int64_t e) {
+      std::vector<scalar_t> dz(per_channel);
+      run_chunk<ChannelGradLoop<OpT, scalar_t, P, NP>>(g, x, dx, geo, pv, invstd, training, b, e, dz.data(), sums);
+    });
+    return true;
+  }
+
   // batch_norm_act's statistics: (sums of x - shift, sums of its squares) per channel,
   // in double, over the [N][R][C][inner] geometry (N = 1). Blocks are fixed (a run of
   // one channel, or kRowBlock rows of C channels) and their partials added in order.
@@ -220,8 +250,7 @@ struct CpuBackend {
     std::vector<double> partial(blocks * C * 2, 0.0);
     if (geo.inner > 1) {  // runs: block r holds run (r, c) of `inner` elements for every c
       at::parallel_for(0, R * C, std::max<int64_t>(1, kGrain / geo.inner), [&](int64_t b, int64_t e) {
-        for (int64_t run = b; run < e; ++run)
-          run_chunk<RunSumsLoop<scalar_t>>(x + run * geo.inner, geo.inner, shift[run % C], &partial[run * 2]);
+        run_chunk<RunsSumsLoop<scalar_t>>(x, geo.inner, C, shift, b, e, partial.data());
       });
     } else {  // rows of C channels, kRowBlock rows a block
       at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / (kRowBlock * C)), [&](int64_t b, int64_t e) {

@@ -43,6 +43,20 @@ struct RunSumsLoop {
   }
 };
 
+// Runs [b, e) of `inner` elements, run r of channel r % C: one call a task (a call per
+// short run cost more than its sums). out[2 r], out[2 r + 1] += run r's sums.
+template <typename scalar_t>
+struct RunsSumsLoop {
+  using T = opmath_t<scalar_t>;
+
+  template <bool kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, int64_t inner, int64_t C, const T* shift, int64_t b,
+                                         int64_t e, double* out) {
+    for (int64_t r = b; r < e; ++r)
+      RunSumsLoop<scalar_t>::template run<kVector>(x + r * inner, inner, shift[r % C], out + 2 * r);
+  }
+};
+
 // Sums per channel over rows [0, rows) of C channels (channels_last, (N, C)):
 // out[2 c], out[2 c + 1] += the sums of d and d^2 of channel c.
 template <typename scalar_t>

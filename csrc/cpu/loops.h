@@ -213,5 +213,48 @@ struct ChannelsBackwardLoop {
   }
 };
 
+// batch_norm_act's backward for channels [b, e), each whole (CpuBackend::channel_grad):
+// OpT's sums over the channel's N R runs of `inner` elements, dz into the scratch `dz`,
+// then dx's coefficients and dx = BnDx(dz, x). One call a task: with short maps a call
+// per run cost more than its math.
+template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+struct ChannelGradLoop {
+  using T = opmath_t<scalar_t>;
+  template <bool kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, ChannelGeometry geo,
+                                         ParamView<P, NP> pv, const P* invstd, bool training, int64_t b, int64_t e,
+                                         scalar_t* dz, P* sums) {
+    const int64_t C = geo.C, inner = geo.inner, NR = geo.N * geo.R;
+    const T M = static_cast<T>(NR * inner);
+    for (int64_t c = b; c < e; ++c) {
+      T v[NP];
+      pv.load(0, c, v);
+      const OpT<T> op = OpT<T>::from(v);
+      // the order of channel_backward's finish: per sample, its R runs, then the total
+      T total[NP] = {};
+      for (int64_t n = 0; n < geo.N; ++n) {
+        T sample[NP] = {};
+        for (int64_t r = 0; r < geo.R; ++r) {
+          const int64_t nr = n * geo.R + r, off = (nr * C + c) * inner;
+          T run_sums[NP];
+          ReduceBackwardLoop<OpT<T>, scalar_t>::template run<kVector>(g + off, x + off, dz + nr * inner, inner, op,
+                                                                      run_sums);
+          for (int j = 0; j < NP; ++j) sample[j] += run_sums[j];
+        }
+        for (int j = 0; j < NP; ++j) total[j] += sample[j];
+      }
+      const T a = v[1], k2 = training ? -a * invstd[c] * invstd[c] * total[0] / M : T(0);
+      const T cc = training ? -a * total[1] / M : T(0);
+      const math::BnDx<T> dx_op{a, k2, v[0], cc};
+      for (int64_t nr = 0; nr < NR; ++nr) {
+        const int64_t off = (nr * C + c) * inner;
+        ReduceBackwardLoop<math::BnDx<T>, scalar_t>::template run<kVector>(dz + nr * inner, x + off, dx + off, inner,
+                                                                           dx_op, static_cast<T*>(nullptr));
+      }
+      for (int j = 0; j < NP; ++j) sums[j * C + c] = total[j];
+    }
+  }
+};
+
 }  // namespace
 }  // namespace fusedact
