@@ -492,6 +492,15 @@ struct BnDx {
   }
 };
 
+// BnDx's k2 and c from the backward's sums over the M elements of a channel (zero in
+// inference), in the Python composition's order of roundings: the one form every pass
+// that builds them uses (their results are bitwise the same).
+template <typename T>
+FUSEDACT_HOST_DEVICE void bn_dx_coefficients(T a, T invstd, T s_xm, T s_dz, T M, bool training, T& k2, T& c) {
+  k2 = training ? -a * invstd * invstd * s_xm / M : T(0);
+  c = training ? -a * s_dz / M : T(0);
+}
+
 // Whether a backward pass writes Op's result: not for an op that only sums (kSumsOnly).
 template <class Op, class = void>
 struct SumsOnly : std::false_type {};

@@ -383,8 +383,8 @@ inline at::ScalarType bn_opmath(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// f(const R* in, R* out) over a (C,) tensor t of any floating dtype R, in place: out
-// is t's memory (or a contiguous copy written back).
+// f(R* values) on a (C,) tensor t of any floating dtype R, in place: values is t's
+// memory (or a contiguous copy, written back).
 template <typename F>
 void bn_update_in_place(const at::Tensor& t, F&& f) {
   at::Tensor c = t.contiguous();
@@ -578,8 +578,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_g
   } else {
     std::tie(dz, sums) = bn_act_backward<B>(grad, x, params, act);
   }
-  // k2 = -a invstd^2 sum(dz (x - mean)) / M, c = -a sum(dz) / M (zero in inference), in
-  // the composition's order of roundings
+  // dx's coefficients per channel (math::bn_dx_coefficients)
   at::Tensor k2 = at::empty_like(a), c = at::empty_like(a);
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), name, [&] {
     using T = scalar_t;
@@ -587,10 +586,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_g
     const T *s_xm = sums[0].data_ptr<T>(), *s_dz = sums[1].data_ptr<T>();
     const T M = static_cast<T>(C ? x.numel() / C : 0);
     T *pk2 = k2.data_ptr<T>(), *pc = c.data_ptr<T>();
-    for (int64_t j = 0; j < C; ++j) {
-      pk2[j] = training ? -pa[j] * inv[j] * inv[j] * s_xm[j] / M : T(0);
-      pc[j] = training ? -pa[j] * s_dz[j] / M : T(0);
-    }
+    for (int64_t j = 0; j < C; ++j)
+      math::bn_dx_coefficients<T>(pa[j], inv[j], s_xm[j], s_dz[j], M, training, pk2[j], pc[j]);
   });
   auto [dweight, dbias] = parameter_grads(sums);
   at::Tensor dx;

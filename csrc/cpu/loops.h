@@ -243,9 +243,9 @@ struct ChannelGradLoop {
         }
         for (int j = 0; j < NP; ++j) total[j] += sample[j];
       }
-      const T a = v[1], k2 = training ? -a * invstd[c] * invstd[c] * total[0] / M : T(0);
-      const T cc = training ? -a * total[1] / M : T(0);
-      const math::BnDx<T> dx_op{a, k2, v[0], cc};
+      T k2, cc;
+      math::bn_dx_coefficients<T>(v[1], invstd[c], total[0], total[1], M, training, k2, cc);
+      const math::BnDx<T> dx_op{v[1], k2, v[0], cc};
       for (int64_t nr = 0; nr < NR; ++nr) {
         const int64_t off = (nr * C + c) * inner;
         ReduceBackwardLoop<math::BnDx<T>, scalar_t>::template run<kVector>(dz + nr * inner, x + off, dx + off, inner,
