@@ -10,10 +10,11 @@ which export and the ONNX exporter read too (and which Inductor refuses under ``
 next to a fallback). Each decomposition first asks ``fusedact.config.compile``: for
 ``"kernel"`` it returns NotImplemented, and the op stays in the graph as our kernel.
 
-Where an aten op computes docs/SPEC.md's function with our edge conventions (SiLU, mish
-forward and backward), the decomposition is that op, so a converted model compiles to
-the graph the original compiles to: with a formula of our own, the partitioner chose
-to save more (timm resnet26 with Mish: 593 MB against 480 MB, benchmarks/NOTES.md).
+Where an aten op computes docs/SPEC.md's function with our edge conventions and no
+formula of ours measured faster (SiLU), the decomposition is that op, so a converted
+model compiles to the graph the original compiles to. mish is activation_math.h's one
+exp and one division (aten's is exp, log1p and tanh), written without selects against
+a scalar, which made the partitioner save more (benchmarks/NOTES.md).
 hard_swish's forward keeps SPEC's ends around aten's form (x itself from 3, -0.0 to
 -3, through a clamp: a second select made the partitioner save 11 MB more in
 MobileNetV3); its backward is aten's, whose dx at x = NaN is g (not NaN). Elsewhere
@@ -55,6 +56,7 @@ AUTO_BLOCKS = {"cpu": {"batch_norm_act": "fuse"}, "cuda": {"batch_norm_act": "fu
 
 _HALF = (torch.float16, torch.bfloat16)
 _SATURATION = {torch.float32: 128.0, torch.float64: 1024.0}  # activation_math.h's SigmoidSaturation
+_MISH_THRESHOLD = {torch.float32: 20.0, torch.float64: 40.0}  # activation_math.h's MishThreshold
 
 
 def mode_for(op: str, device: torch.device) -> str:
@@ -115,12 +117,37 @@ def swish_backward(grad, x, beta, beta_tensor):
     return dx, _sum_to(gf * (xf * xds), beta_tensor, ())
 
 
+def _mish_parts(xf):
+    """e = exp(x) with x clamped at activation_math.h's MishThreshold, and n = e (e + 2).
+    The kernel's select (e of 0 where x is big) is a clamp here: at the threshold n / (n + 2)
+    is 1 exactly in float32 and float64, as the kernel's t. No select against a scalar: AOT
+    makes its 0.0 one `full` node that every block shares, and the partitioner then saves a
+    select of each block instead of recomputing it ("used above/below fusible"; +12.8 MB
+    in four conv-BN-Mish blocks, benchmarks/NOTES.md)."""
+    e = torch.exp(xf.clamp(max=_MISH_THRESHOLD[xf.dtype]))
+    return e, e * (e + 2)
+
+
 def mish_forward(x):
-    return torch.ops.aten.mish(x)
+    # activation_math.h's one exp and one division, not aten's tanh(softplus(x)) (exp,
+    # log1p and tanh on the CPU): a compiled resnet26-Mish step ran about 1.2x faster
+    (xf,) = _opmath(x)
+    _, n = _mish_parts(xf)
+    return (xf * (n / (n + 2))).to(x.dtype)
 
 
 def mish_backward(grad, x):
-    return torch.ops.aten.mish_backward(grad, x)
+    gf, xf = _opmath(grad, x)
+    e, n = _mish_parts(xf)
+    q = n + 2
+    p = 1 + e
+    r = 1 / (p * q)
+    inv_q = p * r
+    t = n * inv_q  # 1 (float64: 1 - 2^-53) from the threshold, where the kernel's select gives 1
+    # 1 - t^2, zeroed from the threshold by a mask (x * 0 keeps the kernel's NaN at x = inf)
+    one_minus_t2 = ((2 * (q + n) * inv_q) * inv_q) * (xf < _MISH_THRESHOLD[xf.dtype])
+    s = e * (q * r)
+    return (gf * (t + xf * one_minus_t2 * s)).to(x.dtype)
 
 
 def hard_swish_forward(x):
