@@ -11,6 +11,10 @@ saves (parameters excluded), counted with saved-tensor hooks.
 
     python benchmarks/models.py                      # every model, this machine
     python benchmarks/models.py --models yolo11n --rounds 5 --compile-modes auto fuse
+    python benchmarks/models.py --device cuda        # the GPU (default where there is one)
+
+A model whose package (ultralytics, timm) is not installed is skipped with a line that
+says so; the ACON model needs only torch.
 """
 
 from __future__ import annotations
@@ -143,13 +147,17 @@ def graph_bytes(model, x, labels, loss_fn):
     return saved
 
 
-def time_steps(step, min_time):
-    """Median seconds of one step over about min_time seconds (at least 3 steps)."""
+def time_steps(step, min_time, device="cpu"):
+    """Median seconds of one step over about min_time seconds (at least 3 steps); on a
+    GPU each step is timed to the end of its kernels."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times = []
+    sync()
     start = time.perf_counter()
     while len(times) < 3 or time.perf_counter() - start < min_time:
         t0 = time.perf_counter()
         step()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -157,10 +165,14 @@ def time_steps(step, min_time):
 def run_model(name, args, writer, meta):
     build, shape, loss_fn = MODELS[name]
     torch.manual_seed(0)
-    original = build().train()
+    try:
+        original = build().train().to(args.device)
+    except ImportError as e:  # ultralytics or timm not installed here
+        print(f"{name}: skipped ({e})", file=sys.stderr)
+        return
     converted = fusedact.convert(copy.deepcopy(original))
-    x = torch.randn(*shape)
-    labels = torch.randint(0, 10, (shape[0],))
+    x = torch.randn(*shape, device=args.device)
+    labels = torch.randint(0, 10, (shape[0],), device=args.device)
     variants = {}
     if "eager" in args.modes:
         variants["original eager"] = original
@@ -190,7 +202,7 @@ def run_model(name, args, writer, meta):
     labels_order = list(steps)
     for r in range(args.rounds):
         for label in labels_order if r % 2 == 0 else labels_order[::-1]:
-            per_round[label].append(time_steps(steps[label], args.min_time))
+            per_round[label].append(time_steps(steps[label], args.min_time, args.device))
     pairs = [("original eager", "converted eager")]
     pairs += [("original compiled", f"converted compiled {m}") for m in args.compile_modes]
     for ref, label in [(a, b) for a, b in pairs if a in per_round and b in per_round]:
@@ -245,6 +257,7 @@ FIELDS = [
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     ap.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
     ap.add_argument(
         "--compile-modes", nargs="+", default=["auto", "fuse", "kernel"], choices=fusedact.config.COMPILE_MODES
@@ -256,8 +269,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    meta = dict(versions("cpu"), threads=torch.get_num_threads())
-    path = Path(args.csv) if args.csv else RESULTS / f"models-cpu-{torch.get_num_threads()}-threads.csv"
+    meta = dict(versions(args.device), threads=torch.get_num_threads())
+    where = "cuda" if args.device == "cuda" else f"cpu-{torch.get_num_threads()}-threads"
+    path = Path(args.csv) if args.csv else RESULTS / f"models-{where}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"# {meta['device']}, torch {meta['torch']}, {meta['date']}")
     print("| model | variant | reference | variant | speed (rounds) | reference saves | variant saves |")
