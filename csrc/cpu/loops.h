@@ -75,10 +75,12 @@ struct BackwardLoop {
 
 // dx over a run with one set of parameters, and the run's sums of g * dy/dparam:
 // kLanes independent accumulators (vector lanes), added in a fixed order at the end.
+// 32 lanes for 16-bit data: GCC picks one vector size for a loop, and 16 iterations of
+// 16-bit loads gave 256-bit vectors for the float math too (half of AVX-512's width).
 template <class Op, typename scalar_t>
 struct ReduceBackwardLoop {
   static constexpr int NP = Op::kParams;
-  static constexpr int kLanes = 16;
+  static constexpr int kLanes = sizeof(scalar_t) == 2 ? 32 : 16;
   using T = opmath_t<scalar_t>;
 
   template <bool kVector>
