@@ -88,27 +88,25 @@ struct ReduceBackwardLoop {
                                          T* sums) {
     T acc[NP][kLanes] = {};
     const int64_t nv = n - n % kLanes;
+    // a float16/bfloat16 dx rounded in a second loop, as compute_block does (stores.h);
+    // widening g and x in a loop of their own as well measured slower
+    constexpr bool kStaged = kWrites<Op> && !std::is_same_v<scalar_t, T>;
     for (int64_t i = 0; i < nv; i += kLanes) {
-      if constexpr (kWrites<Op> && !std::is_same_v<scalar_t, T>) {
-        // a float16/bfloat16 dx rounded in a second loop, as compute_block does (stores.h);
-        // widening g and x in a loop of their own as well measured slower
-        alignas(64) T vb[kLanes];
+      alignas(64) T vb[kLanes];
 #pragma omp simd
-        for (int l = 0; l < kLanes; ++l) {
-          T dp[NP];
-          vb[l] = op.backward(load(g, i + l), load(x, i + l), dp);
-          if constexpr (kSums<Op>) for_each_param<NP>([&](auto j) { acc[j][l] += dp[j]; });
+      for (int l = 0; l < kLanes; ++l) {
+        T dp[NP];
+        const T v = op.backward(load(g, i + l), load(x, i + l), dp);
+        if constexpr (kStaged) {
+          vb[l] = v;
+        } else if constexpr (kWrites<Op>) {
+          store(dx, i + l, v);
         }
+        if constexpr (kSums<Op>) for_each_param<NP>([&](auto j) { acc[j][l] += dp[j]; });
+      }
+      if constexpr (kStaged) {
 #pragma omp simd
         for (int l = 0; l < kLanes; ++l) store(dx, i + l, vb[l]);
-      } else {
-#pragma omp simd
-        for (int l = 0; l < kLanes; ++l) {
-          T dp[NP];
-          const T v = op.backward(load(g, i + l), load(x, i + l), dp);
-          if constexpr (kWrites<Op>) store(dx, i + l, v);
-          if constexpr (kSums<Op>) for_each_param<NP>([&](auto j) { acc[j][l] += dp[j]; });
-        }
       }
     }
     for (int64_t i = nv; i < n; ++i) {
