@@ -189,11 +189,17 @@ def versions(device):
         name = torch.cuda.get_device_name()
     else:
         cpu = platform.processor() or platform.machine()
-        try:
+        try:  # the model name, then family/model: VMs often name only "AMD EPYC"
+            info = {}
             for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+                if not line.strip():
                     break
+            if "model name" in info:
+                cpu = info["model name"]
+                if "cpu family" in info:
+                    cpu += f" family {info['cpu family']} model {info.get('model', '?')}"
         except OSError:
             pass
         name = f"cpu: {cpu} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

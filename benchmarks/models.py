@@ -179,6 +179,8 @@ def run_model(name, args, writer, meta):
         variants["converted eager"] = converted
     if "compiled" in args.modes:
         variants["original compiled"] = torch.compile(copy.deepcopy(original))
+        if args.control:  # an A/A pair: what the harness reads for two equal models
+            variants["original compiled again"] = torch.compile(copy.deepcopy(original))
         for mode in args.compile_modes:
             # the mode is read while the graph compiles: the first step, under it
             variants[f"converted compiled {mode}"] = (mode, torch.compile(copy.deepcopy(converted)))
@@ -205,6 +207,7 @@ def run_model(name, args, writer, meta):
             per_round[label].append(time_steps(steps[label], args.min_time, args.device))
     pairs = [("original eager", "converted eager")]
     pairs += [("original compiled", f"converted compiled {m}") for m in args.compile_modes]
+    pairs += [("original compiled", "original compiled again")]
     for ref, label in [(a, b) for a, b in pairs if a in per_round and b in per_round]:
         ratios = [a / b for a, b in zip(per_round[ref], per_round[label])]
         row = dict(
@@ -263,6 +266,7 @@ def main(argv=None):
         "--compile-modes", nargs="+", default=["auto", "fuse", "kernel"], choices=fusedact.config.COMPILE_MODES
     )
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--control", action="store_true", help="also time a second copy of the compiled original")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of steps per variant and round")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--csv", default=None)

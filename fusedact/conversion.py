@@ -26,7 +26,6 @@ difference. Hooks registered on a replaced module are not carried over.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 from torch import nn
@@ -170,6 +169,31 @@ def _conv_bn_act(m, x):
     return m.bn(m.conv(x))
 
 
+_FUSED_CONV: dict[type, type] = {}
+
+
+def _fused_conv_class(base: type) -> type:
+    """``base`` (an ultralytics Conv class) with a class-level forward bn(conv(x)), of the
+    same name so the model prints as before. Class-level, not an instance ``m.forward``:
+    Dynamo guards the hook dicts of every module with an instance forward (1.4 vs 1.0 ms of
+    guards a compiled YOLO11n step, benchmarks/NOTES.md)."""
+    cls = _FUSED_CONV.get(base)
+    if cls is None:
+        attrs = {"forward": _conv_bn_act, "__reduce_ex__": _reduce_fused_conv, "_fusedact_base": base}
+        cls = _FUSED_CONV[base] = type(base.__name__, (base,), {"__module__": __name__, **attrs})
+    return cls
+
+
+def _new_fused_conv(base: type) -> nn.Module:
+    cls = _fused_conv_class(base)
+    return cls.__new__(cls)
+
+
+def _reduce_fused_conv(self, protocol):
+    # pickle and deepcopy rebuild the class from its base: it is not importable by name
+    return _new_fused_conv, (type(self)._fusedact_base,), self.__getstate__()
+
+
 def _ultralytics_conv_forward():
     import sys
 
@@ -180,9 +204,10 @@ def _ultralytics_conv_forward():
 def _fuse_bn(model: nn.Module) -> nn.Module:
     """BatchNorm directly followed by an activation, as one BatchNormAct: in an
     nn.Sequential; ultralytics' Conv family (a class whose forward is Conv.forward,
-    act(bn(conv(x)))), whose instance forward becomes bn(conv(x)) with the act inside
-    bn, so that ultralytics' fuse() (which folds bn into conv and calls act(conv(x)))
-    stays right; timm's BatchNormAct2d without dropout. State_dict keys do not change."""
+    act(bn(conv(x)))), whose class becomes a subclass with forward bn(conv(x)) and the act
+    inside bn, so that ultralytics' fuse() (which folds bn into conv and sets the instance
+    forward to act(conv(x))) stays right and isinstance checks hold; timm's
+    BatchNormAct2d without dropout. State_dict keys do not change."""
     conv_forward = _ultralytics_conv_forward()
     seen = set()
 
@@ -205,7 +230,7 @@ def _fuse_bn(model: nn.Module) -> nn.Module:
             and _fusible(getattr(m, "act", None), learnable=True)
         ):
             m.bn = _bn_act(m.bn, m.act, own_act=False)  # m.act stays m's child: the same keys
-            m.forward = functools.partial(_conv_bn_act, m)
+            m.__class__ = _fused_conv_class(t)
         if isinstance(m, nn.Sequential):
             keys = list(m._modules)
             for a, b in zip(keys, keys[1:]):
