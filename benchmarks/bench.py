@@ -45,7 +45,7 @@ import block
 import overhead
 import sweep
 from cases import DTYPES, MODES, OPS, PROVIDERS
-from harness import ROOT, results_csv, versions
+from harness import ROOT, results_csv, steady_malloc, versions
 
 
 def parse_args(argv=None):
@@ -97,6 +97,9 @@ def parse_args(argv=None):
     ap.add_argument(
         "--block-providers", nargs="+", default=["eager", "compile", "fused"], choices=["eager", "compile", "fused"]
     )
+    ap.add_argument(
+        "--system-malloc", action="store_true", help="CPU: leave glibc's malloc as it is (see harness.steady_malloc)"
+    )
     ap.add_argument("--warmup-ms", type=float, default=10.0)
     ap.add_argument("--rep-ms", type=float, default=60.0)
     ap.add_argument("--min-run-time", type=float, default=0.6, help="CPU: seconds per provider and case")
@@ -124,6 +127,8 @@ def main(argv=None):
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     meta = versions(args.device)
+    if args.device == "cpu" and not args.system_malloc:
+        meta["device"] += f", malloc: {steady_malloc()}"
     suffix = "-overhead" if args.overhead else "-block" if args.block else ""
     csv_path = Path(args.csv) if args.csv else results_csv(meta, suffix)
     csv_path.parent.mkdir(parents=True, exist_ok=True)

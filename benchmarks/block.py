@@ -61,7 +61,13 @@ def blocks(act: str, C: int):
 
 
 def _step(block, x, g):
+    """One forward and backward. x.grad is cleared first: in a model the block's dx goes
+    to the layer before it once; accumulated into a leaf it would add a read of two
+    tensors and a write of one to every provider's step (0.4-0.6 ms of 3 at
+    (16, 128, 40, 40) bfloat16)."""
+
     def run():
+        x.grad = None
         y = block(x)
         y.backward(g)
         return y

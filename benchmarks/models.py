@@ -36,7 +36,7 @@ from torch import nn  # noqa: E402
 import fusedact  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).parent))
-from harness import saved_bytes, versions  # noqa: E402
+from harness import saved_bytes, steady_malloc, versions  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -269,11 +269,14 @@ def main(argv=None):
     ap.add_argument("--control", action="store_true", help="also time a second copy of the compiled original")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of steps per variant and round")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--system-malloc", action="store_true", help="leave glibc malloc as is (harness.steady_malloc)")
     ap.add_argument("--csv", default=None)
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     meta = dict(versions(args.device), threads=torch.get_num_threads())
+    if args.device == "cpu" and not args.system_malloc:
+        meta["device"] += f", malloc: {steady_malloc()}"
     where = "cuda" if args.device == "cuda" else f"cpu-{torch.get_num_threads()}-threads"
     path = Path(args.csv) if args.csv else RESULTS / f"models-{where}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
