@@ -91,7 +91,8 @@ def parse_args(argv=None):
         "--block",
         action="store_true",
         help="the BatchNorm + activation block instead (benchmarks/block.py): a training step, fused "
-        "against nn.BatchNorm2d + the eager activation and torch.compile of it; CPU",
+        "against nn.BatchNorm2d + the eager activation and torch.compile of it; CPU, or a GPU with --device "
+        "cuda (the native CUDA passes)",
     )
     ap.add_argument("--block-acts", nargs="+", default=block.BLOCK_ACTS, choices=block.BLOCK_ACTS)
     ap.add_argument(

@@ -2,7 +2,9 @@
 the block, fused (fusedact.nn.BatchNormAct2d) against nn.BatchNorm2d followed by the
 activation in eager PyTorch and against torch.compile of that eager block; the time
 ratio from alternating rounds, and the bytes the autograd graph saves beyond x and the
-parameters. Each provider's y, dx and dweight are checked against float64 first."""
+parameters. Each provider's y, dx and dweight are checked against float64 first. On a GPU
+(--device cuda) "fused" runs the native CUDA passes (fusedact.config.cuda_bn_passes), timed
+with triton's do_bench, and its forward is also timed against the bytes-moved bound."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import torch
 from torch import nn
 
 import fusedact
-from harness import bench_cpu, csv_writer, paired_speedup, saved_bytes
+from harness import bench_cpu, bench_gpu, copy_time, csv_writer, paired_speedup, saved_bytes
 
 BLOCK_SHAPES = [(32, 64, 56, 56), (16, 128, 40, 40)]
 BLOCK_ACTS = ["silu", "mish", "hard_swish", "acon_c"]
@@ -33,6 +35,8 @@ FIELDS = [
     "round_ratios",
     "saved_bytes",
     "threads",
+    "fwd_ms",
+    "fwd_pct_bound",
 ]
 
 
@@ -92,18 +96,51 @@ def run(args, meta, csv_path):
         return _run(args, meta, f, writer)
 
 
+class _Passes(nn.Module):
+    """On CUDA: the block with fusedact.config.cuda_bn_passes on for its calls (the native
+    passes; off, CUDA runs F.batch_norm then the fused activation)."""
+
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        before = fusedact.config.cuda_bn_passes
+        fusedact.config.cuda_bn_passes = True
+        try:
+            return self.block(x)
+        finally:
+            fusedact.config.cuda_bn_passes = before
+
+
+def _forward_bound(name, block, x, args):
+    """GPU: the fused forward's ms and its share of the bytes-moved bound, x read three
+    times (two statistics passes, then the normalization) and y written once, at the
+    measured copy bandwidth (a copy reads and writes once)."""
+    if args.device != "cuda" or name != "fused":
+        return "", ""
+    with torch.no_grad():
+        ms = bench_gpu(lambda: block(x), args.warmup_ms, args.rep_ms)[0]
+    copy_ms = copy_time(x.numel(), x.dtype, "cuda", args)[0]
+    return f"{ms:.4f}", f"{100 * 2 * copy_ms / (4 * ms):.1f}"
+
+
 def _run(args, meta, f, writer):
     rows = []
     dtypes = args.dtypes or ["float32", "bfloat16"]
     shapes = args.shapes or BLOCK_SHAPES
+    dev = args.device
     for shape in shapes:
         for dtype_name in dtypes:
             dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
             for act in args.block_acts:
                 torch.manual_seed(0)
                 eager, fused = blocks(act, shape[1])
-                x = (torch.randn(shape) * 2 + 0.3).to(dtype).requires_grad_()
-                g = torch.randn(shape).to(dtype)
+                eager, fused = eager.to(dev), fused.to(dev)
+                if dev == "cuda":
+                    fused = _Passes(fused)
+                x = (torch.randn(shape) * 2 + 0.3).to(dtype).to(dev).requires_grad_()
+                g = torch.randn(shape).to(dtype).to(dev)
                 ref_block = copy.deepcopy(eager).double()
                 x64 = x.detach().double().requires_grad_()
                 y64 = ref_block(x64)
@@ -117,10 +154,15 @@ def _run(args, meta, f, writer):
                 for name, block in providers.items():
                     _check(name, block, x, g, ref)
                 steps = {name: _step(block, x, g) for name, block in providers.items()}
-                times, per_round = bench_cpu(steps, args.min_run_time, args.rounds)
+                if dev == "cuda":
+                    times = {name: bench_gpu(step, args.warmup_ms, args.rep_ms) for name, step in steps.items()}
+                    per_round = {name: [t[0]] for name, t in times.items()}
+                else:
+                    times, per_round = bench_cpu(steps, args.min_run_time, args.rounds)
                 params = [p for m in providers.values() for p in m.parameters()]
                 for name in providers:
                     nbytes, _ = saved_bytes(steps[name], exclude=[x, *params])
+                    fwd_ms, fwd_pct = _forward_bound(name, providers[name], x.detach(), args)
                     ratio, ratios = paired_speedup(per_round, "eager", name)
                     row = dict(
                         date=meta.get("date"),
@@ -139,6 +181,8 @@ def _run(args, meta, f, writer):
                         round_ratios=" ".join(f"{r:.3f}" for r in ratios),
                         saved_bytes=nbytes,
                         threads=torch.get_num_threads(),
+                        fwd_ms=fwd_ms,
+                        fwd_pct_bound=fwd_pct,
                     )
                     writer.writerow(row)
                     rows.append(row)

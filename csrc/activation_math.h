@@ -529,6 +529,29 @@ struct BnActSums {
   };
 };
 
+// A channel's moments about a shift, for the GPU's batch statistics (ops_impl.h's
+// bn_stats_by_sums): sums d = x - shift and d^2, writes nothing. Parameters: the shift,
+// then an unused slot (ParamView loads one value a slot; the two sums need two slots).
+template <typename T>
+struct BnMoments {
+  static constexpr int kParams = 2;
+  static constexpr bool kSumsOnly = true;
+  T shift, unused;
+
+  static FUSEDACT_HOST_DEVICE BnMoments from(const T* v) { return {v[0], v[1]}; }
+  template <class M = Precise>
+  FUSEDACT_HOST_DEVICE T forward(T x) const {
+    return x;
+  }
+  template <class M = Precise>
+  FUSEDACT_HOST_DEVICE T backward(T, T x, T (&dp)[kParams]) const {
+    const T d = x - shift;
+    dp[0] = d;
+    dp[1] = d * d;
+    return T(0);
+  }
+};
+
 // BatchNorm's dx from g and x: dz = g act'(z) recomputed, then BnDx's dx = a dz + k2 (x -
 // mean) + c. Parameters: k2, c, then BnAct's (mean, a, b, the activation's): first, so
 // that NP scalars in order brace-initialize it (an activation without members is last).

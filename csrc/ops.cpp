@@ -24,7 +24,8 @@ TORCH_LIBRARY(fusedact, m) {
   m.def("bn_act_forward(Tensor x, Tensor[] params, str act) -> Tensor");
   m.def("bn_act_backward(Tensor grad, Tensor x, Tensor[] params, str act) -> (Tensor, Tensor[])");
   m.def("bn_dx(Tensor dz, Tensor x, Tensor[] params) -> Tensor");
-  m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");  // (mean, biased variance) per channel, opmath
+  m.def("bn_stats(Tensor x) -> (Tensor, Tensor)");                  // (mean, biased variance) per channel, opmath
+  m.def("bn_moments(Tensor x, Tensor shift) -> (Tensor, Tensor)");  // sums of x - shift and its square
   // The passes with their per-channel arithmetic, one call each: (mean, invstd), updating
   // the running statistics in training; y; (dx, dweight, dbias, the act's sums).
   m.def(

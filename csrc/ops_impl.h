@@ -339,6 +339,18 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x_in) {
   return {mean, var};
 }
 
+// (sum(x - shift), sum((x - shift)^2)) per channel (dim 1) in opmath, shift (C,) opmath:
+// one read-only pass of x reduced on its device (math::BnMoments through the channel
+// kernels), which the GPU's batch statistics take twice (fusedact/batch_norm.py,
+// _moment_stats): the mean, then the squares about it.
+template <class B>
+std::tuple<at::Tensor, at::Tensor> bn_moments(const at::Tensor& x, const at::Tensor& shift) {
+  TORCH_CHECK(shift.dim() == 1 && x.dim() >= 2 && shift.numel() == x.size(1),
+              "fusedact.bn_moments: shift must be (C,), one value a channel of x");
+  auto [unused, s] = bn_backward<B, math::BnMoments>("fusedact.bn_moments", x, x, {shift, shift});
+  return {s[0], s[1]};
+}
+
 // The activation by name: CALL(OpT) with OpT the FAMILY (math::BnAct, BnActSums,
 // BnActDx) of that activation.
 #define FUSEDACT_BN_ACT_DISPATCH_OF(FAMILY, ACT, NAME, CALL)                        \
@@ -615,17 +627,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_g
     m.impl("acon_c_backward", &fusedact::acon_c_backward<B>);         \
   }
 
-// batch_norm_act's passes: the CPU only for now (their CUDA instantiations spilled a few
-// registers in the SASS check and have not run on a GPU; CUDA x takes the unfused path).
-#define FUSEDACT_REGISTER_BN_ACT(KEY, B)                      \
+// batch_norm_act's passes, every backend: the elementwise passes and the moments, all
+// through the channel kernels (B::channel_forward / channel_backward).
+#define FUSEDACT_REGISTER_BN_PASSES(KEY, B)                   \
   TORCH_LIBRARY_IMPL(fusedact, KEY, m) {                      \
     m.impl("bn_act_forward", &fusedact::bn_act_forward<B>);   \
     m.impl("bn_act_backward", &fusedact::bn_act_backward<B>); \
     m.impl("bn_dx", &fusedact::bn_dx<B>);                     \
-    m.impl("bn_stats", &fusedact::bn_stats<B>);               \
-    m.impl("bn_batch_stats", &fusedact::bn_batch_stats<B>);   \
-    m.impl("bn_act_apply", &fusedact::bn_act_apply<B>);       \
-    m.impl("bn_act_grad", &fusedact::bn_act_grad<B>);         \
+    m.impl("bn_moments", &fusedact::bn_moments<B>);           \
+  }
+
+// The CPU's own: statistics summed in double (B::channel_sums) and the one-call ops
+// whose per-channel arithmetic runs in host loops. A GPU composes these from the passes
+// above in fusedact/batch_norm.py.
+#define FUSEDACT_REGISTER_BN_ACT(KEY, B)                    \
+  FUSEDACT_REGISTER_BN_PASSES(KEY, B)                       \
+  TORCH_LIBRARY_IMPL(fusedact, KEY, m) {                    \
+    m.impl("bn_stats", &fusedact::bn_stats<B>);             \
+    m.impl("bn_batch_stats", &fusedact::bn_batch_stats<B>); \
+    m.impl("bn_act_apply", &fusedact::bn_act_apply<B>);     \
+    m.impl("bn_act_grad", &fusedact::bn_act_grad<B>);       \
   }
 
 }  // namespace fusedact

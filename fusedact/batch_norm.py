@@ -11,10 +11,12 @@ invstd per channel, z = (x - mean) a + bias and y = act(z).
   gradients; one more pass writes dx = a (dz - mean(dz) - xhat mean(dz xhat)).
 - Inference: the running statistics, one pass.
 The passes are ``torch.ops.fusedact.bn_stats`` / ``bn_act_forward`` / ``bn_act_backward``
-/ ``bn_dx`` (CPU kernels so far; CUDA x takes the unfused path). The native backend calls
-them through ``bn_batch_stats`` / ``bn_act_apply`` / ``bn_act_grad``, which do the
-per-channel arithmetic around them (running statistics, affine, dx coefficients) in the
-same C++ call: at small shapes those ~20 ATen calls cost more than the passes. Users' graphs hold
+/ ``bn_dx``. On the CPU the native backend calls them through ``bn_batch_stats`` /
+``bn_act_apply`` / ``bn_act_grad``, which do the per-channel arithmetic around them
+(running statistics, affine, dx coefficients) in the same C++ call: at small shapes those
+~20 ATen calls cost more than the passes. On CUDA (with ``fusedact.config.cuda_bn_passes``,
+off until measured on a GPU; otherwise the unfused path) the statistics come from two
+``bn_moments`` passes and the arithmetic is composed here from tensor ops on the device. Users' graphs hold
 ``torch.ops.fusedact.batch_norm_stats`` (which updates the running statistics) and
 ``batch_norm_act`` (differentiable; backward ``batch_norm_act_backward``). Their eager
 form, F.batch_norm then the activation's function, is what ONNX export and, under
@@ -29,7 +31,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _C, _inductor, _opinfo, reference
+from . import _C, _inductor, _opinfo, config, reference
 from .checks import FLOAT_DTYPES, check_float_beta, check_tensor, check_x
 
 __all__ = ["batch_norm_act", "sync_batch_norm_act", "ACTS"]
@@ -122,15 +124,47 @@ def _passes(backend: str):
     return torch.ops.fusedact
 
 
+def _one_call(x: Tensor, backend: str) -> bool:
+    """The native backend on the CPU: the passes with their per-channel arithmetic in one
+    C++ op each (bn_batch_stats, bn_act_apply, bn_act_grad: host loops). On a GPU the same
+    work is composed here from the passes and small tensor ops, all on the device."""
+    return backend == "native" and x.device.type == "cpu"
+
+
+def _moment_stats(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(mean, biased variance) per channel in opmath from two bn_moments passes, reduced
+    on x's device: the sums give the mean, then the squares about it (no cancellation:
+    the CPU's bn_stats does the same with its sums in double)."""
+    ops = torch.ops.fusedact
+    C = x.shape[1]
+    M = x.numel() // C if C else 0
+    if M == 0:
+        raise RuntimeError("fusedact.bn_stats: x has no elements per channel")
+    s1, _ = ops.bn_moments(x, x.new_zeros((C,), dtype=_opmath(x)))
+    shift = s1 / M
+    d, s2 = ops.bn_moments(x, shift)
+    d = d / M  # the residual of the shift, tiny (NaN about an infinite mean)
+    mean = torch.where(torch.isfinite(d), shift + d, shift)
+    return mean, (s2 / M - d * d).clamp_min(0)
+
+
+def _local_stats(x: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+    """(mean, biased variance) of this x's channels: the backend's bn_stats, or on a GPU
+    with the native backend _moment_stats."""
+    if backend == "native" and x.device.type != "cpu":
+        return _moment_stats(x)
+    return _passes(backend).bn_stats(x)
+
+
 def _stats(x, running_mean, running_var, training, momentum, eps, backend="native"):
     """(mean, invstd) per channel in opmath; in training, x's batch statistics (two
     read-only passes, csrc/cpu/bn_stats.h) and the running statistics updated as
     nn.BatchNorm2d updates them (the unbiased variance, momentum)."""
-    if backend == "native":  # the same, in one C++ call (csrc/ops_impl.h)
+    if _one_call(x, backend):  # the same, in one C++ call (csrc/ops_impl.h)
         return torch.ops.fusedact.bn_batch_stats(x, running_mean, running_var, training, momentum, eps)
     pt = _opmath(x)
     if training:
-        mean, var = _passes(backend).bn_stats(x)
+        mean, var = _local_stats(x, backend)
         _update_running(running_mean, running_var, mean, var, x.numel() // x.shape[1], momentum)
     else:
         mean, var = running_mean.to(pt, copy=True), running_var.to(pt)
@@ -151,7 +185,7 @@ def _forward_pass(x, mean, invstd, weight, bias, act, beta, p1, p2, act_beta, ba
     """y = act((x - mean) invstd weight + bias): the one forward pass."""
     act_params = _act_tensors(x, act, beta, p1, p2, act_beta)
     kernel_act = _kernel_act(act, beta, act_beta)
-    if backend == "native":  # the affine and the pass in one C++ call
+    if _one_call(x, backend):  # the affine and the pass in one C++ call
         return torch.ops.fusedact.bn_act_apply(x, mean, invstd, weight, bias, act_params, kernel_act)
     a, b = _affine(x, weight, bias, invstd)
     return _passes(backend).bn_act_forward(x, [mean, a, b, *act_params], kernel_act)
@@ -249,7 +283,7 @@ def _backward_passes(
     def empty():
         return x.new_empty((0,))  # one each: a custom op's outputs may not alias
 
-    if backend == "native" and reduce is None:  # both passes and the per-channel arithmetic in C++
+    if _one_call(x, backend) and reduce is None:  # both passes and the per-channel arithmetic in C++
         dx, dweight, dbias, act_sums = torch.ops.fusedact.bn_act_grad(
             grad, x, weight, bias, mean, invstd, training, act_params, kernel_act
         )
@@ -465,14 +499,14 @@ def batch_norm_act(
         backend == "eager"
         or torch.onnx.is_in_onnx_export()  # either exporter: no symbolic for these ops
         or (_inductor_compiling() and _inductor.mode_for("batch_norm_act", x.device) == "fuse")
-        or (x.device.type != "cpu" and backend != "triton")
-    ):  # the native passes are CPU kernels so far (csrc/ops_impl.h)
+        or (backend != "triton" and not _native_passes_on(x))
+    ):
         return _unfused(x, running_mean, running_var, weight, bias, training, momentum, eps, act, act_params, backend)
     if backend not in (None, "native", "triton"):
         raise ValueError(f"{op}: unknown backend {backend!r}: native (default), triton or eager")
     passes = backend or "native"
     if _plain_eager(x, weight, bias, running_mean, running_var, *act_params):
-        if passes == "native":  # the same ops from a C++ Function (csrc/fast_path.cpp)
+        if _one_call(x, passes):  # the same ops from a C++ Function (csrc/fast_path.cpp)
             kernel_act = _kernel_act(act, beta, act_beta)
             y = _C.fast.batch_norm_act(
                 x, running_mean, running_var, weight, bias, training, momentum, eps, kernel_act, beta, p1, p2, act_beta
@@ -484,6 +518,17 @@ def batch_norm_act(
         )
     mean, invstd = _batch_norm_stats(x.detach(), running_mean, running_var, training, momentum, eps, passes)
     return _batch_norm_act(x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta, passes)
+
+
+_CUDA_BUILT = bool(_C.build_info()["cuda"])
+
+
+def _native_passes_on(x: Tensor) -> bool:
+    """Whether the native passes run x: on the CPU; on CUDA when built with it and
+    fusedact.config.cuda_bn_passes is set (off until measured on a GPU)."""
+    if x.device.type == "cpu":
+        return True
+    return x.device.type == "cuda" and _CUDA_BUILT and config.cuda_bn_passes
 
 
 def _unfused(x, running_mean, running_var, weight, bias, training, momentum, eps, act, act_params, backend):
@@ -512,7 +557,7 @@ def _gathered_stats(x, group):
     result on every rank)."""
     import torch.distributed as dist
 
-    mean, var = torch.ops.fusedact.bn_stats(x)
+    mean, var = _local_stats(x, "native")
     C = x.shape[1]
     local = torch.cat([mean.double(), var.double(), mean.new_full((1,), x.numel() // C, dtype=torch.float64)])
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]

@@ -10,7 +10,13 @@ ops when ``torch.compile`` compiles a graph that holds them.
 - ``"auto"`` (the default): per op and device type, whichever of the two measured
   faster (``fusedact._inductor.AUTO``; benchmarks/NOTES.md has the numbers).
 
-The choice is made when a graph is compiled: a function already compiled keeps its
+``fusedact.config.cuda_bn_passes`` (env ``FUSEDACT_CUDA_BN_PASSES=1``): whether
+``batch_norm_act`` on a CUDA tensor with the native backend runs the fused passes
+(``torch.ops.fusedact.bn_moments`` / ``bn_act_forward`` / ``bn_act_backward`` / ``bn_dx``,
+the statistics and per-channel arithmetic composed on the device). False, the default
+until they have been measured on a GPU: F.batch_norm then the activation's kernel.
+
+The compile choice is made when a graph is compiled: a function already compiled keeps its
 choice until ``torch._dynamo.reset()``. The setting is part of the key of torch.compile's
 caches (``torch.compiler.config.cache_key_tag`` gets ``fusedact.compile=<mode>`` beside
 any tag of the user's), so no cached graph of another mode is served. Both choices
@@ -46,5 +52,6 @@ class _Config(types.ModuleType):
 
 
 compile = _checked_mode(os.environ.get("FUSEDACT_COMPILE", "auto"), "FUSEDACT_COMPILE")
+cuda_bn_passes = os.environ.get("FUSEDACT_CUDA_BN_PASSES", "0") == "1"
 
 sys.modules[__name__].__class__ = _Config

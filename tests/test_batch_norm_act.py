@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import fusedact
-from conftest import DEVICES, FUSED_BACKENDS, TRITON_INTERPRET, make_layout
+from conftest import DEVICES, FUSED_BACKENDS, HAS_CUDA, TRITON_INTERPRET, make_layout
 from fusedact.testing import relative_error, slack_for
 
 ACT_CASES = [  # (id, act, builder of act_params(x) in float32 for 16-bit x)
@@ -48,6 +48,29 @@ ACT_CASES = [  # (id, act, builder of act_params(x) in float32 for 16-bit x)
 ]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "channels_last", "ncl"]
+# "cuda-passes": CUDA with fusedact.config.cuda_bn_passes on (the native passes composed
+# on the device); plain "cuda" takes the unfused path while it is off
+BN_DEVICES = [
+    *DEVICES,
+    pytest.param("cuda-passes", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device or kernels")),
+]
+
+
+def _bn_device(device, backend, monkeypatch):
+    """The torch device of a BN_DEVICES name; under "cuda-passes" the passes are switched
+    on and the unfused path made to fail, so that the test shows they ran."""
+    if device != "cuda-passes":
+        return device
+    if backend != "native":
+        pytest.skip("the switch is the native backend's")
+    from fusedact import batch_norm as bn
+
+    def unfused(*args):
+        raise AssertionError("cuda_bn_passes is on: the unfused path must not run")
+
+    monkeypatch.setattr(fusedact.config, "cuda_bn_passes", True)
+    monkeypatch.setattr(bn, "_unfused", unfused)
+    return "cuda"
 
 
 def _inputs(act_case, dtype, layout, seed=0):
@@ -95,10 +118,12 @@ def _to64(ts):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act_case", ACT_CASES, ids=[c[0] for c in ACT_CASES])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-@pytest.mark.parametrize("device", DEVICES)
-def test_matches_batch_norm_then_activation(device, backend, act_case, dtype, layout, training):
-    """native on the CPU: the C++ passes (elsewhere its unfused path); triton: the Triton
-    passes (under the interpreter on the CPU)."""
+@pytest.mark.parametrize("device", BN_DEVICES)
+def test_matches_batch_norm_then_activation(device, backend, act_case, dtype, layout, training, monkeypatch):
+    """native on the CPU: the C++ passes (on CUDA its unfused path, or with
+    cuda_bn_passes the CUDA passes); triton: the Triton passes (under the interpreter on
+    the CPU)."""
+    device = _bn_device(device, backend, monkeypatch)
     _, act, _ = act_case
     x, w, b, rm, rv, ap = _inputs(act_case, dtype, layout)
     g = torch.randn(x.shape, dtype=torch.float64).to(dtype)
@@ -467,6 +492,47 @@ def test_opcheck_of_the_passes(backend):
         torch.library.opcheck(ops.bn_act_forward.default, (x, params, act))
         torch.library.opcheck(ops.bn_act_backward.default, (g, x, params, act))
     torch.library.opcheck(ops.bn_dx.default, (g, x, [a, b, mean, b]))
+    if backend == "native":
+        torch.library.opcheck(ops.bn_moments.default, (x, mean))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "ncl", "small-nchw"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("device", BN_DEVICES)
+def test_moment_stats_match_float64(device, dtype, layout, monkeypatch):
+    """The GPU's batch statistics (batch_norm._moment_stats: two bn_moments passes), run
+    here on the CPU's passes: bn_moments' sums against float64, x left as it was, and
+    the mean and biased variance within float32's summation bound of float64's (the
+    CPU's bn_stats, double sums, sits far inside it)."""
+    from fusedact import batch_norm as bn
+
+    device = _bn_device(device, "native", monkeypatch)
+    torch.manual_seed(0)
+    shape = {"ncl": (8, 6, 300), "small-nchw": (4, 6, 3, 5)}.get(layout, (8, 6, 40, 30))
+    x = (torch.randn(shape, dtype=torch.float64) * 3 + 300).to(dtype)  # a far mean: the shift matters
+    x = make_layout(x, "channels_last" if layout == "channels_last" else "contiguous").to(device)
+    before = x.clone()
+    dims = [0, *range(2, x.dim())]
+    x64 = x.double()
+    shift = torch.randn(6, dtype=torch.float64, device=device)
+    pt = torch.float64 if dtype == torch.float64 else torch.float32
+    s1, s2 = torch.ops.fusedact.bn_moments(x, shift.to(pt))
+    d = x64 - shift.to(pt).double().reshape(1, 6, *[1] * (x.dim() - 2))
+    M = x.numel() // 6
+    # fixed-order blocked sums in opmath: each term's rounding and the adds' (about
+    # sqrt(M) ulp for the tree, bounded here by M ulp of the sum of magnitudes)
+    ulp = torch.finfo(pt).eps
+    for got, want, mag in ((s1, d.sum(dims), d.abs().sum(dims)), (s2, (d * d).sum(dims), (d * d).sum(dims))):
+        assert got.dtype == pt and got.shape == (6,)
+        assert ((got.double() - want).abs() <= 4 * M**0.5 * ulp * mag + 1e-300).all(), (got, want)
+    assert torch.equal(x, before), "bn_moments writes nothing"
+    mean, var = bn._moment_stats(x)
+    m64, v64 = x64.mean(dims), x64.var(dims, unbiased=False)
+    assert mean.dtype == var.dtype == pt
+    # the second pass sums deviations about the first mean, so the variance's error is
+    # that of a sum of squares (not of a cancelling E[x^2] - E[x]^2): relative, sqrt(M) ulp
+    torch.testing.assert_close(mean.double(), m64, rtol=4 * M**0.5 * ulp, atol=4 * M**0.5 * ulp * v64.max() ** 0.5)
+    torch.testing.assert_close(var.double(), v64, rtol=8 * M**0.5 * ulp, atol=0)
 
 
 # Where bn_act_grad recomputes dz in its dx pass rather than store it (csrc/ops_impl.h,

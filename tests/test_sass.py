@@ -85,8 +85,21 @@ def test_check_passes_on_the_built_extension():
                 for index in ("int", "long"):
                     assert (op, dtype, bwd, index) in have, (op, dtype, bwd, index)
     for k in pack:
+        if any(op in k.name for op in sass_report.SUMS_ONLY_OPS):  # stores no elements
+            continue
         ipe = k.instructions_per_element()
         assert ipe is not None and 3 < ipe[0] < 400, (k.short(), ipe)
+
+
+def test_allowed_spills_are_batch_norm_act_passes_only():
+    """ALLOWED_SPILL lets the math::BnAct kernels (off by default on CUDA) keep up to 16 B
+    of stack; nothing else, no local memory, no more stack."""
+    name = "fusedact::{anon}::row_kernel<fusedact::math::BnAct<fusedact::math::Swish>::Op, float, float, 4, true>"
+    assert sass_report.allowed_spill(sass_report.Kernel("m", name=name, stack=16))
+    assert not sass_report.allowed_spill(sass_report.Kernel("m", name=name, stack=24))
+    assert not sass_report.allowed_spill(sass_report.Kernel("m", name=name, stack=8, local=4))
+    other = name.replace("math::BnAct<fusedact::math::Swish>::Op", "math::Swish<float>")
+    assert not sass_report.allowed_spill(sass_report.Kernel("m", name=other, stack=8))
 
 
 @needs_cuobjdump

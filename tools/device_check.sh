@@ -2,7 +2,7 @@
 # Everything the GPU machine checks, in one call: build, the whole test suite with CUDA,
 # then (optional stages) the sanitizers and the benchmarks. Logs go to $OUT (or ./device-logs).
 #   bash tools/device_check.sh [stage ...]
-# stages: env build test gpu sanitize crash probe bench models (default: env build test)
+# stages: env build test gpu sanitize crash probe bench block models (default: env build test)
 # The first GPU minute (issue 12), one call under 10 minutes:
 #   bash tools/device_check.sh env build gpu sanitize
 # gpu: the tests only a GPU runs (tests/test_gpu.py: over 2^31 elements, CUDA graphs, a
@@ -54,6 +54,10 @@ for s in $stages; do
       $PY benchmarks/bench.py --ops acon_c --sizes --shapes 32x256x14x14 32x512x7x7 64x128x28x28 \
         --providers eager native triton --csv "$OUT/bench-short-maps.csv" 2>&1 | tee "$OUT/bench-short-maps.log" | tail -c 4000
       MPLBACKEND=Agg $PY benchmarks/plot.py "$OUT/bench.csv" --out "$OUT/plots" ;;
+    block)  # issue 22 on the GPU: the block's training step, eager / compile / the native CUDA
+      # passes (fusedact.config.cuda_bn_passes, off by default until this says they are right
+      # and fast), and the fused forward against the bytes-moved bound
+      $PY benchmarks/bench.py --block --device cuda --csv "$OUT/block-cuda.csv" 2>&1 | tee "$OUT/block.log" | tail -20 ;;
     models)  # issue 20's table on the GPU: compiled original vs converted under each mode
       # (settles fusedact._inductor.AUTO for CUDA); models whose package is missing are skipped
       $PY benchmarks/models.py --device cuda --rounds 5 --compile-modes auto fuse kernel \

@@ -43,6 +43,33 @@ def run(x, params, op, channel_dim=1, g_offset=0):
     torch.autograd.grad(y, leaves, g)
 
 
+def run_batch_norm_act(x):
+    """batch_norm_act's CUDA passes (fusedact.config.cuda_bn_passes): bn_moments twice,
+    bn_act_forward, bn_act_backward and bn_dx, training, each act; float32 parameters
+    for 16-bit x (as under autocast)."""
+    pd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    C = x.shape[1]
+    fusedact.config.cuda_bn_passes = True
+    try:
+        for act, params in (
+            ("identity", []),
+            ("swish", []),
+            ("swish", [torch.tensor([1.3], device="cuda", dtype=pd, requires_grad=True)]),
+            ("mish", []),
+            ("hard_swish", []),
+            ("acon_c", [torch.randn(C, device="cuda", dtype=pd, requires_grad=True) for _ in range(3)]),
+        ):
+            w = torch.rand(C, device="cuda", dtype=pd, requires_grad=True)
+            b = torch.randn(C, device="cuda", dtype=pd, requires_grad=True)
+            rm, rv = torch.zeros(C, device="cuda", dtype=pd), torch.ones(C, device="cuda", dtype=pd)
+            xr = x.detach().requires_grad_()
+            y = fusedact.batch_norm_act(xr, rm, rv, w, b, True, 0.1, 1e-5, act, *params)
+            torch.autograd.grad(y, [xr, w, b, *params], torch.randn_like(y))
+    finally:
+        fusedact.config.cuda_bn_passes = False
+    return 6
+
+
 def main():
     assert fusedact.build_info()["cuda"], "the CUDA kernels are not built in"
     count = 0
@@ -89,6 +116,8 @@ def main():
                     b = torch.tensor(0.8, device="cuda", dtype=pd, requires_grad=True)
                     run(x, [b], "swish")
                     count += 1
+                if cd == 1:
+                    count += run_batch_norm_act(x)
     torch.cuda.synchronize()
     print(f"sanitize_kernels: {count} forward+backward calls done")
 

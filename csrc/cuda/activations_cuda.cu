@@ -231,6 +231,7 @@ __global__ void __launch_bounds__(kThreads)
   using T = opmath_t<scalar_t>;
   constexpr int VEC = vec_size<scalar_t>();
   using V = Pack<scalar_t, VEC>;
+  constexpr bool kStore = math::kWrites<OpT<T>>;  // not for a pass that only sums
   const int tid = threadIdx.x;
   int t;
   const int64_t u = part::row_unit(l, blockIdx.x, tid, t);
@@ -274,17 +275,22 @@ __global__ void __launch_bounds__(kThreads)
         if constexpr (kBackward) gv = *reinterpret_cast<const V*>(gs + at);
 #pragma unroll
         for (int e = 0; e < VEC; ++e) ov.v[e] = one(kBackward ? gv.v[e] : scalar_t(0), xv.v[e]);
-        *reinterpret_cast<V*>(os + at) = ov;
+        if constexpr (kStore) *reinterpret_cast<V*>(os + at) = ov;
       }
     } else {
 #pragma unroll 4
       for (int k = 0; k < f.ppt; ++k) {
         const int32_t p = f.pack(0, k, t, l.group);
-        if (p >= 0) os[p] = one(kBackward ? gs[p] : scalar_t(0), xs[p]);
+        if (p < 0) continue;
+        const scalar_t o = one(kBackward ? gs[p] : scalar_t(0), xs[p]);
+        if constexpr (kStore) os[p] = o;
       }
     }
     const int32_t e = f.extra(0, t);
-    if (e >= 0) os[e] = one(kBackward ? gs[e] : scalar_t(0), xs[e]);
+    if (e >= 0) {
+      const scalar_t o = one(kBackward ? gs[e] : scalar_t(0), xs[e]);
+      if constexpr (kStore) os[e] = o;
+    }
   }
 
   if constexpr (kBackward) {
@@ -309,6 +315,7 @@ __global__ void __launch_bounds__(kThreads)
                     opmath_t<scalar_t>* __restrict__ partial) {
   using T = opmath_t<scalar_t>;
   using V = Pack<scalar_t, VEC>;
+  constexpr bool kStore = math::kWrites<OpT<T>>;  // not for a pass that only sums
   const int tx = threadIdx.x, ty = threadIdx.y;
   const part::ChannelsThread th = part::channels_thread(l, geo.R, blockIdx.x, blockIdx.y, tx, ty);
   T acc[NP][VEC];
@@ -339,7 +346,7 @@ __global__ void __launch_bounds__(kThreads)
           ov.v[e] = static_cast<scalar_t>(op.template forward<MathFor<scalar_t>>(static_cast<T>(xv.v[e])));
         }
       }
-      *reinterpret_cast<V*>(out + i) = ov;
+      if constexpr (kStore) *reinterpret_cast<V*>(out + i) = ov;
     }
   }
   if constexpr (kBackward) {
@@ -463,3 +470,6 @@ struct CudaBackend {
 }  // namespace fusedact
 
 FUSEDACT_REGISTER_BACKEND(CUDA, fusedact::CudaBackend)
+// batch_norm_act's passes; fusedact/batch_norm.py composes the statistics and the
+// per-channel arithmetic from them on the device (no host loop, no sync).
+FUSEDACT_REGISTER_BN_PASSES(CUDA, fusedact::CudaBackend)
