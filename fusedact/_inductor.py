@@ -51,7 +51,7 @@ AUTO = {
 # CPU: "fuse". Our block alone ran 1.3-3.1x torch.compile of the eager block (bench.py
 # --block), but in a compiled YOLO11n step the kept kernel ran 0.93x the compiled
 # original and saved 105.8 MB against its 99.5 MB (benchmarks/README.md, 2026-12-03).
-# CUDA has no fused block kernel yet.
+# CUDA: "fuse" as well; its passes (fusedact.config.cuda_bn_passes) have not run on a GPU.
 AUTO_BLOCKS = {"cpu": {"batch_norm_act": "fuse"}, "cuda": {"batch_norm_act": "fuse"}}
 
 _HALF = (torch.float16, torch.bfloat16)

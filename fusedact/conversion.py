@@ -151,6 +151,15 @@ def _fusible(act, learnable: bool = False) -> bool:
     )
 
 
+def _fusible_in_place(act) -> bool:
+    """_fusible with learnable ACON-C, or nn.Identity: where the pair is one module whose
+    keys stay (ultralytics' Conv with act=False, timm's BatchNormAct2d with
+    apply_act=False), a BatchNorm alone runs as batch_norm_act's "identity", whose passes
+    ran 1.3-2.5x nn.BatchNorm2d's training step at MobileNetV3's projection shapes
+    (0.9x at (8, 160, 7, 7); benchmarks/NOTES.md)."""
+    return type(act) is nn.Identity or _fusible(act, learnable=True)
+
+
 def _is_bn(m, dims=(1, 2)) -> bool:
     return (
         (type(m) is nn.BatchNorm2d and 2 in dims)
@@ -219,7 +228,7 @@ def _fuse_bn(model: nn.Module) -> nn.Module:
         if (
             (t.__module__, t.__name__) == ("timm.layers.norm_act", "BatchNormAct2d")
             and type(m.drop) is nn.Identity
-            and _fusible(m.act, learnable=True)  # m.act's keys are act.* here and there
+            and _fusible_in_place(m.act)  # m.act's keys are act.* here and there
             and not isinstance(m, fnn.BatchNormAct2d)
         ):
             return fnn.BatchNormAct2d.from_modules(m, m.act)
@@ -227,7 +236,7 @@ def _fuse_bn(model: nn.Module) -> nn.Module:
             conv_forward is not None
             and getattr(t, "forward", None) is conv_forward
             and _is_bn(getattr(m, "bn", None), (2,))
-            and _fusible(getattr(m, "act", None), learnable=True)
+            and _fusible_in_place(getattr(m, "act", None))
         ):
             m.bn = _bn_act(m.bn, m.act, own_act=False)  # m.act stays m's child: the same keys
             m.__class__ = _fused_conv_class(t)

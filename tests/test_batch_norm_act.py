@@ -394,6 +394,35 @@ def test_convert_fuses_ultralytics_conv_and_fuse_still_works():
     torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
+def test_convert_fuses_a_lone_batch_norm_where_one_module_holds_the_pair():
+    """timm's BatchNormAct2d(apply_act=False) and ultralytics' Conv(act=False): the
+    BatchNorm alone runs as batch_norm_act's "identity" (the same keys and numbers, fuse()
+    still right); a plain nn.BatchNorm2d in a Sequential, with nothing after it, stays."""
+    conv = pytest.importorskip("ultralytics.nn.modules.conv")
+    timm_norm_act = pytest.importorskip("timm.layers.norm_act")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        timm_norm_act.BatchNormAct2d(3, apply_act=False), conv.Conv(3, 8, 3, act=False), nn.BatchNorm2d(8)
+    )
+    ref = copy.deepcopy(model)
+    keys = list(model.state_dict())
+    fusedact.convert(model)
+    assert type(model[0]) is fusedact.nn.BatchNormAct2d and isinstance(model[1].bn, fusedact.nn.BatchNormAct2d)
+    assert type(model[2]) is nn.BatchNorm2d and list(model.state_dict()) == keys
+    x = torch.randn(2, 3, 9, 9)
+    for _ in range(2):
+        torch.testing.assert_close(_train_step(model, x), _train_step(ref, x), rtol=1e-5, atol=1e-5)
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    torch.testing.assert_close(model[0].running_var, ref[0].running_var, rtol=1e-6, atol=1e-7)
+    model.eval(), ref.eval()
+    m = model[1]
+    m.conv = __import__("ultralytics.utils.torch_utils", fromlist=["x"]).fuse_conv_and_bn(m.conv, m.bn)
+    delattr(m, "bn")
+    m.forward = m.forward_fuse
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mode", ["fuse", "kernel", "auto"])
 def test_compile_fullgraph_and_the_mode(mode):
     """fullgraph under inductor; "fuse" leaves no fusedact block op in the graph (Inductor
