@@ -382,11 +382,11 @@ def report(kernels: list[Kernel], path: str, arch: str) -> str:
 SUMS_ONLY_OPS = ("math::BnMoments",)
 
 # Spills reported but not failed on, with why. batch_norm_act's CUDA passes
-# (math::BnAct) keep up to 16 B of stack in 6 instantiations, around the IEEE division's
-# call or across the channels kernel's loop; they run only with
-# fusedact.config.cuda_bn_passes on (off until measured on a GPU), and whether the spill
-# costs anything is that measurement's to say (benchmarks/NOTES.md). Any other kernel, or
-# more than 16 B, still fails.
+# (math::BnAct) keep up to 16 B of stack in 6 instantiations: ptxas's own trade for
+# occupancy (with __launch_bounds__(kThreads, 1) they spill nothing but take 43-74
+# registers instead of 40-64, 1-3 resident blocks fewer per SM; benchmarks/NOTES.md). They
+# run only with fusedact.config.cuda_bn_passes on, off until measured on a GPU, which is
+# to say which is faster. Any other kernel, or more than 16 B, still fails.
 ALLOWED_SPILL = {"math::BnAct<": 16}
 
 
