@@ -16,8 +16,8 @@ The passes are ``torch.ops.fusedact.bn_stats`` / ``bn_act_forward`` / ``bn_act_b
 (running statistics, affine, dx coefficients) in the same C++ call: at small shapes those
 ~20 ATen calls cost more than the passes. On CUDA (with ``fusedact.config.cuda_bn_passes``,
 off until measured on a GPU; otherwise the unfused path) the statistics come from two
-``bn_moments`` passes and the arithmetic is composed here from tensor ops on the device. Users' graphs hold
-``torch.ops.fusedact.batch_norm_stats`` (which updates the running statistics) and
+``bn_moments`` passes and the arithmetic is composed here from tensor ops on the device.
+Users' graphs hold ``torch.ops.fusedact.batch_norm_stats`` (which updates the running statistics) and
 ``batch_norm_act`` (differentiable; backward ``batch_norm_act_backward``). Their eager
 form, F.batch_norm then the activation's function, is what ONNX export and, under
 torch.compile, Inductor see (rule 5 of issue 20: Inductor fuses the block itself).
@@ -489,8 +489,9 @@ def batch_norm_act(
 
     ``act``: "swish" (``act_params``: nothing for SiLU, a float beta or a one-element
     tensor), "mish", "hard_swish", "acon_c" (p1, p2, beta: C elements each, beta N*C
-    for Meta-ACON) or "identity". ``backend``: None/"native" (the C++ passes; CPU), "triton"
-    (the Triton passes) or "eager" (the eager form).
+    for Meta-ACON) or "identity". ``backend``: None/"native" (the C++ passes: the CPU's,
+    and CUDA's with fusedact.config.cuda_bn_passes on, else F.batch_norm then the
+    activation), "triton" (the Triton passes) or "eager" (the eager form).
     """
     op = "fusedact.batch_norm_act"
     _check(op, x, running_mean, running_var, weight, bias, training, act, act_params)
