@@ -530,7 +530,8 @@ struct BnActSums {
 };
 
 // A channel's moments about a shift, for the GPU's batch statistics (ops_impl.h's
-// bn_stats_by_sums): sums d = x - shift and d^2, writes nothing. Parameters: the shift,
+// bn_moments, twice from fusedact/batch_norm.py's _moment_stats): sums d = x - shift and
+// d^2, writes nothing. Parameters: the shift,
 // then an unused slot (ParamView loads one value a slot; the two sums need two slots).
 template <typename T>
 struct BnMoments {

@@ -17,8 +17,8 @@ The passes are ``torch.ops.fusedact.bn_stats`` / ``bn_act_forward`` / ``bn_act_b
 ~20 ATen calls cost more than the passes. On CUDA (with ``fusedact.config.cuda_bn_passes``,
 off until measured on a GPU; otherwise the unfused path) the statistics come from two
 ``bn_moments`` passes and the arithmetic is composed here from tensor ops on the device.
-Users' graphs hold ``torch.ops.fusedact.batch_norm_stats`` (which updates the running statistics) and
-``batch_norm_act`` (differentiable; backward ``batch_norm_act_backward``). Their eager
+Users' graphs hold ``torch.ops.fusedact.batch_norm_stats`` (which updates the running
+statistics) and ``batch_norm_act`` (differentiable; backward ``batch_norm_act_backward``). Their eager
 form, F.batch_norm then the activation's function, is what ONNX export and, under
 torch.compile, Inductor see (rule 5 of issue 20: Inductor fuses the block itself).
 """
