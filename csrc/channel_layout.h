@@ -8,6 +8,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
+#include <c10/util/Optional.h>
 
 #include "activation_math.h"
 #include "checks.h"
@@ -16,8 +17,10 @@ namespace fusedact {
 
 // Memory seen as [N][R][C][inner]: C channels, each run of `inner` consecutive
 // elements has one channel, and N samples (only split out when beta is per sample;
-// else N = 1 and R counts every outer index).
-struct ChannelGeometry { int64_t N = 1, R = 0, C = 1, inner = 1; };
+// else N = 1 and R counts every outer index). g_row: elements between consecutive rows
+// (N R) of the gradient walked beside x, C inner where it is laid out as x (a backend
+// that takes another, CpuBackend::kGradRowStride, reads a channel slice in place).
+struct ChannelGeometry { int64_t N = 1, R = 0, C = 1, inner = 1, g_row = 0; };
 
 // Where parameter j of (sample n, channel c) lives: ptr[j][n * n_stride[j] + c].
 template <typename P, int NP>
@@ -50,6 +53,7 @@ inline ChannelGeometry flat_geometry(const at::Tensor& x) {
   ChannelGeometry g;
   g.R = 1;
   g.inner = x.numel();
+  g.g_row = g.inner;
   return g;
 }
 
@@ -69,7 +73,29 @@ inline ChannelGeometry channel_geometry(const at::Tensor& x, int64_t cd, bool pe
     geo.inner = geo.C > 1 ? walked.stride(cd) : numel / N;
     geo.R = numel / (N * geo.C * geo.inner);
   }
+  geo.g_row = geo.C * geo.inner;
   return geo;
+}
+
+// The row stride under which t (x's shape) walks as x does in geometry geo: each row of
+// C inner elements laid out as x's, the rows evenly spaced (a channel slice of a larger
+// tensor in x's memory format, as torch.cat's backward hands out). Nothing where t is
+// laid out otherwise; a positive stride only.
+inline c10::optional<int64_t> row_stride_of(const at::Tensor& t, const at::Tensor& x, const ChannelGeometry& geo) {
+  const int64_t row = geo.C * geo.inner;
+  if (t.sizes() != x.sizes()) return c10::nullopt;
+  if (t.strides() == x.strides()) return row;
+  if (row == 0 || geo.N * geo.R <= 1) return c10::nullopt;
+  int64_t stride = 0;  // t's, between consecutive rows: from the dim whose x stride is one row
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (x.size(d) > 1 && x.stride(d) == row) stride = t.stride(d);
+  if (stride < row) return c10::nullopt;
+  for (int64_t d = 0; d < x.dim(); ++d) {
+    if (x.size(d) == 1) continue;
+    const int64_t xs = x.stride(d);
+    if (xs < row ? t.stride(d) != xs : (xs % row != 0 || t.stride(d) != xs / row * stride)) return c10::nullopt;
+  }
+  return stride;
 }
 
 // acon_c's arguments, checked, in the form the kernels take.

@@ -5,6 +5,7 @@
 //   B::channel_forward<OpT>(x, y, geo, params)   per-channel parameters
 //   B::channel_backward<OpT>(g, x, dx, geo, params, options)
 //       -> the parameter gradients, summed deterministically, in the opmath type
+// (g's rows geo.g_row apart: C inner unless B::kGradRowStride, see grad_walked)
 // and each backend file registers these functions for its dispatch key.
 #pragma once
 
@@ -74,6 +75,20 @@ at::Tensor unary_backward(const char* name, const at::Tensor& grad, const at::Te
                                  make_op(T{}));
   });
   return dx;
+}
+
+// The gradient as B walks it beside x (dense, geometry geo): grad itself where B takes
+// a row stride and grad has one (geo.g_row set; channel slices from torch.cat's backward
+// read in place), else grad in x's layout.
+template <class B>
+at::Tensor grad_walked(const at::Tensor& grad, const at::Tensor& x, ChannelGeometry& geo) {
+  if constexpr (B::kGradRowStride) {
+    if (const auto stride = row_stride_of(grad, x, geo)) {
+      geo.g_row = *stride;
+      return grad;
+    }
+  }
+  return with_layout_of(grad, x);
 }
 
 // The parameter gradient from its opmath sums: the parameter's dtype and shape.
@@ -206,10 +221,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> acon_c_backward(const
                                                                            const at::Tensor& beta,
                                                                            int64_t channel_dim) {
   constexpr const char* name = "fusedact.acon_c_backward";
-  const AconArgs a = acon_args(name, x, p1, p2, beta, channel_dim);
+  AconArgs a = acon_args(name, x, p1, p2, beta, channel_dim);
   check_grad(name, grad, x);
   c10::DeviceGuard guard(x.device());
-  const at::Tensor g = with_layout_of(grad, a.x);
+  const at::Tensor g = grad_walked<B>(grad, a.x, a.geo);
   at::Tensor dx = at::empty_like(a.x);
   at::Tensor dp[3];
   FUSEDACT_DISPATCH(a.x.scalar_type(), [&] {
@@ -294,8 +309,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> bn_backward(const char* name, co
   FUSEDACT_DISPATCH(x.scalar_type(), [&] {
     using P = at::opmath_type<scalar_t>;
     constexpr int NP = OpT<P>::kParams;
-    const BnArgs a = bn_args(name, x, params, NP);
-    const at::Tensor g = with_layout_of(grad, a.x);
+    BnArgs a = bn_args(name, x, params, NP);
+    const at::Tensor g = grad_walked<B>(grad, a.x, a.geo);
     // an op that only sums writes nothing: dx stays undefined, its pointer never written
     constexpr bool writes = math::kWrites<OpT<P>>;
     if (writes) dx = at::empty_like(a.x);
@@ -520,8 +535,8 @@ c10::optional<std::tuple<at::Tensor, std::vector<at::Tensor>>> bn_grad_by_channe
   FUSEDACT_DISPATCH(x.scalar_type(), [&] {
     using P = at::opmath_type<scalar_t>;
     constexpr int NP = OpT<P>::kParams;
-    const BnArgs a = bn_args(name, x, params, NP);
-    const at::Tensor g = with_layout_of(grad, a.x);
+    BnArgs a = bn_args(name, x, params, NP);
+    const at::Tensor g = grad_walked<B>(grad, a.x, a.geo);
     at::Tensor dx = at::empty_like(a.x);
     at::Tensor sums = at::empty({NP, a.geo.C}, a.x.options().dtype(c10::CppTypeToScalarType<P>::value));
     if (!B::template channel_grad<OpT>(g.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), a.geo,

@@ -766,3 +766,70 @@ def test_eager_function_equals_the_graph_ops_bit_for_bit(act_case, training):
     for a, e in zip(fast, slow):
         assert torch.equal(a, e)
     assert torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
+
+
+# x's shapes for each CPU loop that walks g beside x (csrc/cpu/activations_cpu.cpp): a
+# channel at a time, runs of one channel, runs split in segments (past 16384 elements),
+# rows of C channels (channels_last), (N, C, L)
+GRAD_GEOMETRIES = {
+    "small-nchw": ((4, 6, 3, 5), torch.contiguous_format),
+    "long-nchw": ((4, 6, 96, 96), torch.contiguous_format),
+    "segments": ((2, 3, 160, 160), torch.contiguous_format),
+    "channels_last": ((4, 6, 5, 7), torch.channels_last),
+    "ncl": ((4, 6, 10), torch.contiguous_format),
+}
+
+
+def _copies(f):
+    """f()'s result and how many aten::copy_ calls it made."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = f()
+    return out, sum(e.count for e in prof.key_averages() if e.key == "aten::copy_")
+
+
+def _flat(out):
+    if isinstance(out, torch.Tensor):
+        return [out]
+    return [t for item in out for t in _flat(item)]
+
+
+@pytest.mark.parametrize("geometry", GRAD_GEOMETRIES)
+@pytest.mark.parametrize("act", ["silu", "hard_swish", "identity", "acon_c", "meta_acon_c"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_channel_slice_gradient_is_read_in_place(dtype, act, geometry):
+    """A gradient that is a channel slice of a wider tensor in x's memory format (what
+    torch.cat's backward hands each input, as in every YOLO neck) is read where it lies:
+    bitwise the results of its dense copy, and no copy made (the CPU loops take its row
+    stride). A slice along another dim is copied first, with the same results."""
+    shape, fmt = GRAD_GEOMETRIES[geometry]
+    torch.manual_seed(0)
+    N, C = shape[:2]
+    x = torch.randn(shape, dtype=dtype).to(memory_format=fmt)
+    wide = torch.randn((N, 2 * C, *shape[2:]), dtype=dtype).to(memory_format=fmt)
+    g = wide.narrow(1, C, C)
+    assert not g.is_contiguous(memory_format=fmt)
+    other = torch.randn((*shape[:-1], shape[-1] + 3), dtype=dtype).to(memory_format=fmt).narrow(-1, 1, shape[-1])
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    mean, invstd = torch.randn(C), torch.rand(C) + 0.5
+    beta = {"acon_c": (C,), "meta_acon_c": (N, C)}  # per channel, per sample
+    p = [torch.randn(C), torch.randn(C), torch.rand(beta[act])] if act in beta else []
+    name = "acon_c" if "acon" in act else act
+    ops = torch.ops.fusedact
+    calls = {
+        "bn_act_grad": lambda g: ops.bn_act_grad(g, x, w, b, mean, invstd, True, p, name),
+        "bn_act_backward": lambda g: ops.bn_act_backward(g, x, [mean, w * invstd, b, *p], name),
+    }
+    if "acon" in act:
+        calls["acon_c_backward"] = lambda g: ops.acon_c_backward(g, x, p[0], p[1], p[2], 1)
+    g_dense = g.contiguous(memory_format=fmt)
+    for op, call in calls.items():
+        want, dense_copies = _copies(lambda: call(g_dense))
+        got, copies = _copies(lambda: call(g))
+        assert copies == dense_copies, f"{op}: the slice was copied"
+        assert all(torch.equal(u, v) for u, v in zip(_flat(got), _flat(want))), op
+        got, copies = _copies(lambda: call(other))
+        want = call(other.contiguous(memory_format=fmt))
+        assert copies > dense_copies, f"{op}: a slice along the last dim must be copied first"
+        assert all(torch.equal(u, v) for u, v in zip(_flat(got), _flat(want))), op

@@ -143,17 +143,20 @@ struct RunsForwardLoop {
 };
 
 // The same rows backward; sums[(row - begin) * NP + j] gets the run's sum for parameter j.
+// g's rows of C runs are g_gap elements further apart than x's (ChannelGeometry::g_row).
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct RunsBackwardLoop {
   using T = opmath_t<scalar_t>;
   template <bool kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t inner, int64_t C,
-                                         int64_t RC, ParamView<P, NP> pv, int64_t begin, int64_t end, T* sums) {
+                                         int64_t RC, int64_t g_gap, ParamView<P, NP> pv, int64_t begin, int64_t end,
+                                         T* sums) {
     for (int64_t row = begin; row < end; ++row) {
       T v[NP];
       pv.load(row / RC, row % C, v);
       const int64_t off = row * inner;
-      ReduceBackwardLoop<OpT<T>, scalar_t>::template run<kVector>(g + off, x + off, dx + off, inner, OpT<T>::from(v),
+      ReduceBackwardLoop<OpT<T>, scalar_t>::template run<kVector>(g + off + row / C * g_gap, x + off, dx + off, inner,
+                                                                  OpT<T>::from(v),
                                                                   kSums<OpT<T>> ? sums + (row - begin) * NP : sums);
     }
   }
@@ -204,12 +207,12 @@ template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct ChannelsBackwardLoop {
   using T = opmath_t<scalar_t>;
   template <bool kVector>
-  // `rows` consecutive rows of C elements, all of sample n.
-  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t C,
+  // `rows` consecutive rows of C elements, all of sample n; g's rows g_row apart.
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t C, int64_t g_row,
                                          ParamView<P, NP> pv, int64_t n, int64_t rows, T* acc) {
     const RowParams<P, NP> rp = row_params(pv, n);
     for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* gr = g + r * C;
+      const scalar_t* gr = g + r * g_row;
       const scalar_t* xr = x + r * C;
       auto element = [&](int64_t c) FUSEDACT_LAMBDA_INLINE {
         T dp[NP];
@@ -238,7 +241,7 @@ struct ChannelGradLoop {
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, ChannelGeometry geo,
                                          ParamView<P, NP> pv, const P* invstd, bool training, int64_t b, int64_t e,
                                          scalar_t* dz, P* sums) {
-    const int64_t C = geo.C, inner = geo.inner, NR = geo.N * geo.R;
+    const int64_t C = geo.C, inner = geo.inner, NR = geo.N * geo.R, g_gap = geo.g_row - C * inner;
     const T M = static_cast<T>(NR * inner);
     for (int64_t c = b; c < e; ++c) {
       T v[NP];
@@ -251,8 +254,8 @@ struct ChannelGradLoop {
         for (int64_t r = 0; r < geo.R; ++r) {
           const int64_t nr = n * geo.R + r, off = (nr * C + c) * inner;
           T run_sums[NP];
-          ReduceBackwardLoop<OpT<T>, scalar_t>::template run<kVector>(g + off, x + off, dz + nr * inner, inner, op,
-                                                                      run_sums);
+          ReduceBackwardLoop<OpT<T>, scalar_t>::template run<kVector>(g + off + nr * g_gap, x + off, dz + nr * inner,
+                                                                      inner, op, run_sums);
           for (int j = 0; j < NP; ++j) sample[j] += run_sums[j];
         }
         for (int j = 0; j < NP; ++j) total[j] += sample[j];

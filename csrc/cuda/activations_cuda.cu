@@ -393,6 +393,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const T* __restrict__ 
 }
 
 struct CudaBackend {
+  static constexpr bool kGradRowStride = false;  // g walks as x (ops_impl.h, grad_walked)
   template <class Op, typename scalar_t>
   static void forward(const scalar_t* x, scalar_t* y, int64_t n, Op op) {
     launch_elementwise<false>(static_cast<const scalar_t*>(nullptr), x, y, n, op);
