@@ -34,6 +34,16 @@ struct ParamView {
   }
 };
 
+// batch_norm_act's training forward a channel at a time (bn_act_train): where each
+// channel's statistics and affine go ((C,) opmath each), and the affine's inputs (host
+// values, null where None).
+template <typename T>
+struct BnTrainChannels {
+  T *mean, *var, *invstd, *a, *b;
+  const T *weight, *bias;
+  double eps;
+};
+
 // x itself when its memory is one dense block, else a dense copy in the memory format
 // x suggests (channels_last or contiguous), as at::empty_like lays out its result.
 inline at::Tensor dense(const at::Tensor& x) {

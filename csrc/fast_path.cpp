@@ -55,6 +55,8 @@ using AconBwd = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, const 
 using BnStats = std::tuple<Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, bool, double, double);
 using BnApply = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&, at::TensorList,
                        c10::string_view);
+using BnTrain = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const OptTensor&, const OptTensor&, const OptTensor&,
+                                                   const OptTensor&, at::TensorList, c10::string_view, double, double);
 using BnGrad = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(const Tensor&, const Tensor&, const OptTensor&,
                                                                        const OptTensor&, const Tensor&, const Tensor&,
                                                                        bool, at::TensorList, c10::string_view);
@@ -76,6 +78,7 @@ struct Ops {
   c10::TypedOperatorHandle<AconBwd> acon_bwd = op<AconBwd>("fusedact::acon_c_backward");
   c10::TypedOperatorHandle<BnStats> bn_stats = op<BnStats>("fusedact::bn_batch_stats");
   c10::TypedOperatorHandle<BnApply> bn_apply = op<BnApply>("fusedact::bn_act_apply");
+  c10::TypedOperatorHandle<BnTrain> bn_train = op<BnTrain>("fusedact::bn_act_train");
   c10::TypedOperatorHandle<BnGrad> bn_grad = op<BnGrad>("fusedact::bn_act_grad");
 };
 
@@ -205,8 +208,9 @@ pybind11::object& bn_act_vjp() {
 
 }  // namespace
 
-// fusedact.batch_norm_act for a plain eager call: batch_norm_act's passes (bn_batch_stats,
-// bn_act_apply; bn_act_grad in the backward), in one C++ Function. Saves x, the
+// fusedact.batch_norm_act for a plain eager call: batch_norm_act's passes (bn_act_train,
+// or bn_batch_stats and bn_act_apply with the running statistics; bn_act_grad in the
+// backward), in one C++ Function. Saves x, the
 // statistics and the parameters. Inputs: x, weight, bias, p1, p2, act_beta (undefined
 // where None), then the rest; `act` is the kernel's (silu for swish at beta 1).
 struct BatchNormActFunction : torch::autograd::Function<BatchNormActFunction> {
@@ -215,16 +219,23 @@ struct BatchNormActFunction : torch::autograd::Function<BatchNormActFunction> {
                         const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
                         double eps, std::string act, double beta) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [mean, invstd] = ops().bn_stats.call(x, running_mean, running_var, training, momentum, eps);
     const Tensor none;
     auto t = [&](const OptTensor& o) { return o.has_value() ? *o : none; };
     const std::vector<Tensor> act_params = bn_act_tensors(x, act, beta, t(p1), t(p2), t(act_beta));
+    Tensor y, mean, invstd;
+    if (training) {
+      std::tie(y, mean, invstd) =
+          ops().bn_train.call(x, running_mean, running_var, weight, bias, act_params, act, momentum, eps);
+    } else {
+      std::tie(mean, invstd) = ops().bn_stats.call(x, running_mean, running_var, training, momentum, eps);
+      y = ops().bn_apply.call(x, mean, invstd, weight, bias, act_params, act);
+    }
     ctx->save_for_backward({x, t(weight), t(bias), mean, invstd, t(p1), t(p2), t(act_beta)});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
     ctx->saved_data["act"] = act;
     ctx->saved_data["beta"] = beta;
-    return ops().bn_apply.call(x, mean, invstd, weight, bias, act_params, act);
+    return y;
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {

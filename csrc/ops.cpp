@@ -34,6 +34,10 @@ TORCH_LIBRARY(fusedact, m) {
   m.def(
       "bn_act_apply(Tensor x, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, Tensor[] act_params, str act) "
       "-> Tensor");
+  // training: bn_batch_stats then bn_act_apply in one call, (y, mean, invstd)
+  m.def(
+      "bn_act_train(Tensor x, Tensor(a!)? running_mean, Tensor(b!)? running_var, Tensor? weight, Tensor? bias, "
+      "Tensor[] act_params, str act, float momentum, float eps) -> (Tensor, Tensor, Tensor)");
   m.def(
       "bn_act_grad(Tensor grad, Tensor x, Tensor? weight, Tensor? bias, Tensor mean, Tensor invstd, bool training, "
       "Tensor[] act_params, str act) -> (Tensor, Tensor, Tensor, Tensor[])");

@@ -322,6 +322,26 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> bn_backward(const char* name, co
   return {dx, sums};
 }
 
+// A channel's statistics from the sums of its two read-only passes: the second pass's
+// shift from the first's sum, then (mean, biased variance); invstd from the variance.
+// Not inlined, one compiled copy for bn_stats and for CpuBackend's forward a channel at
+// a time, whose ISA-specific loops would otherwise contract s2 / M - d * d into an FMA
+// where bn_stats does not (the two are bitwise the same).
+template <typename T>
+__attribute__((noinline)) T bn_shift(double s1, int64_t M) {
+  return static_cast<T>(s1 / M);
+}
+template <typename T>
+__attribute__((noinline)) void bn_channel_stats(T shift, double s1, double s2, int64_t M, T& mean, T& var) {
+  const double d = s1 / M;  // the residual of the shift, tiny (NaN about an infinite mean)
+  mean = static_cast<T>(std::isfinite(d) ? shift + d : double(shift));
+  var = static_cast<T>(std::max(0.0, s2 / M - d * d));
+}
+template <typename T>
+__attribute__((noinline)) T bn_invstd(T var, double eps) {
+  return T(1) / std::sqrt(var + static_cast<T>(eps));
+}
+
 // batch_norm_act's batch statistics: (mean, biased variance) per channel (dim 1), in
 // opmath, two read-only passes (the mean, then the squares about it).
 template <class B>
@@ -341,15 +361,11 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x_in) {
     std::vector<T> shift(C, T(0));
     std::vector<double> s1(C), s2(C);
     B::channel_sums(x.data_ptr<scalar_t>(), geo, shift.data(), s1.data(), s2.data());
-    for (int64_t c = 0; c < C; ++c) shift[c] = static_cast<T>(s1[c] / M);
+    for (int64_t c = 0; c < C; ++c) shift[c] = bn_shift<T>(s1[c], M);
     B::channel_sums(x.data_ptr<scalar_t>(), geo, shift.data(), s1.data(), s2.data());
     T* m = mean.data_ptr<T>();
     T* v = var.data_ptr<T>();
-    for (int64_t c = 0; c < C; ++c) {
-      const double d = s1[c] / M;  // the residual of the shift, tiny (NaN about an infinite mean)
-      m[c] = static_cast<T>(std::isfinite(d) ? shift[c] + d : double(shift[c]));
-      v[c] = static_cast<T>(std::max(0.0, s2[c] / M - d * d));
-    }
+    for (int64_t c = 0; c < C; ++c) bn_channel_stats<T>(shift[c], s1[c], s2[c], M, m[c], v[c]);
   });
   return {mean, var};
 }
@@ -434,36 +450,26 @@ std::vector<T> bn_host_values(const at::Tensor& t) {
   return out;
 }
 
-// (mean, invstd) per channel in opmath; in training x's batch statistics, and the running
-// ones updated as nn.BatchNorm2d does (unbiased variance; momentum), in double, rounded
-// once to their dtype.
-template <class B>
-std::tuple<at::Tensor, at::Tensor> bn_batch_stats(const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
-                                                  const c10::optional<at::Tensor>& running_var, bool training,
-                                                  double momentum, double eps) {
-  constexpr const char* name = "fusedact.bn_batch_stats";
-  const auto pt = bn_opmath(x);
+inline void bn_check_running(const char* name, const c10::optional<at::Tensor>& running_mean,
+                             const c10::optional<at::Tensor>& running_var, bool training) {
   TORCH_CHECK(running_mean.has_value() == running_var.has_value(), name,
               ": give both running_mean and running_var, or neither");
   TORCH_CHECK(training || running_mean.has_value(), name, ": training=False needs running_mean and running_var");
-  at::Tensor mean, var;
-  if (training) {
-    std::tie(mean, var) = bn_stats<B>(x);
-  } else {
-    mean = running_mean->to(pt, /*non_blocking=*/false, /*copy=*/true);
-    var = running_var->to(pt);
-  }
-  at::Tensor invstd = at::empty_like(mean);
+}
+
+// The running statistics updated as nn.BatchNorm2d does from the batch's (C,) opmath mean
+// and biased variance of x (the unbiased variance; momentum), in double, rounded once to
+// their dtype. Nothing where there are none.
+inline void bn_update_running(const char* name, const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
+                              const c10::optional<at::Tensor>& running_var, const at::Tensor& mean,
+                              const at::Tensor& var, double momentum) {
+  if (!running_mean.has_value()) return;
   const int64_t C = mean.numel();
-  AT_DISPATCH_FLOATING_TYPES(pt, name, [&] {
-    var = var.contiguous();
+  TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C, name, ": running statistics must have C = ", C,
+              " elements");
+  AT_DISPATCH_FLOATING_TYPES(mean.scalar_type(), "fusedact.bn_update_running", [&] {
     const scalar_t* m = mean.data_ptr<scalar_t>();
     const scalar_t* v = var.data_ptr<scalar_t>();
-    scalar_t* inv = invstd.data_ptr<scalar_t>();
-    for (int64_t c = 0; c < C; ++c) inv[c] = scalar_t(1) / std::sqrt(v[c] + static_cast<scalar_t>(eps));
-    if (!training || !running_mean.has_value()) return;
-    TORCH_CHECK(running_mean->numel() == C && running_var->numel() == C, name, ": running statistics must have C = ", C,
-                " elements");
     const double M = double(x.numel() / x.size(1)), unbias = M / std::max(M - 1, 1.0);
     at::NoGradGuard no_grad;
     bn_update_in_place(*running_mean, [&](auto* r) {
@@ -476,6 +482,32 @@ std::tuple<at::Tensor, at::Tensor> bn_batch_stats(const at::Tensor& x, const c10
         r[c] = static_cast<R>((1 - momentum) * double(r[c]) + momentum * (double(v[c]) * unbias));
     });
   });
+}
+
+// (mean, invstd) per channel in opmath; in training x's batch statistics, and the running
+// ones updated (bn_update_running).
+template <class B>
+std::tuple<at::Tensor, at::Tensor> bn_batch_stats(const at::Tensor& x, const c10::optional<at::Tensor>& running_mean,
+                                                  const c10::optional<at::Tensor>& running_var, bool training,
+                                                  double momentum, double eps) {
+  constexpr const char* name = "fusedact.bn_batch_stats";
+  const auto pt = bn_opmath(x);
+  bn_check_running(name, running_mean, running_var, training);
+  at::Tensor mean, var;
+  if (training) {
+    std::tie(mean, var) = bn_stats<B>(x);
+  } else {
+    mean = running_mean->to(pt, /*non_blocking=*/false, /*copy=*/true);
+    var = running_var->to(pt).contiguous();
+  }
+  at::Tensor invstd = at::empty_like(mean);
+  const int64_t C = mean.numel();
+  AT_DISPATCH_FLOATING_TYPES(pt, name, [&] {
+    const scalar_t* v = var.data_ptr<scalar_t>();
+    scalar_t* inv = invstd.data_ptr<scalar_t>();
+    for (int64_t c = 0; c < C; ++c) inv[c] = bn_invstd<scalar_t>(v[c], eps);
+  });
+  if (training) bn_update_running(name, x, running_mean, running_var, mean, var, momentum);
   return {mean, invstd};
 }
 
@@ -511,6 +543,73 @@ at::Tensor bn_act_apply(const at::Tensor& x, const at::Tensor& mean, const at::T
                         const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias,
                         at::TensorList act_params, c10::string_view act) {
   return bn_act_forward<B>(x, bn_pass_params(x, mean, invstd, weight, bias, act_params), act);
+}
+
+// bn_act_train a channel at a time (B::channel_train_forward, OpT = BnAct's): (y, mean,
+// biased variance, invstd), or nothing where the backend does not take x's geometry or
+// a parameter is per sample.
+template <class B, template <typename> class OpT>
+c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> bn_train_by_channel(
+    const char* name, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+    const c10::optional<at::Tensor>& bias, at::TensorList act_params, double eps) {
+  c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> out;
+  check_floating(name, "x", x);
+  if (x.dim() < 2) return out;  // bn_batch_stats says what is wrong
+  FUSEDACT_DISPATCH(x.scalar_type(), [&] {
+    using P = at::opmath_type<scalar_t>;
+    constexpr int NP = OpT<P>::kParams;
+    if (int64_t(act_params.size()) != NP - 3) return;
+    const int64_t C = x.size(1);
+    const auto options = x.options().dtype(c10::CppTypeToScalarType<P>::value);
+    at::Tensor mean = at::empty({C}, options), var = at::empty({C}, options), invstd = at::empty({C}, options);
+    at::Tensor a = at::empty({C}, options), b = at::empty({C}, options);
+    std::vector<at::Tensor> params{mean, a, b};
+    params.insert(params.end(), act_params.begin(), act_params.end());
+    const BnArgs args = bn_args(name, x, params, NP);
+    for (int j = 0; j < NP; ++j)
+      if (args.n_stride[j]) return;
+    if (args.x.numel() == 0) return;
+    const std::vector<P> w = weight.has_value() ? bn_host_values<P>(*weight) : std::vector<P>();
+    const std::vector<P> bv = bias.has_value() ? bn_host_values<P>(*bias) : std::vector<P>();
+    TORCH_CHECK(!weight.has_value() || int64_t(w.size()) == C, name, ": weight must have C = ", C, " elements");
+    TORCH_CHECK(!bias.has_value() || int64_t(bv.size()) == C, name, ": bias must have C = ", C, " elements");
+    at::Tensor y = at::empty_like(args.x);
+    const BnTrainChannels<P> channels{mean.data_ptr<P>(),
+                                      var.data_ptr<P>(),
+                                      invstd.data_ptr<P>(),
+                                      a.data_ptr<P>(),
+                                      b.data_ptr<P>(),
+                                      w.empty() ? nullptr : w.data(),
+                                      bv.empty() ? nullptr : bv.data(),
+                                      eps};
+    if (B::template channel_train_forward<OpT>(args.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), args.geo,
+                                               bn_param_view<P, NP>(args), channels))
+      out.emplace(y, mean, var, invstd);
+  });
+  return out;
+}
+
+// batch_norm_act's training forward in one call: (y, mean, invstd), the running
+// statistics updated. Bitwise bn_batch_stats then bn_act_apply; where the backend takes
+// a channel at a time (short channel runs, NCHW-like), a channel's statistics and y in
+// one go, its x read from memory once rather than three times.
+template <class B>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bn_act_train(
+    const at::Tensor& x, const c10::optional<at::Tensor>& running_mean, const c10::optional<at::Tensor>& running_var,
+    const c10::optional<at::Tensor>& weight, const c10::optional<at::Tensor>& bias, at::TensorList act_params,
+    c10::string_view act, double momentum, double eps) {
+  constexpr const char* name = "fusedact.bn_act_train";
+  bn_check_running(name, running_mean, running_var, true);
+#define FUSEDACT_CALL(OPT) bn_train_by_channel<B, OPT>(name, x, weight, bias, act_params, eps)
+  auto by_channel = [&] { FUSEDACT_BN_ACT_DISPATCH(act, name, FUSEDACT_CALL); }();
+#undef FUSEDACT_CALL
+  if (!by_channel.has_value()) {
+    auto [mean, invstd] = bn_batch_stats<B>(x, running_mean, running_var, true, momentum, eps);
+    return {bn_act_apply<B>(x, mean, invstd, weight, bias, act_params, act), mean, invstd};
+  }
+  auto& [y, mean, var, invstd] = *by_channel;
+  bn_update_running(name, x, running_mean, running_var, mean, var, momentum);
+  return {y, mean, invstd};
 }
 
 // (C,) opmath values f(c) rounded to t's dtype, in a new tensor like t.
@@ -661,6 +760,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> bn_act_g
     m.impl("bn_stats", &fusedact::bn_stats<B>);             \
     m.impl("bn_batch_stats", &fusedact::bn_batch_stats<B>); \
     m.impl("bn_act_apply", &fusedact::bn_act_apply<B>);     \
+    m.impl("bn_act_train", &fusedact::bn_act_train<B>);     \
     m.impl("bn_act_grad", &fusedact::bn_act_grad<B>);       \
   }
 

@@ -128,6 +128,13 @@ def _bn_act_apply(x, mean, invstd, weight, bias, act_params, act):
     return _bn_out(x, act_params)
 
 
+@register_fake("fusedact::bn_act_train")
+def _bn_act_train(x, running_mean, running_var, weight, bias, act_params, act, momentum, eps):
+    check_x("fusedact.bn_act_train", x)
+    stat = _opmath_stat(x)
+    return _bn_out(x, act_params), stat, torch.empty_like(stat)
+
+
 @register_fake("fusedact::bn_act_grad")
 def _bn_act_grad(grad, x, weight, bias, mean, invstd, training, act_params, act):
     check_x("fusedact.bn_act_grad", x)

@@ -460,9 +460,16 @@ class _EagerBatchNormAct(torch.autograd.Function):
     def forward(
         ctx, x, weight, bias, p1, p2, act_beta, running_mean, running_var, training, momentum, eps, act, beta, backend
     ):
-        mean, invstd = _stats(x, running_mean, running_var, training, momentum, eps, backend)
+        if training and _one_call(x, backend):  # the statistics and the pass in one C++ call
+            act_params = _act_tensors(x, act, beta, p1, p2, act_beta)
+            y, mean, invstd = torch.ops.fusedact.bn_act_train(
+                x, running_mean, running_var, weight, bias, act_params, _kernel_act(act, beta, act_beta), momentum, eps
+            )
+        else:
+            mean, invstd = _stats(x, running_mean, running_var, training, momentum, eps, backend)
+            y = _forward_pass(x, mean, invstd, weight, bias, act, beta, p1, p2, act_beta, backend)
         _save(ctx, x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta, backend)
-        return _forward_pass(x, mean, invstd, weight, bias, act, beta, p1, p2, act_beta, backend)
+        return y
 
     @staticmethod
     def backward(ctx, grad):

@@ -833,3 +833,60 @@ def test_a_channel_slice_gradient_is_read_in_place(dtype, act, geometry):
         want = call(other.contiguous(memory_format=fmt))
         assert copies > dense_copies, f"{op}: a slice along the last dim must be copied first"
         assert all(torch.equal(u, v) for u, v in zip(_flat(got), _flat(want))), op
+
+
+# x's shapes for bn_act_train: a channel at a time (NCHW-like, at most 32768 elements a
+# channel: csrc/cpu/activations_cpu.cpp, channel_train_forward), and the others, which
+# take bn_batch_stats then bn_act_apply
+TRAIN_GEOMETRIES = {
+    "small-nchw": ((4, 6, 3, 5), torch.contiguous_format),
+    "ncl": ((4, 6, 10), torch.contiguous_format),
+    "one-sample-long-run": ((1, 3, 20000), torch.contiguous_format),
+    "long-nchw": ((4, 6, 96, 96), torch.contiguous_format),
+    "channels_last": ((4, 6, 5, 7), torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("geometry", TRAIN_GEOMETRIES)
+@pytest.mark.parametrize("act_case", ACT_CASES, ids=[c[0] for c in ACT_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_train_forward_in_one_call_equals_stats_then_apply(dtype, act_case, geometry):
+    """bn_act_train (the eager training forward: the statistics and y in one call, a
+    channel at a time where x's channels are short runs) gives bitwise bn_batch_stats
+    then bn_act_apply: y, mean, invstd and the running statistics; with and without the
+    affine; it passes opcheck against its fake."""
+    shape, fmt = TRAIN_GEOMETRIES[geometry]
+    _, act, make = act_case
+    torch.manual_seed(0)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype).to(memory_format=fmt)
+    C = shape[1]
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    params = fusedact.reference.split_act_params(act, make(x, C, pd))
+    from fusedact import batch_norm as bn
+
+    beta, p1, p2, act_beta = params
+    act_params = bn._act_tensors(x, act, beta, p1, p2, act_beta)
+    kernel_act = bn._kernel_act(act, beta, act_beta)
+    ops = torch.ops.fusedact
+    for affine in (True, False):
+        w, b = (1 + 0.3 * torch.randn(C, dtype=pd), 0.2 * torch.randn(C, dtype=pd)) if affine else (None, None)
+        rm, rv = 0.1 * torch.randn(C, dtype=pd), 1 + 0.2 * torch.rand(C, dtype=pd)
+        rm2, rv2 = rm.clone(), rv.clone()
+        y, mean, invstd = ops.bn_act_train(x, rm, rv, w, b, act_params, kernel_act, 0.1, 1e-5)
+        mean2, invstd2 = ops.bn_batch_stats(x, rm2, rv2, True, 0.1, 1e-5)
+        y2 = ops.bn_act_apply(x, mean2, invstd2, w, b, act_params, kernel_act)
+        for name, u, v in (("y", y, y2), ("mean", mean, mean2), ("invstd", invstd, invstd2), ("rm", rm, rm2)):
+            assert torch.equal(u, v), name
+        assert torch.equal(rv, rv2) and y.stride() == x.stride()
+    torch.library.opcheck(ops.bn_act_train.default, (x, rm, rv, w, b, act_params, kernel_act, 0.1, 1e-5))
+
+
+def test_train_forward_in_one_call_checks_as_batch_stats():
+    ops = torch.ops.fusedact
+    x = torch.randn(4, 6, 3, 5)
+    with pytest.raises(RuntimeError, match="give both running_mean and running_var"):
+        ops.bn_act_train(x, torch.zeros(6), None, None, None, [], "silu", 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="weight must have C = 6"):
+        ops.bn_act_train(x, None, None, torch.ones(5), None, [], "silu", 0.1, 1e-5)
+    with pytest.raises(RuntimeError, match="no elements per channel"):
+        ops.bn_act_train(x[:0], None, None, None, None, [], "silu", 0.1, 1e-5)

@@ -242,6 +242,24 @@ struct CpuBackend {
     return true;
   }
 
+  // batch_norm_act's training forward a channel at a time where its backward goes so
+  // (channel_grad's geometry): per channel the statistics' two passes, then y, the
+  // channel's x read from memory once and twice from cache; bitwise bn_stats then
+  // channel_forward. False where it does not apply.
+  template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+  static bool channel_train_forward(const scalar_t* x, scalar_t* y, const ChannelGeometry& geo, ParamView<P, NP> pv,
+                                    BnTrainChannels<P> out) {
+    const int64_t per_channel = geo.N * geo.R * geo.inner;
+    if (geo.inner <= 1 || per_channel > kChannelGradElems || per_channel == 0) return false;
+    for (int j = 0; j < NP; ++j)
+      if (pv.n_stride[j]) return false;
+    const bool stream = stream_forward_output(y, per_channel * geo.C);
+    at::parallel_for(0, geo.C, std::max<int64_t>(1, kGrain / per_channel), [&](int64_t b, int64_t e) {
+      run_chunk<ChannelTrainForwardLoop<OpT, scalar_t, P, NP>>(x, y, geo, pv, out, b, e, stream);
+    });
+    return true;
+  }
+
   // batch_norm_act's statistics: (sums of x - shift, sums of its squares) per channel,
   // in double, over the [N][R][C][inner] geometry (N = 1). Blocks are fixed (a run of
   // one channel, or kRowBlock rows of C channels) and their partials added in order.

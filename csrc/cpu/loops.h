@@ -9,6 +9,8 @@
 #include <utility>
 
 #include "../channel_layout.h"
+#include "../ops_impl.h"
+#include "bn_stats.h"
 #include "half_convert.h"
 #include "isa.h"
 #include "stores.h"
@@ -225,6 +227,45 @@ struct ChannelsBackwardLoop {
       } else {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) element(c);
+      }
+    }
+  }
+};
+
+// batch_norm_act's training forward for channels [b, e), each whole
+// (CpuBackend::channel_train_forward): the channel's two sums passes in bn_stats' order
+// (channel_sums, RunsSumsLoop) and its arithmetic, the affine, then y over its runs
+// (channel_forward's loop): the channel's x comes from memory once.
+template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+struct ChannelTrainForwardLoop {
+  using T = opmath_t<scalar_t>;
+  template <bool kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, ChannelGeometry geo, ParamView<P, NP> pv,
+                                         BnTrainChannels<P> out, int64_t b, int64_t e, bool stream) {
+    const int64_t C = geo.C, inner = geo.inner, NR = geo.N * geo.R, M = NR * inner;
+    for (int64_t c = b; c < e; ++c) {
+      double s1 = 0, s2 = 0;
+      auto sums = [&](T shift) FUSEDACT_LAMBDA_INLINE {
+        s1 = s2 = 0;
+        for (int64_t nr = 0; nr < NR; ++nr) {
+          double run[2] = {0, 0};
+          RunSumsLoop<scalar_t>::template run<kVector>(x + (nr * C + c) * inner, inner, shift, run);
+          s1 += run[0], s2 += run[1];
+        }
+      };
+      sums(T(0));
+      const T shift = bn_shift<T>(s1, M);
+      sums(shift);
+      bn_channel_stats<T>(shift, s1, s2, M, out.mean[c], out.var[c]);
+      const T inv = out.invstd[c] = bn_invstd<T>(out.var[c], out.eps);
+      out.a[c] = out.weight ? out.weight[c] * inv : inv;
+      out.b[c] = out.bias ? out.bias[c] : T(0);
+      T v[NP];
+      pv.load(0, c, v);  // mean, a, b just written, then the activation's
+      const OpT<T> op = OpT<T>::from(v);
+      for (int64_t nr = 0; nr < NR; ++nr) {
+        const int64_t off = (nr * C + c) * inner;
+        ForwardLoop<OpT<T>, scalar_t>::template run<kVector>(x + off, y + off, inner, op, stream);
       }
     }
   }
