@@ -17,10 +17,11 @@ namespace fusedact {
 
 // Memory seen as [N][R][C][inner]: C channels, each run of `inner` consecutive
 // elements has one channel, and N samples (only split out when beta is per sample;
-// else N = 1 and R counts every outer index). g_row: elements between consecutive rows
-// (N R) of the gradient walked beside x, C inner where it is laid out as x (a backend
-// that takes another, CpuBackend::kGradRowStride, reads a channel slice in place).
-struct ChannelGeometry { int64_t N = 1, R = 0, C = 1, inner = 1, g_row = 0; };
+// else N = 1 and R counts every outer index). g_gap: how many elements further apart
+// the rows (N R) of the gradient walked beside x are than x's C inner; 0 where it is
+// laid out as x (a backend that reads a channel slice in place, CpuBackend::
+// kGradRowStride, is given another by grad_walked).
+struct ChannelGeometry { int64_t N = 1, R = 0, C = 1, inner = 1, g_gap = 0; };
 
 // Where parameter j of (sample n, channel c) lives: ptr[j][n * n_stride[j] + c].
 template <typename P, int NP>
@@ -63,7 +64,6 @@ inline ChannelGeometry flat_geometry(const at::Tensor& x) {
   ChannelGeometry g;
   g.R = 1;
   g.inner = x.numel();
-  g.g_row = g.inner;
   return g;
 }
 
@@ -83,7 +83,6 @@ inline ChannelGeometry channel_geometry(const at::Tensor& x, int64_t cd, bool pe
     geo.inner = geo.C > 1 ? walked.stride(cd) : numel / N;
     geo.R = numel / (N * geo.C * geo.inner);
   }
-  geo.g_row = geo.C * geo.inner;
   return geo;
 }
 

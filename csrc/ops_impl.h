@@ -5,7 +5,7 @@
 //   B::channel_forward<OpT>(x, y, geo, params)   per-channel parameters
 //   B::channel_backward<OpT>(g, x, dx, geo, params, options)
 //       -> the parameter gradients, summed deterministically, in the opmath type
-// (g's rows geo.g_row apart: C inner unless B::kGradRowStride, see grad_walked)
+// (g's rows geo.g_gap further apart than x's: 0 unless B::kGradRowStride, see grad_walked)
 // and each backend file registers these functions for its dispatch key.
 #pragma once
 
@@ -78,13 +78,13 @@ at::Tensor unary_backward(const char* name, const at::Tensor& grad, const at::Te
 }
 
 // The gradient as B walks it beside x (dense, geometry geo): grad itself where B takes
-// a row stride and grad has one (geo.g_row set; channel slices from torch.cat's backward
+// a row stride and grad has one (geo.g_gap set; channel slices from torch.cat's backward
 // read in place), else grad in x's layout.
 template <class B>
 at::Tensor grad_walked(const at::Tensor& grad, const at::Tensor& x, ChannelGeometry& geo) {
   if constexpr (B::kGradRowStride) {
     if (const auto stride = row_stride_of(grad, x, geo)) {
-      geo.g_row = *stride;
+      geo.g_gap = *stride - geo.C * geo.inner;
       return grad;
     }
   }

@@ -35,7 +35,7 @@ constexpr int64_t kSegment = 16384;  // elements per partial sum along a channel
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 struct CpuBackend {
-  static constexpr bool kGradRowStride = true;  // reads g's rows geo.g_row apart
+  static constexpr bool kGradRowStride = true;  // reads g's rows geo.g_gap further apart than x's
   template <class Op, typename scalar_t>
   static void forward(const scalar_t* x, scalar_t* y, int64_t n, Op op) {
     const bool stream = stream_forward_output(y, n);
@@ -52,9 +52,6 @@ struct CpuBackend {
       run_chunk<BackwardLoop<Op, scalar_t>>(g + b, x + b, dx + b, e - b, op, stream);
     });
   }
-
-  // How much further apart g's rows (N R) are than x's: g at x's offset + row * g_gap.
-  static int64_t g_gap(const ChannelGeometry& geo) { return geo.g_row - geo.C * geo.inner; }
 
   // Runs of `inner` elements share a channel (inner > 1): tasks are (row, segment)
   // pieces of at most kSegment elements with the parameters fixed.
@@ -109,14 +106,14 @@ struct CpuBackend {
     using T = opmath_t<scalar_t>;
     if (geo.inner > 1 && geo.inner <= kSegment) {
       at::parallel_for(0, geo.N * geo.R * geo.C, std::max<int64_t>(1, kGrain / geo.inner), [&](int64_t b, int64_t e) {
-        run_chunk<RunsBackwardLoop<OpT, scalar_t, P, NP>>(g, x, dx, geo.inner, geo.C, geo.R * geo.C, g_gap(geo), pv, b,
+        run_chunk<RunsBackwardLoop<OpT, scalar_t, P, NP>>(g, x, dx, geo.inner, geo.C, geo.R * geo.C, geo.g_gap, pv, b,
                                                           e, static_cast<T*>(nullptr));
       });
     } else if (geo.inner > 1) {
       for_each_segment(geo, [&](int64_t n, int64_t r, int64_t c, int64_t, int64_t, int64_t off, int64_t len) {
         T v[NP];
         pv.load(n, c, v);
-        run_chunk<ReduceBackwardLoop<OpT<T>, scalar_t>>(g + off + (n * geo.R + r) * g_gap(geo), x + off, dx + off, len,
+        run_chunk<ReduceBackwardLoop<OpT<T>, scalar_t>>(g + off + (n * geo.R + r) * geo.g_gap, x + off, dx + off, len,
                                                         OpT<T>::from(v), static_cast<T*>(nullptr));
       });
     } else {
@@ -125,8 +122,9 @@ struct CpuBackend {
         for (int64_t row = b, next; row < e; row = next) {  // one call per sample's rows
           const int64_t n = row / geo.R;
           next = std::min(e, (n + 1) * geo.R);
-          run_chunk<ChannelsBackwardLoop<OpT, scalar_t, P, NP>>(g + row * geo.g_row, x + row * C, dx + row * C, C,
-                                                                geo.g_row, pv, n, next - row, static_cast<T*>(nullptr));
+          run_chunk<ChannelsBackwardLoop<OpT, scalar_t, P, NP>>(g + row * (C + geo.g_gap), x + row * C, dx + row * C, C,
+                                                                C + geo.g_gap, pv, n, next - row,
+                                                                static_cast<T*>(nullptr));
         }
       });
     }
@@ -153,7 +151,7 @@ struct CpuBackend {
       K = geo.R;
       partial.resize(N * K * C * NP);
       at::parallel_for(0, N * K * C, std::max<int64_t>(1, kGrain / geo.inner), [&](int64_t b, int64_t e) {
-        run_chunk<RunsBackwardLoop<OpT, scalar_t, P, NP>>(g, x, dx, geo.inner, C, geo.R * C, g_gap(geo), pv, b, e,
+        run_chunk<RunsBackwardLoop<OpT, scalar_t, P, NP>>(g, x, dx, geo.inner, C, geo.R * C, geo.g_gap, pv, b, e,
                                                           &partial[b * NP]);
       });
     } else if (geo.inner > 1) {
@@ -163,7 +161,7 @@ struct CpuBackend {
       for_each_segment(geo, [&](int64_t n, int64_t r, int64_t c, int64_t s, int64_t segs_, int64_t off, int64_t len) {
         T v[NP], sums[NP];
         pv.load(n, c, v);
-        run_chunk<ReduceBackwardLoop<OpT<T>, scalar_t>>(g + off + (n * geo.R + r) * g_gap(geo), x + off, dx + off, len,
+        run_chunk<ReduceBackwardLoop<OpT<T>, scalar_t>>(g + off + (n * geo.R + r) * geo.g_gap, x + off, dx + off, len,
                                                         OpT<T>::from(v), sums);
         T* slot = &partial[((n * K + r * segs_ + s) * C + c) * NP];
         for (int j = 0; j < NP; ++j) slot[j] = sums[j];
@@ -181,8 +179,8 @@ struct CpuBackend {
           const int64_t r_begin = k * rows_per_block;
           const int64_t r_end = std::min(geo.R, r_begin + rows_per_block);
           const int64_t off = (n * geo.R + r_begin) * C;
-          run_chunk<ChannelsBackwardLoop<OpT, scalar_t, P, NP>>(g + (n * geo.R + r_begin) * geo.g_row, x + off,
-                                                                dx + off, C, geo.g_row, pv, n, r_end - r_begin,
+          run_chunk<ChannelsBackwardLoop<OpT, scalar_t, P, NP>>(g + (n * geo.R + r_begin) * (C + geo.g_gap), x + off,
+                                                                dx + off, C, C + geo.g_gap, pv, n, r_end - r_begin,
                                                                 acc.data());
           for (int64_t c = 0; c < C; ++c)
             for (int j = 0; j < NP; ++j) partial[(t * C + c) * NP + j] = acc[j * C + c];

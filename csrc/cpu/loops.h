@@ -145,7 +145,7 @@ struct RunsForwardLoop {
 };
 
 // The same rows backward; sums[(row - begin) * NP + j] gets the run's sum for parameter j.
-// g's rows of C runs are g_gap elements further apart than x's (ChannelGeometry::g_row).
+// g's rows of C runs are g_gap elements further apart than x's (ChannelGeometry::g_gap).
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct RunsBackwardLoop {
   using T = opmath_t<scalar_t>;
@@ -282,7 +282,7 @@ struct ChannelGradLoop {
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, ChannelGeometry geo,
                                          ParamView<P, NP> pv, const P* invstd, bool training, int64_t b, int64_t e,
                                          scalar_t* dz, P* sums) {
-    const int64_t C = geo.C, inner = geo.inner, NR = geo.N * geo.R, g_gap = geo.g_row - C * inner;
+    const int64_t C = geo.C, inner = geo.inner, NR = geo.N * geo.R, g_gap = geo.g_gap;
     const T M = static_cast<T>(NR * inner);
     for (int64_t c = b; c < e; ++c) {
       T v[NP];
