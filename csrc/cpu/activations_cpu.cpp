@@ -222,6 +222,18 @@ struct CpuBackend {
   // Measurements: benchmarks/NOTES.md, "BatchNorm + activation", fourth pass.
   static constexpr int64_t kChannelGradElems = 32768;
 
+  // Whether a channel at a time applies (channel_grad, channel_train_forward): runs of
+  // one channel (inner > 1), at most kChannelGradElems elements a channel, none empty,
+  // every parameter per channel.
+  template <typename P, int NP>
+  static bool short_channels(const ChannelGeometry& geo, const ParamView<P, NP>& pv) {
+    const int64_t per_channel = geo.N * geo.R * geo.inner;
+    if (geo.inner <= 1 || per_channel > kChannelGradElems || per_channel == 0) return false;
+    for (int j = 0; j < NP; ++j)
+      if (pv.n_stride[j]) return false;
+    return true;
+  }
+
   template <template <typename> class OpT, typename scalar_t, typename P, int NP>
   static bool channel_grad(const scalar_t* g, const scalar_t* x, scalar_t* dx, const ChannelGeometry& geo,
                            ParamView<P, NP> pv, const P* invstd, bool training, P* sums) {
@@ -229,9 +241,7 @@ struct CpuBackend {
     static_assert(std::is_same_v<T, P>, "batch_norm_act's parameters are opmath-typed");
     const int64_t C = geo.C, NR = geo.N * geo.R, inner = geo.inner, per_channel = NR * inner;
     // runs longer than kSegment sum in segments in channel_backward: another order
-    if (inner <= 1 || inner > kSegment || per_channel > kChannelGradElems || per_channel == 0) return false;
-    for (int j = 0; j < NP; ++j)
-      if (pv.n_stride[j]) return false;
+    if (!short_channels(geo, pv) || inner > kSegment) return false;
     const int64_t grain = std::max<int64_t>(1, kGrain / per_channel);
     at::parallel_for(0, C, grain, [&](int64_t b, int64_t e) {
       std::vector<scalar_t> dz(per_channel);
@@ -247,10 +257,8 @@ struct CpuBackend {
   template <template <typename> class OpT, typename scalar_t, typename P, int NP>
   static bool channel_train_forward(const scalar_t* x, scalar_t* y, const ChannelGeometry& geo, ParamView<P, NP> pv,
                                     BnTrainChannels<P> out) {
+    if (!short_channels(geo, pv)) return false;
     const int64_t per_channel = geo.N * geo.R * geo.inner;
-    if (geo.inner <= 1 || per_channel > kChannelGradElems || per_channel == 0) return false;
-    for (int j = 0; j < NP; ++j)
-      if (pv.n_stride[j]) return false;
     const bool stream = stream_forward_output(y, per_channel * geo.C);
     at::parallel_for(0, geo.C, std::max<int64_t>(1, kGrain / per_channel), [&](int64_t b, int64_t e) {
       run_chunk<ChannelTrainForwardLoop<OpT, scalar_t, P, NP>>(x, y, geo, pv, out, b, e, stream);
