@@ -422,13 +422,13 @@ def test_large_float_beta_is_fine_where_it_fits():
         assert not y.isnan().any(), y
 
 
-SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared" / "docs/SPEC.md"
+SHARED_SPEC = Path(__file__).resolve().parents[2] / "shared" / "SPEC.md"
 
 
 @pytest.mark.skipif(not SHARED_SPEC.exists(), reason="no ../shared/SPEC.md beside this checkout")
 def test_docs_spec_is_the_shared_spec():
     """docs/SPEC.md, the copy users read, is the project's math contract word for word."""
-    ours = Path(__file__).resolve().parents[1] / "docs" / "docs/SPEC.md"
+    ours = Path(__file__).resolve().parents[1] / "docs" / "SPEC.md"
     assert ours.read_text() == SHARED_SPEC.read_text(), "docs/SPEC.md differs from ../shared/SPEC.md: copy it again"
 
 
