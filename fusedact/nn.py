@@ -163,8 +163,18 @@ class MetaAconC(nn.Module):
 # ---- BatchNorm + activation
 
 
+def _act_runs_after(act: nn.Module) -> bool:
+    """Whether act is outside batch_norm_act's activations (any module but Swish, Mish,
+    HardSwish, AconC over dim 1 and nn.Identity: nn.ReLU, nn.GELU, MetaAconC, ...): the
+    BatchNorm then runs as the op's "identity" and act runs after it, as its own module."""
+    if isinstance(act, (Swish, Mish, HardSwish)) or type(act) is nn.Identity:
+        return False
+    return not (isinstance(act, AconC) and act.channel_dim == 1)
+
+
 def _act_call(act: nn.Module):
-    """(act name, act_params, backend) for batch_norm_act from an activation module."""
+    """(act name, act_params, backend) for batch_norm_act from an activation module
+    ("identity" for one that runs after the op)."""
     backend = getattr(act, "backend", None)
     if isinstance(act, Swish):
         return "swish", ((act.beta,) if isinstance(act.beta, torch.Tensor) or act.beta != 1.0 else ()), backend
@@ -174,17 +184,11 @@ def _act_call(act: nn.Module):
         return "hard_swish", (), backend
     if isinstance(act, AconC) and act.channel_dim == 1:
         return "acon_c", (act.p1.reshape(-1), act.p2.reshape(-1), act.beta.reshape(-1)), backend
-    if type(act) is nn.Identity:
-        return "identity", (), None
-    raise TypeError(
-        f"fusedact.nn.BatchNormAct: act must be Swish, Mish, HardSwish, AconC (channel_dim=1), "
-        f"nn.Identity or one of their names, got {type(act).__name__}"
-    )
+    return "identity", (), None
 
 
 def _make_act(act, num_features: int, backend) -> nn.Module:
     if isinstance(act, nn.Module):
-        _act_call(act)  # checks it
         return act
     kw = {} if backend is None else {"backend": backend}
     makers = {
@@ -196,13 +200,18 @@ def _make_act(act, num_features: int, backend) -> nn.Module:
         "identity": nn.Identity,
     }
     if act not in makers:
-        raise ValueError(f"fusedact.nn.BatchNormAct: unknown act {act!r}; choose one of {sorted(makers)}")
+        raise ValueError(
+            f"fusedact.nn.BatchNormAct: unknown act {act!r}; choose one of {sorted(makers)} or pass a module"
+        )
     return makers[act]()
 
 
 class _BatchNormActMixin:
     """nn.BatchNorm's state (weight, bias, running_mean, running_var, num_batches_tracked:
-    the same state_dict keys) and its momentum rules, then the activation, in one op."""
+    the same state_dict keys) and its momentum rules, then the activation, in one op. An
+    activation module outside the op's (nn.ReLU, nn.GELU, ...) runs after the op's
+    "identity", which still saves only x and the statistics and beats nn.BatchNorm2d's
+    training step at MobileNetV3's BatchNorm + ReLU shapes (benchmarks/NOTES.md)."""
 
     def __init__(
         self,
@@ -238,7 +247,7 @@ class _BatchNormActMixin:
         track = not self.training or self.track_running_stats
         name, params, backend = _act_call(self.act)
         kw = {} if backend is None else {"backend": backend}
-        return F.batch_norm_act(
+        y = F.batch_norm_act(
             x,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -251,14 +260,16 @@ class _BatchNormActMixin:
             *params,
             **kw,
         )
+        return self.act(y) if _act_runs_after(self.act) else y
 
     @classmethod
     def from_modules(cls, bn: nn.modules.batchnorm._BatchNorm, act: nn.Module, *, own_act: bool = True):
         """A BatchNormAct over bn's own Parameter and buffer objects (an optimizer built
-        before keeps them) and the activation module ``act`` (a fusedact activation or
-        nn.Identity). ``own_act=False``: act stays registered where it was (its
-        parameters keep their state_dict keys there) and is only used here, not held as a
-        submodule (ultralytics' Conv, whose ``act`` is its own child)."""
+        before keeps them) and the activation module ``act`` (a fusedact activation,
+        nn.Identity, or any other module, which runs after the op). ``own_act=False``:
+        act stays registered where it was (its parameters keep their state_dict keys
+        there) and is only used here, not held as a submodule (ultralytics' Conv, whose
+        ``act`` is its own child)."""
         new = cls.__new__(cls)
         nn.Module.__init__(new)
         for attr in ("num_features", "eps", "momentum", "affine", "track_running_stats"):
@@ -280,8 +291,8 @@ class _BatchNormActMixin:
 class BatchNormAct2d(_BatchNormActMixin, nn.BatchNorm2d):
     """``act(nn.BatchNorm2d(x))`` in one op (fusedact.batch_norm_act): saves x and the
     statistics, never the BatchNorm output. ``act``: "swish", "mish", "hard_swish",
-    "acon_c", "identity" or a fusedact activation module; its parameters are under
-    ``act.``."""
+    "acon_c", "identity" or a module: a fusedact activation runs in the op, any other
+    (nn.ReLU, ...) after the op's "identity"; its parameters are under ``act.``."""
 
 
 class BatchNormAct1d(_BatchNormActMixin, nn.BatchNorm1d):
@@ -325,7 +336,7 @@ class SyncBatchNormAct(_BatchNormActMixin, nn.modules.batchnorm._BatchNorm):
         self._check_input_dim(x)
         factor = self._momentum_factor()
         track = self.track_running_stats
-        return F.sync_batch_norm_act(
+        y = F.sync_batch_norm_act(
             x,
             self.running_mean if track else None,
             self.running_var if track else None,
@@ -337,6 +348,7 @@ class SyncBatchNormAct(_BatchNormActMixin, nn.modules.batchnorm._BatchNorm):
             *params,
             group=group,
         )
+        return self.act(y) if _act_runs_after(self.act) else y
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:

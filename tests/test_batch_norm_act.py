@@ -423,6 +423,95 @@ def test_convert_fuses_a_lone_batch_norm_where_one_module_holds_the_pair():
     torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    "make_act", [lambda: nn.ReLU(inplace=True), nn.GELU, lambda: nn.PReLU(6)], ids=["relu-inplace", "gelu", "prelu"]
+)
+def test_an_activation_outside_the_op_runs_after_its_identity(make_act):
+    """BatchNormAct2d(c, act=nn.ReLU()) is nn.BatchNorm2d then that module: the
+    BatchNorm in the op's "identity" (x and the statistics saved, not the BatchNorm
+    output), the module after it with its own keys (act.weight of PReLU). Outputs,
+    gradients (of the act's parameters too) and running statistics over steps, train
+    and eval; compiled in both modes; convert_sync_batchnorm keeps the act."""
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.BatchNorm2d(6), make_act())
+    ours = fusedact.nn.BatchNormAct2d.from_modules(copy.deepcopy(ref[0]), copy.deepcopy(ref[1]))
+    assert set(ours.state_dict()) == {k.replace("0.", "", 1).replace("1.", "act.", 1) for k in ref.state_dict()}
+    x = torch.randn(4, 6, 5, 7) * 2 + 0.5
+    for _ in range(3):
+        torch.testing.assert_close(_train_step(ours, x), _train_step(ref, x), rtol=1e-5, atol=1e-6)
+        for (n, p), q in zip(ours.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    torch.testing.assert_close(ours.running_mean, ref[0].running_mean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ours.running_var, ref[0].running_var, rtol=1e-6, atol=1e-7)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x), ref(x), rtol=1e-5, atol=1e-6)
+    ours.train(), ref.train()
+
+    sizes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: sizes.append(t.numel()) or t, lambda t: t):
+        fusedact.nn.BatchNormAct2d(6, act=nn.Identity())(x.requires_grad_())
+    assert sizes.count(x.numel()) == 1, sizes  # x: no BatchNorm output saved
+    x = x.detach()
+
+    from helpers import compile_mode
+
+    for mode in ("fuse", "kernel"):
+        with compile_mode(mode):
+            torch._dynamo.reset()
+            c, r = copy.deepcopy(ours), copy.deepcopy(ref)
+            torch.testing.assert_close(torch.compile(c, fullgraph=True)(x), r(x), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(c.running_var, r[0].running_var, rtol=1e-6, atol=1e-7)
+    torch._dynamo.reset()
+    sync = fusedact.nn.SyncBatchNormAct.convert_sync_batchnorm(copy.deepcopy(ours))
+    assert type(sync.act) is type(ours.act)
+    torch.testing.assert_close(sync(x), copy.deepcopy(ours)(x), rtol=0, atol=0)
+
+
+def test_convert_puts_a_batch_norm_before_any_activation_in_the_op():
+    """A BatchNorm followed by an activation outside batch_norm_act's (ReLU, LeakyReLU)
+    runs in the op's "identity", the activation after it as before: in an nn.Sequential
+    (the activation module stays where it is), timm's BatchNormAct2d (its act becomes the
+    BatchNormAct's, run after the op) and ultralytics' Conv (only bn is replaced; fuse()
+    still right). Same keys, Parameter objects, outputs, gradients, running statistics."""
+    conv = pytest.importorskip("ultralytics.nn.modules.conv")
+    timm_norm_act = pytest.importorskip("timm.layers.norm_act")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),
+        nn.ReLU(inplace=True),
+        timm_norm_act.BatchNormAct2d(8, act_layer=nn.ReLU),
+        conv.Conv(8, 4, 1, act=nn.LeakyReLU(0.1)),
+        nn.BatchNorm2d(4),  # nothing after it: stays
+    )
+    ref = copy.deepcopy(model)
+    keys, params = list(model.state_dict()), list(model.parameters())
+    fusedact.convert(model)
+    assert type(model[1]) is fusedact.nn.BatchNormAct2d and type(model[1].act) is nn.Identity
+    assert type(model[2]) is nn.ReLU
+    assert type(model[3]) is fusedact.nn.BatchNormAct2d and type(model[3].act) is nn.ReLU
+    assert type(model[4]).__mro__[0] is conv.Conv and type(model[4].bn) is fusedact.nn.BatchNormAct2d
+    assert type(model[5]) is nn.BatchNorm2d
+    assert list(model.state_dict()) == keys and all(p is q for p, q in zip(model.parameters(), params))
+    x = torch.randn(2, 3, 9, 9)
+    for _ in range(2):
+        torch.testing.assert_close(_train_step(model, x), _train_step(ref, x), rtol=1e-5, atol=1e-5)
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+    for i in (1, 3):
+        torch.testing.assert_close(model[i].running_var, ref[i].running_var, rtol=1e-6, atol=1e-7)
+    model.eval(), ref.eval()
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    m = model[4]
+    m.conv = __import__("ultralytics.utils.torch_utils", fromlist=["x"]).fuse_conv_and_bn(m.conv, m.bn)
+    delattr(m, "bn")
+    m.forward = m.forward_fuse
+    torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
+    kept = nn.Sequential(nn.BatchNorm2d(8), nn.ReLU())
+    fusedact.convert(kept, fuse_bn=False)
+    assert type(kept[0]) is nn.BatchNorm2d
+
+
 @pytest.mark.parametrize("mode", ["fuse", "kernel", "auto"])
 def test_compile_fullgraph_and_the_mode(mode):
     """fullgraph under inductor; "fuse" leaves no fusedact block op in the graph (Inductor
@@ -681,7 +770,8 @@ def test_convert_fuses_acon_c_where_its_keys_stay():
     keys = set(model.state_dict())
     fusedact.convert(model)
     assert isinstance(model[0].bn, fusedact.nn.BatchNormAct2d) and model[0].bn.act is model[0].act
-    assert type(model[1].bn) is nn.BatchNorm2d  # Meta-ACON's beta comes from bn's output
+    # Meta-ACON's beta comes from bn's output: it stays after bn, which runs as "identity"
+    assert type(model[1].bn) is fusedact.nn.BatchNormAct2d and type(model[1].bn.act) is nn.Identity
     assert set(model.state_dict()) == keys and "0.bn.act.p1" not in model.state_dict()
     x = torch.randn(2, 3, 10, 10)
     for _ in range(2):
