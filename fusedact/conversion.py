@@ -168,14 +168,6 @@ def _is_bn(m, dims=(1, 2)) -> bool:
     )
 
 
-# torch.nn's elementwise activations outside batch_norm_act's (after a BatchNorm in an
-# nn.Sequential, the BatchNorm runs as the op's "identity" and these stay after it).
-_TORCH_ACTS = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ELU, nn.CELU, nn.SELU, nn.GELU,
-    nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Hardtanh, nn.Softplus, nn.Tanhshrink,
-)  # fmt: skip
-
-
 def _bn_act(bn, act, own_act: bool = True):
     cls = {nn.BatchNorm2d: fnn.BatchNormAct2d, nn.BatchNorm1d: fnn.BatchNormAct1d}.get(type(bn), fnn.SyncBatchNormAct)
     return cls.from_modules(bn, act, own_act=own_act)
@@ -224,12 +216,14 @@ def _fuse_bn(model: nn.Module) -> nn.Module:
     act(bn(conv(x)))), whose class becomes a subclass with forward bn(conv(x)) and the act
     inside bn, so that ultralytics' fuse() (which folds bn into conv and sets the instance
     forward to act(conv(x))) stays right and isinstance checks hold; timm's
-    BatchNormAct2d without dropout. An activation outside batch_norm_act's (nn.ReLU,
-    nn.GELU, ...) stays where it is, after a BatchNormAct whose act is "identity" (in
-    timm's BatchNormAct2d it becomes the BatchNormAct's act, run after the op; in
-    ultralytics' Conv only bn is replaced). State_dict keys do not change."""
+    BatchNormAct2d without dropout, whatever its act (one outside batch_norm_act's, e.g.
+    nn.ReLU, runs after the op's "identity"). Every other nn.BatchNorm2d (exact class)
+    becomes a BatchNormAct2d "identity", whatever follows it: the op's statistics and
+    normalization ran 1.4-2.7x nn.BatchNorm2d's training step at ResNet's shapes, and in
+    eval it calls F.batch_norm as nn.BatchNorm2d does. State_dict keys do not change."""
     conv_forward = _ultralytics_conv_forward()
     seen = set()
+    lone: dict[int, nn.Module] = {}
 
     def visit(m):
         if id(m) in seen:
@@ -248,23 +242,22 @@ def _fuse_bn(model: nn.Module) -> nn.Module:
             conv_forward is not None
             and getattr(t, "forward", None) is conv_forward
             and _is_bn(getattr(m, "bn", None), (2,))
-            and isinstance(getattr(m, "act", None), nn.Module)
+            and _fusible_in_place(getattr(m, "act", None))
         ):
-            if _fusible_in_place(m.act):
-                m.bn = _bn_act(m.bn, m.act, own_act=False)  # m.act stays m's child: the same keys
-                m.__class__ = _fused_conv_class(t)
-            elif fnn._act_runs_after(m.act):
-                m.bn = _bn_act(m.bn, nn.Identity())  # act(bn(conv(x))) as it was, bn in our op
+            m.bn = _bn_act(m.bn, m.act, own_act=False)  # m.act stays m's child: the same keys
+            m.__class__ = _fused_conv_class(t)
         if isinstance(m, nn.Sequential):
             keys = list(m._modules)
             for a, b in zip(keys, keys[1:]):
                 if _is_bn(m._modules[a]) and _fusible(m._modules[b]):
                     m._modules[a] = _bn_act(m._modules[a], m._modules[b])
                     m._modules[b] = nn.Identity()
-                elif _is_bn(m._modules[a]) and type(m._modules[b]) in _TORCH_ACTS:
-                    m._modules[a] = _bn_act(m._modules[a], nn.Identity())  # b stays after it
         for name, child in list(m._modules.items()):
-            if child is not None:
+            if type(child) is nn.BatchNorm2d:  # any other: in the op's identity pass
+                if id(child) not in lone:  # a module shared in several places stays shared
+                    lone[id(child)] = _bn_act(child, nn.Identity())
+                setattr(m, name, lone[id(child)])
+            elif child is not None:
                 new = visit(child)
                 if new is not child:
                     setattr(m, name, new)
@@ -280,9 +273,9 @@ def convert(model: nn.Module, *, backend: str | None = None, fuse_bn: bool = Tru
     modules, and is given to the fusedact modules already there when it is not None.
     ``fuse_bn``: a BatchNorm directly followed by a parameter-free activation (or ACON-C
     in ultralytics' Conv and timm's BatchNormAct2d) becomes one
-    fusedact.nn.BatchNormAct2d/1d; followed by an activation the op does not have
-    (nn.ReLU, ...), a BatchNormAct2d/1d "identity" with the activation after it (see
-    _fuse_bn); False keeps them apart.
+    fusedact.nn.BatchNormAct2d/1d, and every other nn.BatchNorm2d a BatchNormAct2d
+    "identity" (its statistics and normalization in the op; see _fuse_bn); False keeps
+    every BatchNorm as it is.
 
     Only modules are converted: activations called as functions inside a forward
     (``F.silu(x)``) stay as they are. When ``model`` itself is such a module, the

@@ -395,9 +395,9 @@ def test_convert_fuses_ultralytics_conv_and_fuse_still_works():
 
 
 def test_convert_fuses_a_lone_batch_norm_where_one_module_holds_the_pair():
-    """timm's BatchNormAct2d(apply_act=False) and ultralytics' Conv(act=False): the
-    BatchNorm alone runs as batch_norm_act's "identity" (the same keys and numbers, fuse()
-    still right); a plain nn.BatchNorm2d in a Sequential, with nothing after it, stays."""
+    """timm's BatchNormAct2d(apply_act=False), ultralytics' Conv(act=False) and a plain
+    nn.BatchNorm2d with nothing after it: the BatchNorm alone runs as batch_norm_act's
+    "identity" (the same keys and numbers, fuse() still right)."""
     conv = pytest.importorskip("ultralytics.nn.modules.conv")
     timm_norm_act = pytest.importorskip("timm.layers.norm_act")
     torch.manual_seed(0)
@@ -408,7 +408,8 @@ def test_convert_fuses_a_lone_batch_norm_where_one_module_holds_the_pair():
     keys = list(model.state_dict())
     fusedact.convert(model)
     assert type(model[0]) is fusedact.nn.BatchNormAct2d and isinstance(model[1].bn, fusedact.nn.BatchNormAct2d)
-    assert type(model[2]) is nn.BatchNorm2d and list(model.state_dict()) == keys
+    assert type(model[2]) is fusedact.nn.BatchNormAct2d and type(model[2].act) is nn.Identity
+    assert list(model.state_dict()) == keys
     x = torch.randn(2, 3, 9, 9)
     for _ in range(2):
         torch.testing.assert_close(_train_step(model, x), _train_step(ref, x), rtol=1e-5, atol=1e-5)
@@ -472,7 +473,8 @@ def test_convert_puts_a_batch_norm_before_any_activation_in_the_op():
     runs in the op's "identity", the activation after it as before: in an nn.Sequential
     (the activation module stays where it is), timm's BatchNormAct2d (its act becomes the
     BatchNormAct's, run after the op) and ultralytics' Conv (only bn is replaced; fuse()
-    still right). Same keys, Parameter objects, outputs, gradients, running statistics."""
+    still right). Same keys, Parameter objects, outputs, gradients, running statistics;
+    in eval, nn.BatchNorm2d's own numbers (F.batch_norm, bit for bit)."""
     conv = pytest.importorskip("ultralytics.nn.modules.conv")
     timm_norm_act = pytest.importorskip("timm.layers.norm_act")
     torch.manual_seed(0)
@@ -482,8 +484,9 @@ def test_convert_puts_a_batch_norm_before_any_activation_in_the_op():
         nn.ReLU(inplace=True),
         timm_norm_act.BatchNormAct2d(8, act_layer=nn.ReLU),
         conv.Conv(8, 4, 1, act=nn.LeakyReLU(0.1)),
-        nn.BatchNorm2d(4),  # nothing after it: stays
+        nn.BatchNorm2d(4),
     )
+    model.append(model[5])  # one module in two places stays one
     ref = copy.deepcopy(model)
     keys, params = list(model.state_dict()), list(model.parameters())
     fusedact.convert(model)
@@ -491,7 +494,7 @@ def test_convert_puts_a_batch_norm_before_any_activation_in_the_op():
     assert type(model[2]) is nn.ReLU
     assert type(model[3]) is fusedact.nn.BatchNormAct2d and type(model[3].act) is nn.ReLU
     assert type(model[4]).__mro__[0] is conv.Conv and type(model[4].bn) is fusedact.nn.BatchNormAct2d
-    assert type(model[5]) is nn.BatchNorm2d
+    assert type(model[5]) is fusedact.nn.BatchNormAct2d and model[6] is model[5]
     assert list(model.state_dict()) == keys and all(p is q for p, q in zip(model.parameters(), params))
     x = torch.randn(2, 3, 9, 9)
     for _ in range(2):
@@ -502,6 +505,9 @@ def test_convert_puts_a_batch_norm_before_any_activation_in_the_op():
         torch.testing.assert_close(model[i].running_var, ref[i].running_var, rtol=1e-6, atol=1e-7)
     model.eval(), ref.eval()
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
+    z, bn = torch.randn(2, 4, 5, 5) * 3 + 1, model[5]
+    want = nn.functional.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+    assert torch.equal(bn(z), want)  # eval: nn.BatchNorm2d's own call
     m = model[4]
     m.conv = __import__("ultralytics.utils.torch_utils", fromlist=["x"]).fuse_conv_and_bn(m.conv, m.bn)
     delattr(m, "bn")

@@ -109,6 +109,37 @@ def test_converted_model_traces():
     same_outputs_and_grads(gm, model, x)
 
 
+def test_converted_batch_norms_are_leaf_modules():
+    """A converted BatchNorm (a pair, one before a ReLU, one alone with momentum=None)
+    traces as a call_module node of its path, as nn.BatchNorm2d does: the GraphModule
+    computes the same outputs and gradients and updates the running statistics as the
+    model does (the cumulative average too)."""
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(),
+        nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, momentum=None),
+    )  # fmt: skip
+    fusedact.convert(model)
+    ref = copy.deepcopy(model)
+    gm = torch.fx.symbolic_trace(model)
+    modules = dict(gm.named_modules())
+    calls = [n.target for n in gm.graph.nodes if n.op == "call_module"]
+    bns = [t for t in calls if "BatchNorm" in type(modules[t]).__name__]
+    assert bns == ["1", "4", "7"] and all(isinstance(modules[t], fusedact.nn.BatchNormAct2d) for t in bns)
+    x = torch.randn(2, 3, 9, 9)
+    for _ in range(2):
+        gm(x), ref(x)
+    for t in bns:
+        assert torch.equal(modules[t].running_var, ref.get_submodule(t).running_var)
+        assert modules[t].num_batches_tracked == 2
+    same_outputs_and_grads(gm, model, x)
+    gm.eval(), model.eval()
+    same_outputs_and_grads(gm, model, x)
+
+
 def test_untraced_calls_unchanged():
     """Outside a trace nothing is a Proxy: the ops still check their arguments."""
     with pytest.raises(TypeError, match="x must be a tensor"):
