@@ -226,7 +226,7 @@ def _fuse_bn(model: nn.Module) -> nn.Module:
     lone: dict[int, nn.Module] = {}
 
     def visit(m):
-        if id(m) in seen:
+        if id(m) in seen or isinstance(m, _FUSEDACT):  # MetaAconC's BatchNorms see (N, C, 1, 1)
             return m
         seen.add(id(m))
         t = type(m)

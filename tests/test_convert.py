@@ -180,6 +180,9 @@ def test_convert_acon_modules(backend, training):
         fusedact.convert(model, backend=backend)
     assert count(model, ACON_TYPES) == 0
     assert count(model, fusedact.nn.AconC) == 2 and count(model, fusedact.nn.MetaAconC) == 4
+    # Meta-ACON's own BatchNorms (over (N, C, 1, 1)) stay nn.BatchNorm2d: convert's
+    # BatchNorm rule does not reach into fusedact's modules
+    assert type(model.acts2d[4].bn1) is nn.BatchNorm2d and type(model.acts2d[4].bn2) is nn.BatchNorm2d
     assert model.seq.channel_dim == -1
     assert all(
         m.backend == backend for m in model.modules() if isinstance(m, (fusedact.nn.AconC, fusedact.nn.MetaAconC))
