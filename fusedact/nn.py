@@ -162,20 +162,6 @@ class MetaAconC(nn.Module):
 
 # ---- BatchNorm + activation
 
-_IN_THE_OP = frozenset({Swish, Mish, HardSwish, nn.Identity})  # exact types, fused in the op
-
-
-def _act_runs_after(act: nn.Module) -> bool:
-    """Whether act is outside batch_norm_act's activations (any module but Swish, Mish,
-    HardSwish, AconC over dim 1 and nn.Identity: nn.ReLU, nn.GELU, MetaAconC, ...): the
-    BatchNorm then runs as the op's "identity" and act runs after it, as its own module."""
-    t = type(act)
-    if t in _IN_THE_OP:
-        return False
-    if isinstance(act, (Swish, Mish, HardSwish)):
-        return False
-    return not (isinstance(act, AconC) and act.channel_dim == 1)
-
 
 def _act_call(act: nn.Module):
     """(act name, act_params, backend) for batch_norm_act from an activation module
@@ -192,6 +178,18 @@ def _act_call(act: nn.Module):
     if isinstance(act, AconC) and act.channel_dim == 1:
         return "acon_c", (act.p1.reshape(-1), act.p2.reshape(-1), act.beta.reshape(-1)), backend
     return "identity", (), None
+
+
+def _act_runs_after(act: nn.Module) -> bool:
+    """Whether act is outside batch_norm_act's activations (any module but Swish, Mish,
+    HardSwish, AconC over dim 1 and nn.Identity: nn.ReLU, nn.GELU, MetaAconC, ...): the
+    BatchNorm then runs as the op's "identity" and act runs after it, as its own module."""
+    return _runs_after(act, _act_call(act)[0])
+
+
+def _runs_after(act: nn.Module, name: str) -> bool:
+    """_act_runs_after from act's name in _act_call, where that is known."""
+    return name == "identity" and type(act) is not nn.Identity
 
 
 def _make_act(act, num_features: int, backend) -> nn.Module:
@@ -263,7 +261,7 @@ class _BatchNormActMixin:
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         track = not self.training or self.track_running_stats
         name, params, backend = _act_call(self.act)
-        after = _act_runs_after(self.act)
+        after = _runs_after(self.act, name)
         if name == "identity" and not bn_training and not torch.compiler.is_compiling():
             # eval with nothing to fuse: nn.BatchNorm2d's own call, one aten kernel (ours
             # are two calls, ~17 us more at (1, 512, 7, 7))
@@ -375,7 +373,7 @@ class SyncBatchNormAct(_BatchNormActMixin, nn.modules.batchnorm._BatchNorm):
             *params,
             group=group,
         )
-        return self.act(y) if _act_runs_after(self.act) else y
+        return self.act(y) if _runs_after(self.act, name) else y
 
     @classmethod
     def convert_sync_batchnorm(cls, module: nn.Module, process_group=None) -> nn.Module:
