@@ -28,6 +28,7 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 #include <torch/csrc/utils/pybind.h>
 #include <torch/version.h>
 
@@ -214,22 +215,30 @@ pybind11::object& bn_act_vjp() {
 // statistics and the parameters. Inputs: x, weight, bias, p1, p2, act_beta (undefined
 // where None), then the rest; `act` is the kernel's (silu for swish at beta 1).
 struct BatchNormActFunction : torch::autograd::Function<BatchNormActFunction> {
-  static Tensor forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
-                        const OptTensor& p1, const OptTensor& p2, const OptTensor& act_beta,
-                        const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
-                        double eps, std::string act, double beta) {
+  // (y, mean, invstd): the forward's ops, below autograd
+  static std::tuple<Tensor, Tensor, Tensor> values(const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                                                   const OptTensor& p1, const OptTensor& p2, const OptTensor& act_beta,
+                                                   const OptTensor& running_mean, const OptTensor& running_var,
+                                                   bool training, double momentum, double eps, const std::string& act,
+                                                   double beta) {
     at::AutoDispatchBelowADInplaceOrView guard;
     const Tensor none;
     auto t = [&](const OptTensor& o) { return o.has_value() ? *o : none; };
     const std::vector<Tensor> act_params = bn_act_tensors(x, act, beta, t(p1), t(p2), t(act_beta));
-    Tensor y, mean, invstd;
-    if (training) {
-      std::tie(y, mean, invstd) =
-          ops().bn_train.call(x, running_mean, running_var, weight, bias, act_params, act, momentum, eps);
-    } else {
-      std::tie(mean, invstd) = ops().bn_stats.call(x, running_mean, running_var, training, momentum, eps);
-      y = ops().bn_apply.call(x, mean, invstd, weight, bias, act_params, act);
-    }
+    if (training)
+      return ops().bn_train.call(x, running_mean, running_var, weight, bias, act_params, act, momentum, eps);
+    auto [mean, invstd] = ops().bn_stats.call(x, running_mean, running_var, training, momentum, eps);
+    return {ops().bn_apply.call(x, mean, invstd, weight, bias, act_params, act), mean, invstd};
+  }
+
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const OptTensor& weight, const OptTensor& bias,
+                        const OptTensor& p1, const OptTensor& p2, const OptTensor& act_beta,
+                        const OptTensor& running_mean, const OptTensor& running_var, bool training, double momentum,
+                        double eps, std::string act, double beta) {
+    const Tensor none;
+    auto t = [&](const OptTensor& o) { return o.has_value() ? *o : none; };
+    auto [y, mean, invstd] =
+        values(x, weight, bias, p1, p2, act_beta, running_mean, running_var, training, momentum, eps, act, beta);
     ctx->save_for_backward({x, t(weight), t(bias), mean, invstd, t(p1), t(p2), t(act_beta)});
     ctx->saved_data["training"] = training;
     ctx->saved_data["eps"] = eps;
@@ -381,6 +390,9 @@ Result batch_norm_act(const Tensor& x, const OptTensor& running_mean, const OptT
   if (c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::Python)) return c10::nullopt;
   // undefined tensors as None: the Function's inputs are then not variables
   auto o = [](const OptTensor& v) { return v.has_value() && v->defined() ? v : OptTensor(); };
+  if (!wants_grad({&x, &t(weight), &t(bias), &t(p1), &t(p2), &t(act_beta)}))  // no graph: the ops alone
+    return std::get<0>(BatchNormActFunction::values(x, o(weight), o(bias), o(p1), o(p2), o(act_beta), o(running_mean),
+                                                    o(running_var), training, momentum, eps, act, beta));
   return BatchNormActFunction::apply(x, o(weight), o(bias), o(p1), o(p2), o(act_beta), o(running_mean), o(running_var),
                                      training, momentum, eps, act, beta);
 }
@@ -445,11 +457,97 @@ PyObject* py_unary(PyObject*, PyObject* arg) {
   END_HANDLE_TH_ERRORS
 }
 
+// ---- batch_norm_act with its argument checks in C++ (fusedact/batch_norm.py calls it
+// first): None, and Python checks and goes its way, unless every argument is what the
+// CPU's one-call path takes: x a plain floating CPU tensor of (N, C, ...) with more than
+// one value a channel, the others None or plain floating CPU (C,) tensors, acon_c's
+// beta (C,) or N*C, a float beta within float32's range, no tracer and no mode.
+
+constexpr double kFloat32Overflow = 0x1.ffffffp+127;  // csrc/checks.h's bound for a float beta
+
+bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16; }
+
+// obj as a plain floating CPU tensor of n elements (or n2 where n2 > 0), in *out; None
+// as undefined where none_ok. False where the fast path does not take it.
+bool plain_param(PyObject* obj, int64_t n, bool none_ok, Tensor* out, int64_t n2 = 0) {
+  if (obj == Py_None) return none_ok;
+  if (!THPVariable_CheckExact(obj)) return false;
+  const Tensor& t = THPVariable_Unpack(obj);
+  if (!t.device().is_cpu() || !is_float(t.scalar_type())) return false;
+  const int64_t k = t.numel();
+  if (k != n && !(n2 > 0 && k == n2)) return false;
+  *out = t;
+  return true;
+}
+
+bool plain_float(PyObject* obj, double* out) {
+  if (PyFloat_CheckExact(obj)) {
+    *out = PyFloat_AS_DOUBLE(obj);
+    return true;
+  }
+  if (!PyLong_CheckExact(obj)) return false;  // not bool (a subclass)
+  *out = PyLong_AsDouble(obj);
+  if (*out == -1.0 && PyErr_Occurred()) {
+    PyErr_Clear();
+    return false;
+  }
+  return true;
+}
+
+// Py: batch_norm_act(x, running_mean, running_var, weight, bias, training, momentum,
+// eps, act, act_params: tuple) -> y or None
+PyObject* py_batch_norm_act(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  TORCH_CHECK(nargs == 10, "_C.fast.batch_norm_act_checked takes 10 arguments, got ", nargs);
+  const Tensor* xp = plain_float_tensor(args[0]);
+  if (xp == nullptr || torch::jit::tracer::isTracing()) Py_RETURN_NONE;
+  const Tensor& x = *xp;
+  if (!x.device().is_cpu() || x.dim() < 2 || x.numel() == 0) Py_RETURN_NONE;
+  const int64_t N = x.size(0), C = x.size(1);
+  Tensor rm, rv, w, b, p[3];
+  if (!plain_param(args[1], C, true, &rm) || !plain_param(args[2], C, true, &rv) ||
+      !plain_param(args[3], C, true, &w) || !plain_param(args[4], C, true, &b))
+    Py_RETURN_NONE;
+  for (const Tensor* t : {&rm, &rv, &w, &b})
+    if (t->defined() && t->dim() != 1) Py_RETURN_NONE;
+  if (args[5] != Py_True && args[5] != Py_False) Py_RETURN_NONE;
+  const bool training = args[5] == Py_True;
+  double momentum, eps, beta = 1.0;
+  if (!plain_float(args[6], &momentum) || !plain_float(args[7], &eps)) Py_RETURN_NONE;
+  if (rm.defined() != rv.defined() || (!training && !rm.defined())) Py_RETURN_NONE;
+  if (training && x.numel() / C == 1) Py_RETURN_NONE;  // nn.BatchNorm2d's error, raised in Python
+  if (!PyUnicode_Check(args[8]) || !PyTuple_CheckExact(args[9])) Py_RETURN_NONE;
+  const Py_ssize_t n_params = PyTuple_GET_SIZE(args[9]);
+  PyObject* const* params = &PyTuple_GET_ITEM(args[9], 0);
+  std::string act;
+  if (PyUnicode_CompareWithASCIIString(args[8], "acon_c") == 0) {
+    if (n_params != 3) Py_RETURN_NONE;
+    for (int j = 0; j < 3; ++j)
+      if (!plain_param(params[j], C, false, &p[j], j == 2 && N * C != C ? N * C : 0)) Py_RETURN_NONE;
+    act = "acon_c";
+  } else if (PyUnicode_CompareWithASCIIString(args[8], "swish") == 0) {
+    if (n_params > 1) Py_RETURN_NONE;
+    if (n_params == 1 && (!plain_float(params[0], &beta) || !(std::abs(beta) < kFloat32Overflow))) Py_RETURN_NONE;
+    act = beta == 1.0 ? "silu" : "swish";
+  } else {
+    for (const char* name : {"identity", "mish", "hard_swish"})
+      if (PyUnicode_CompareWithASCIIString(args[8], name) == 0) act = name;
+    if (act.empty() || n_params != 0) Py_RETURN_NONE;
+  }
+  auto o = [](const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); };
+  return wrap(gil_released_if_large(x, [&] {
+    return batch_norm_act(x, o(rm), o(rv), o(w), o(b), training, momentum, eps, act, beta, o(p[0]), o(p[1]), o(p[2]));
+  }));
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef fast_methods[] = {
     {"swish", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_swish)), METH_FASTCALL,
      "swish(x, beta: float): y, or None where the fast path does not apply"},
     {"mish", py_unary<mish>, METH_O, "mish(x): y, or None where the fast path does not apply"},
     {"hard_swish", py_unary<hard_swish>, METH_O, "hard_swish(x): y, or None where the fast path does not apply"},
+    {"batch_norm_act_checked", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_batch_norm_act)),
+     METH_FASTCALL, "batch_norm_act with its checks in C++: y, or None where the fast path does not apply"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

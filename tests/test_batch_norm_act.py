@@ -986,3 +986,134 @@ def test_train_forward_in_one_call_checks_as_batch_stats():
         ops.bn_act_train(x, None, None, torch.ones(5), None, [], "silu", 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="no elements per channel"):
         ops.bn_act_train(x[:0], None, None, None, None, [], "silu", 0.1, 1e-5)
+
+
+def _slow(monkeypatch):
+    """batch_norm_act without its C++-checked first stop: the Python checks' way."""
+    from fusedact import batch_norm as bn
+
+    monkeypatch.setattr(bn, "_fast_checked", lambda *args: None)
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("act_case", ACT_CASES, ids=[c[0] for c in ACT_CASES])
+def test_checked_entry_gives_the_checked_way_bit_for_bit(act_case, training, monkeypatch):
+    """A plain eager CPU call takes _C.fast.batch_norm_act_checked (its argument checks in
+    C++, csrc/fast_path.cpp) and gives what the Python checks' way gives: y, the gradients
+    and the running statistics, bit for bit; with no gradient wanted, y without a graph.
+    The Python checks are made to fail, to show they did not run."""
+    from fusedact import batch_norm as bn
+
+    x, w, b, rm, rv, ap = _inputs(act_case, torch.float32, "contiguous")
+    g = torch.randn(x.shape)
+    rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    with monkeypatch.context() as m:
+
+        def checks(*args):
+            raise AssertionError("the checked entry declined a plain call")
+
+        if act_case[0] != "swish-tensor":  # a tensor beta goes the Python way
+            m.setattr(bn, "_check", checks)
+        fast = _run(_fused(act_case[1], training, rm1, rv1), x, w, b, ap, g)
+        with torch.no_grad():
+            y = _fused(act_case[1], training, rm.clone(), rv.clone())(x, w, b, ap)
+    assert y.grad_fn is None and torch.equal(y, fast[0])
+    _slow(monkeypatch)
+    slow = _run(_fused(act_case[1], training, rm2, rv2), x, w, b, ap, g)
+    for a, e in zip(fast, slow):
+        assert torch.equal(a, e)
+    assert torch.equal(rm1, rm2) and torch.equal(rv1, rv2)
+
+
+def test_checked_entry_declines_what_python_must_check():
+    """The C++-checked entry returns None, and Python's checks then raise or take another
+    way, for anything but plain floating CPU tensors of the right shapes and plain
+    arguments: a subclass or FakeTensor, an integer or meta x, a parameter of the wrong
+    length or rank, half the running statistics, eval without them, a non-bool training,
+    momentum None, one value a channel in training, an unknown act or the wrong number of
+    parameters, a tensor or non-finite or too large beta, a bool beta, under a torch
+    function mode and under the JIT tracer (the ONNX exporter's)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    entry = fusedact._C.fast.batch_norm_act_checked
+    C = 3
+    x = torch.randn(2, C, 4, 4)
+    w, b, rm, rv = torch.ones(C), torch.zeros(C), torch.zeros(C), torch.ones(C)
+    p = (torch.ones(C), torch.zeros(C), torch.ones(C))
+
+    def call(x=x, rm=rm, rv=rv, w=w, b=b, training=True, momentum=0.1, eps=1e-5, act="swish", params=()):
+        return entry(x, rm, rv, w, b, training, momentum, eps, act, params)
+
+    assert call() is not None and call(act="acon_c", params=p) is not None
+    assert call(rm=None, rv=None, w=None, b=None) is not None
+    assert call(act="acon_c", params=(*p[:2], torch.ones(2, C))) is not None  # Meta-ACON's beta
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    declined = {
+        "subclass": call(x=x.as_subclass(_Tagged)),
+        "fake": call(x=fake),
+        "integer x": call(x=torch.ones(2, C, 4, 4, dtype=torch.long)),
+        "meta x": call(x=x.to("meta")),
+        "list x": call(x=[1.0]),
+        "1-d x": call(x=torch.randn(C)),
+        "empty x": call(x=torch.randn(0, C, 4, 4)),
+        "weight length": call(w=torch.ones(C + 1)),
+        "weight rank": call(w=torch.ones(C, 1)),
+        "integer bias": call(b=torch.zeros(C, dtype=torch.long)),
+        "half the statistics": call(rv=None),
+        "eval without statistics": call(rm=None, rv=None, training=False),
+        "training 1": call(training=1),
+        "momentum None": call(momentum=None),
+        "one value a channel": call(x=torch.randn(1, C, 1, 1)),
+        "unknown act": call(act="relu"),
+        "act not a str": call(act=None),
+        "params a list": call(params=[]),
+        "mish with a parameter": call(act="mish", params=(1.0,)),
+        "tensor beta": call(params=(torch.ones(1),)),
+        "nan beta": call(params=(float("nan"),)),
+        "inf beta": call(params=(float("inf"),)),
+        "beta past float32": call(params=(1e39,)),
+        "bool beta": call(params=(True,)),
+        "acon p1 length": call(act="acon_c", params=(torch.ones(C + 1), *p[1:])),
+        "acon two params": call(act="acon_c", params=p[:2]),
+    }
+    with _PassThrough():
+        declined["function mode"] = call()
+    seen = []
+
+    def traced(t):
+        seen.append(call(x=t))
+        return t * 2
+
+    torch.jit.trace(traced, x)
+    declined["jit tracer"] = seen[0]
+    assert [k for k, v in declined.items() if v is not None] == []
+
+
+class _Tagged(torch.Tensor):
+    pass
+
+
+class _PassThrough(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_module_takes_the_checked_entry(monkeypatch):
+    """BatchNormAct2d's plain eager training and eval calls reach the C++-checked entry
+    (the Python checks are made to fail), and the same call under a torch function mode
+    goes the Python way."""
+    from fusedact import batch_norm as bn
+
+    m = fusedact.nn.BatchNormAct2d(3, act="mish")
+    x = torch.randn(2, 3, 4, 4, requires_grad=True)
+    calls = []
+    check = bn._check
+    monkeypatch.setattr(bn, "_check", lambda *args: calls.append(args) or check(*args))
+    m(x).sum().backward()
+    m.eval()
+    m(x)
+    assert calls == []
+    with _PassThrough():
+        m(x)
+    assert len(calls) == 1
