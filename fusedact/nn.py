@@ -262,9 +262,15 @@ class _BatchNormActMixin:
         track = not self.training or self.track_running_stats
         name, params, backend = _act_call(self.act)
         after = _runs_after(self.act, name)
-        if name == "identity" and not bn_training and not torch.compiler.is_compiling():
-            # eval with nothing to fuse: nn.BatchNorm2d's own call, one aten kernel (ours
-            # are two calls, ~17 us more at (1, 512, 7, 7))
+        if (
+            name == "identity"
+            and not bn_training
+            and not torch.compiler.is_compiling()  # first: no guard on x's shape there
+            and x.numel() <= 64 * x.shape[1]
+        ):
+            # eval with nothing to fuse and at most 64 values a channel: nn.BatchNorm2d's
+            # own call, one aten kernel; ours are two, 2-8 us more at (1, C, 7, 7) and
+            # level to 1.8x faster at larger maps (benchmarks/NOTES.md)
             y = torch.nn.functional.batch_norm(
                 x, self.running_mean, self.running_var, self.weight, self.bias, False, factor, self.eps
             )

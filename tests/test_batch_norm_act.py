@@ -474,7 +474,8 @@ def test_convert_puts_a_batch_norm_before_any_activation_in_the_op():
     (the activation module stays where it is), timm's BatchNormAct2d (its act becomes the
     BatchNormAct's, run after the op) and ultralytics' Conv (only bn is replaced; fuse()
     still right). Same keys, Parameter objects, outputs, gradients, running statistics;
-    in eval, nn.BatchNorm2d's own numbers (F.batch_norm, bit for bit)."""
+    in eval with at most 64 values a channel, nn.BatchNorm2d's own numbers (F.batch_norm,
+    bit for bit), above that the op's."""
     conv = pytest.importorskip("ultralytics.nn.modules.conv")
     timm_norm_act = pytest.importorskip("timm.layers.norm_act")
     torch.manual_seed(0)
@@ -507,7 +508,13 @@ def test_convert_puts_a_batch_norm_before_any_activation_in_the_op():
     torch.testing.assert_close(model(x), ref(x), rtol=1e-5, atol=1e-5)
     z, bn = torch.randn(2, 4, 5, 5) * 3 + 1, model[5]
     want = nn.functional.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
-    assert torch.equal(bn(z), want)  # eval: nn.BatchNorm2d's own call
+    assert torch.equal(bn(z), want)  # eval, at most 64 values a channel: nn.BatchNorm2d's own call
+    z = torch.randn(2, 4, 9, 9) * 3 + 1  # more: the op's "identity"
+    want = fusedact.batch_norm_act(
+        z, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps, "identity"
+    )
+    assert torch.equal(bn(z), want)
+    torch.testing.assert_close(bn(z), nn.functional.batch_norm(z, bn.running_mean, bn.running_var, bn.weight, bn.bias))
     m = model[4]
     m.conv = __import__("ultralytics.utils.torch_utils", fromlist=["x"]).fuse_conv_and_bn(m.conv, m.bn)
     delattr(m, "bn")
