@@ -52,9 +52,11 @@ inline void check_grad(const char* op, const at::Tensor& grad, const at::Tensor&
 // A Python-float beta is computed in x's opmath, float32 but for float64 x: one that
 // float32 cannot hold (|beta| >= 2^128 - 2^103 rounds to inf) would give NaN in dx, and
 // in y at x = 0. Python's checks (fusedact/checks.py) say the same.
+constexpr double kFloat32Overflow = 0x1.ffffffp+127;  // the smallest double float32 rounds to inf
+
 inline void check_float_beta(const char* op, const at::Tensor& x, double beta) {
   if (x.scalar_type() == at::kDouble || !std::isfinite(beta)) return;
-  TORCH_CHECK(std::fabs(beta) < 0x1.ffffffp+127, op, ": beta = ", beta,
+  TORCH_CHECK(std::fabs(beta) < kFloat32Overflow, op, ": beta = ", beta,
               " is outside float32's range, in which the kernels compute for ", x.scalar_type(),
               " x (it would round to inf and give NaN); use a smaller beta or float64 x");
 }

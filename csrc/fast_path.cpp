@@ -34,6 +34,8 @@
 
 #include <tuple>
 
+#include "checks.h"
+
 // Whether the torch being built against is major.minor or newer.
 #define FUSEDACT_TORCH_AT_LEAST(major, minor) \
   (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
@@ -463,20 +465,16 @@ PyObject* py_unary(PyObject*, PyObject* arg) {
 // one value a channel, the others None or plain floating CPU (C,) tensors, acon_c's
 // beta (C,) or N*C, a float beta within float32's range, no tracer and no mode.
 
-constexpr double kFloat32Overflow = 0x1.ffffffp+127;  // csrc/checks.h's bound for a float beta
-
-bool is_float(at::ScalarType t) { return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16; }
-
-// obj as a plain floating CPU tensor of n elements (or n2 where n2 > 0), in *out; None
-// as undefined where none_ok. False where the fast path does not take it.
+// obj as a plain floating CPU tensor (plain_float_tensor) of n elements (or n2 where
+// n2 > 0), in *out; None as undefined where none_ok. False where the fast path does not
+// take it.
 bool plain_param(PyObject* obj, int64_t n, bool none_ok, Tensor* out, int64_t n2 = 0) {
   if (obj == Py_None) return none_ok;
-  if (!THPVariable_CheckExact(obj)) return false;
-  const Tensor& t = THPVariable_Unpack(obj);
-  if (!t.device().is_cpu() || !is_float(t.scalar_type())) return false;
-  const int64_t k = t.numel();
+  const Tensor* t = plain_float_tensor(obj);
+  if (t == nullptr || !t->device().is_cpu()) return false;
+  const int64_t k = t->numel();
   if (k != n && !(n2 > 0 && k == n2)) return false;
-  *out = t;
+  *out = *t;
   return true;
 }
 

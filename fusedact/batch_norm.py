@@ -33,6 +33,7 @@ from torch import Tensor
 
 from . import _C, _inductor, _opinfo, config, reference
 from .checks import FLOAT_DTYPES, check_float_beta, check_tensor, check_x
+from .functions import traced_as_declined
 from .onnx import exporting as _onnx_exporting
 
 __all__ = ["batch_norm_act", "sync_batch_norm_act", "ACTS"]
@@ -535,18 +536,7 @@ def batch_norm_act(
     return _batch_norm_act(x, mean, invstd, weight, bias, training, eps, act, beta, p1, p2, act_beta, passes)
 
 
-def _fast_path_traced(*args):
-    """What Dynamo traces in place of _C.fast.batch_norm_act_checked: None, the checked way."""
-    return None
-
-
-_fast_checked = _C.fast.batch_norm_act_checked
-try:
-    torch.compiler.substitute_in_graph(_fast_checked, skip_signature_check=True)(_fast_path_traced)
-except (AttributeError, TypeError):  # a torch without it: ask Dynamo in Python
-
-    def _fast_checked(*args):
-        return None if torch.compiler.is_compiling() else _C.fast.batch_norm_act_checked(*args)
+_fast_checked = traced_as_declined(_C.fast.batch_norm_act_checked)
 
 
 _CUDA_BUILT = bool(_C.build_info()["cuda"])

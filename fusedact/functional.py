@@ -15,7 +15,7 @@ import torch
 
 from . import _C, reference
 from .checks import FLOAT32_OVERFLOW, FLOAT_DTYPES, check_acon_args, check_float_beta, check_swish_beta, check_x
-from .functions import invoke
+from .functions import invoke, traced_as_declined
 from .onnx import _DECOMPOSITIONS as _ONNX_FORMS
 from .onnx import exporting as _onnx_exporting
 
@@ -71,23 +71,7 @@ def _fast_path_allowed(tensors: tuple) -> bool:
     return not (_onnx_exporting() or _is_compiling() or _has_torch_function(tensors))
 
 
-# What Dynamo traces in place of the C++ entry points: None, the op's own way (torch.compile
-# records the op). torch.export without Dynamo and the ONNX exporter trace FakeTensors,
-# which the entry points decline themselves.
-def _fast_path_traced(*args):
-    return None
-
-
-_fast_swish, _fast_mish, _fast_hard_swish = _fast.swish, _fast.mish, _fast.hard_swish
-try:
-    for _entry in (_fast_swish, _fast_mish, _fast_hard_swish):
-        torch.compiler.substitute_in_graph(_entry, skip_signature_check=True)(_fast_path_traced)
-except (AttributeError, TypeError):  # a torch without it: ask Dynamo in Python, a call more
-
-    def _asking_dynamo(entry):
-        return lambda *args: None if _is_compiling() else entry(*args)
-
-    _fast_swish, _fast_mish, _fast_hard_swish = map(_asking_dynamo, (_fast_swish, _fast_mish, _fast_hard_swish))
+_fast_swish, _fast_mish, _fast_hard_swish = map(traced_as_declined, (_fast.swish, _fast.mish, _fast.hard_swish))
 
 
 # ---- torch.fx.symbolic_trace

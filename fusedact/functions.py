@@ -36,6 +36,25 @@ from torch.autograd import Function, forward_ad
 from . import config
 from ._opinfo import OPS, OpInfo
 
+
+def _fast_path_traced(*args):
+    """What Dynamo traces in place of a C++ fast-path entry: None, the op's own way
+    (torch.compile records the op). torch.export without Dynamo and the ONNX exporter
+    trace FakeTensors, which the entry points decline themselves."""
+    return None
+
+
+def traced_as_declined(entry: Callable) -> Callable:
+    """A C++ fast-path entry of csrc/fast_path.cpp (``_C.fast.*``) that Dynamo traces as
+    declined (_fast_path_traced); with a torch without substitute_in_graph, a wrapper
+    that asks Dynamo in Python, a call more."""
+    try:
+        torch.compiler.substitute_in_graph(entry, skip_signature_check=True)(_fast_path_traced)
+        return entry
+    except (AttributeError, TypeError):
+        return lambda *args: None if torch.compiler.is_compiling() else entry(*args)
+
+
 __all__ = ["ForwardOpFunction", "BackwardOpFunction", "register_autograd", "invoke"]
 
 _below_autograd = torch._C._AutoDispatchBelowAutograd
