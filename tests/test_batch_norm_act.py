@@ -682,8 +682,10 @@ LARGE = {("hard_swish", torch.bfloat16): (16, 6, 256, 256), ("silu", torch.float
 
 
 # NCHW x: a channel at a time (its 60 elements; csrc/cpu/activations_cpu.cpp,
-# channel_grad) or, past kChannelGradElems (32768) a channel, in the two passes
-NCHW = {"small-nchw": (4, 6, 3, 5), "long-nchw": (4, 6, 96, 96)}
+# channel_grad) or, past kChannelGradElems (32768) a channel, in the two passes;
+# "blocks-nchw" a channel at a time too, its 600 runs of 49 in two blocks of runs whose
+# lanes are folded once each (loops.h, RunBlocks: 334 runs of 49 to kSegment's 16384)
+NCHW = {"small-nchw": (4, 6, 3, 5), "long-nchw": (4, 6, 96, 96), "blocks-nchw": (600, 6, 7, 7)}
 
 
 @pytest.mark.parametrize("size", ["small", "large", *NCHW])
@@ -736,7 +738,7 @@ def test_one_call_ops_equal_the_passes(dtype, training, act, size):
         scale = 0.9 * old.double().abs() + 0.1 * batch.double().abs()
         assert ((got.double() - want.double()).abs() <= 2 * eps * scale).all()
         assert not torch.equal(got, old)
-    p = [torch.randn(6), torch.randn(6), torch.rand(4, 6)] if act == "acon_c" else []
+    p = [torch.randn(6), torch.randn(6), torch.rand(x.shape[0], 6)] if act == "acon_c" else []
     p = [t.to(bn._opmath(x)) for t in p]
     for weight, bias in ((w, b), (None, None)):
         a, b0 = bn._affine(x, weight, bias, invstd)
@@ -762,6 +764,43 @@ def test_one_call_ops_equal_the_passes(dtype, training, act, size):
     torch.library.opcheck(ops.bn_batch_stats.default, (x, rm, rv, training, 0.1, 1e-5))
     torch.library.opcheck(ops.bn_act_apply.default, (x, mean, invstd, w, b, p, act))
     torch.library.opcheck(ops.bn_act_grad.default, (g, x, w, b, mean, invstd, training, p, act))
+
+
+@pytest.mark.parametrize("act", ["hard_swish", "silu", "identity"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_blocks_of_runs_sum_alike_on_every_cpu_isa(dtype, act, cpu_isa):
+    """Short runs of a channel sum their lanes by blocks of runs (loops.h, RunBlocks):
+    bn_act_grad a channel at a time (channel_grad) and the runs path (bn_act_backward,
+    then bn_dx) give bitwise the same dx, dweight and dbias on each instruction set
+    (each keeps its accumulators its own way: vectors of its width, or arrays), with
+    runs of 49 (3 vectors and a tail for float32) in 2 blocks a channel, and with runs
+    of 13 (a tail alone); and dweight, dbias match float64 within float32 rounding."""
+    from fusedact import batch_norm as bn
+
+    ops = torch.ops.fusedact
+    for shape in ((600, 4, 7, 7), (40, 4, 13, 1)):
+        torch.manual_seed(1)
+        x, g = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+        w, b = torch.rand(4) + 0.5, torch.randn(4)
+        if dtype == torch.float64:
+            w, b = w.double(), b.double()
+        mean, invstd = ops.bn_batch_stats(x, None, None, True, 0.1, 1e-5)
+        got = ops.bn_act_grad(g, x, w, b, mean, invstd, True, [], act)
+        want = bn._backward_composed(g, x, w, b, mean, invstd, True, [], act, "native", None)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1]) and torch.equal(got[2], want[2])
+        # dbias = sum(dz), dweight = sum(dz xhat): against the same sums in float64
+        xd, gd = x.double(), g.double()
+        xhat = (xd - mean.double()[:, None, None]) * invstd.double()[:, None, None]
+        z = (xhat * w.double()[:, None, None] + b.double()[:, None, None]).requires_grad_()
+        act_fn = {"hard_swish": torch.nn.functional.hardswish, "silu": torch.nn.functional.silu}.get(act, lambda t: t)
+        (dz,) = torch.autograd.grad(act_fn(z), z, gd)
+        dims = (0, 2, 3)
+        for got_k, want_k, term in ((got[2], dz.sum(dims), dz), (got[1], (dz * xhat).sum(dims), dz * xhat)):
+            # float32 opmath (float64 for double): each term's rounding and the sum's
+            # adds, |error| <= (M + 16) eps sum|term| for M terms a channel, generously
+            eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+            bound = (term[:, 0].numel() * 4 + 16) * eps * term.abs().sum(dims) + 1e-300
+            assert ((got_k.double() - want_k).abs() <= bound).all()
 
 
 def test_convert_fuses_acon_c_where_its_keys_stay():

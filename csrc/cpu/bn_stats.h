@@ -19,7 +19,7 @@ struct RunSumsLoop {
   static constexpr int kLanes = 16;
   using T = opmath_t<scalar_t>;
 
-  template <bool kVector>
+  template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, int64_t n, T shift, double* out) {
     T s1[kLanes] = {}, s2[kLanes] = {};
     const int64_t nv = n - n % kLanes;
@@ -49,7 +49,7 @@ template <typename scalar_t>
 struct RunsSumsLoop {
   using T = opmath_t<scalar_t>;
 
-  template <bool kVector>
+  template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, int64_t inner, int64_t C, const T* shift, int64_t b,
                                          int64_t e, double* out) {
     for (int64_t r = b; r < e; ++r)
@@ -63,7 +63,7 @@ template <typename scalar_t>
 struct RowSumsLoop {
   using T = opmath_t<scalar_t>;
 
-  template <bool kVector>
+  template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, int64_t rows, int64_t C, const T* shift, T* s1, T* s2,
                                          double* out) {
     for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = T(0);

@@ -109,21 +109,22 @@ namespace {
 #define FUSEDACT_LAMBDA_INLINE __attribute__((always_inline))
 
 // Kernel::run<kVector> is always inlined into these, so its loops are compiled for each
-// target; nothing from ATen is inlined there. kVector says that the target has AVX2
+// target; nothing from ATen is inlined there. kVector is the target's vector width in
+// bytes (64 AVX-512, 32 AVX2, 0 baseline); nonzero, it says that the target has AVX2
 // (the streaming stores' intrinsics), which AVX-512 includes.
 #ifdef FUSEDACT_X86_PATHS
 template <typename Kernel, typename... Args>
 FUSEDACT_TARGET_AVX512 void run_avx512(Args... args) {
-  Kernel::template run<true>(args...);
+  Kernel::template run<64>(args...);
 }
 template <typename Kernel, typename... Args>
 FUSEDACT_TARGET_AVX2 void run_avx2(Args... args) {
-  Kernel::template run<true>(args...);
+  Kernel::template run<32>(args...);
 }
 #endif
 template <typename Kernel, typename... Args>
 void run_baseline(Args... args) {
-  Kernel::template run<false>(args...);
+  Kernel::template run<0>(args...);
 }
 template <typename Kernel, typename... Args>
 void run_chunk(Args... args) {

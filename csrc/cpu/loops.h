@@ -33,68 +33,113 @@ using math::kWrites;
 
 template <class Op, typename scalar_t>
 struct ForwardLoop {
-  template <bool kVector>
+  template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t n, Op op, bool stream) {
 #ifdef FUSEDACT_X86_PATHS
-    if constexpr (kF16c<kVector, scalar_t>) {  // x in blocks converted with F16C
+    if constexpr (kF16c<(kVector > 0), scalar_t>) {  // x in blocks converted with F16C
       constexpr int64_t kB = kBlockBytes / sizeof(scalar_t);
       alignas(64) float xb[kB];
       for (int64_t b = 0; b < n; b += kB) {
         const int64_t m = std::min(kB, n - b);
         halves_to_floats(x + b, xb, m);
-        store_all<kVector>(y + b, m, stream, [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return op.forward(xb[j]); });
+        store_all<(kVector > 0)>(y + b, m, stream, [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return op.forward(xb[j]); });
       }
       return;
     }
 #endif
-    store_all<kVector>(y, n, stream, [=](int64_t i) FUSEDACT_LAMBDA_INLINE { return op.forward(load(x, i)); });
+    store_all<(kVector > 0)>(y, n, stream, [=](int64_t i) FUSEDACT_LAMBDA_INLINE { return op.forward(load(x, i)); });
   }
 };
 
 template <class Op, typename scalar_t>
 struct BackwardLoop {
-  template <bool kVector>
+  template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op,
                                          bool stream) {
 #ifdef FUSEDACT_X86_PATHS
-    if constexpr (kF16c<kVector, scalar_t>) {  // g and x in blocks converted with F16C
+    if constexpr (kF16c<(kVector > 0), scalar_t>) {  // g and x in blocks converted with F16C
       constexpr int64_t kB = kBlockBytes / sizeof(scalar_t);
       alignas(64) float gb[kB], xb[kB];
       for (int64_t b = 0; b < n; b += kB) {
         const int64_t m = std::min(kB, n - b);
         halves_to_floats(g + b, gb, m);
         halves_to_floats(x + b, xb, m);
-        store_all<kVector>(dx + b, m, stream,
-                           [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return op.backward(gb[j], xb[j]); });
+        store_all<(kVector > 0)>(dx + b, m, stream,
+                                 [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return op.backward(gb[j], xb[j]); });
       }
       return;
     }
 #endif
-    store_all<kVector>(dx, n, stream,
-                       [=](int64_t i) FUSEDACT_LAMBDA_INLINE { return op.backward(load(g, i), load(x, i)); });
+    store_all<(kVector > 0)>(dx, n, stream,
+                             [=](int64_t i) FUSEDACT_LAMBDA_INLINE { return op.backward(load(g, i), load(x, i)); });
   }
 };
 
-// dx over a run with one set of parameters, and the run's sums of g * dy/dparam:
-// kLanes independent accumulators (vector lanes), added in a fixed order at the end.
+// Lanes (independent accumulators) of the backward sums: 32 for 16-bit data (below).
+template <typename scalar_t>
+constexpr int lanes_of = sizeof(scalar_t) == 2 ? 32 : 16;
+
+// kLanes partial sums (vector lanes) added in lane order: a run's or a block's total.
+template <typename T, int kLanes>
+FUSEDACT_ALWAYS_INLINE T fold_lanes(const T* lanes) {
+  T s = 0;
+  for (int l = 0; l < kLanes; ++l) s += lanes[l];
+  return s;
+}
+
+// dx over a run with one set of parameters, and the run's sums of g * dy/dparam in
+// kLanes independent accumulators (vector lanes): run_lanes() adds them lane by lane into
+// the caller's lanes[NP][kLanes] (a block of runs, folded once: on short runs, 7x7 or
+// 14x14, folding every run's 16 lanes took about a third of the backward); run() folds
+// one run's into one sum a parameter.
 // 32 lanes for 16-bit data: GCC picks one vector size for a loop, and 16 iterations of
 // 16-bit loads gave 256-bit vectors for the float math too (half of AVX-512's width).
 template <class Op, typename scalar_t>
 struct ReduceBackwardLoop {
   static constexpr int NP = Op::kParams;
-  static constexpr int kLanes = sizeof(scalar_t) == 2 ? 32 : 16;
+  static constexpr int kLanes = lanes_of<scalar_t>;
   using T = opmath_t<scalar_t>;
 
-  template <bool kVector>
+  template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op,
                                          T* sums) {
-    T acc[NP][kLanes] = {};
+    if constexpr (!kSums<Op>) {
+      run_lanes<kVector>(g, x, dx, n, op, static_cast<T(*)[kLanes]>(nullptr));  // sums may be null
+    } else {
+      T lanes[NP][kLanes] = {};
+      run_lanes<kVector>(g, x, dx, n, op, lanes);
+      for (int j = 0; j < NP; ++j) sums[j] = fold_lanes<T, kLanes>(lanes[j]);
+    }
+  }
+
+  template <int kVector>
+  static FUSEDACT_ALWAYS_INLINE void run_lanes(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op,
+                                               T (*lanes)[kLanes]) {
+    // The accumulators as GCC vectors of the target's width (kParts of them a parameter):
+    // values, so they stay in registers through the loop. As T[NP][kLanes] arrays GCC
+    // kept some of them on the stack (a load, add and store each iteration bounding the
+    // loop) once the lanes left it; vectors wider than the target's stay in memory.
+    // Baseline x86-64 keeps the arrays. An accumulator from +0 is never -0, so adding
+    // +0 to a lane leaves it as it was.
+    // Measurements: benchmarks/NOTES.md, "Lanes folded once a block".
+    constexpr int kBytes = kVector > 0 ? kVector : int(sizeof(T));
+    constexpr int kW = kBytes / int(sizeof(T)), kParts = kLanes / kW;  // lanes a vector, vectors a parameter
+    constexpr bool kVecAcc = kVector > 0 && kLanes % kW == 0;
+    constexpr int kNP = NP > 0 ? NP : 1;
+    typedef T V __attribute__((vector_size(kBytes)));
+    using int_t = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
+    typedef int_t VI __attribute__((vector_size(kBytes)));
+    VI lane_index;
+    for (int l = 0; l < kW; ++l) lane_index[l] = l;
+    V vacc[kVecAcc ? kNP : 1][kVecAcc ? kParts : 1] = {};
+    T acc[kVecAcc ? 1 : kNP][kVecAcc ? 1 : kLanes] = {};
     const int64_t nv = n - n % kLanes;
     // a float16/bfloat16 dx rounded in a second loop, as compute_block does (stores.h);
     // widening g and x in a loop of their own as well measured slower
     constexpr bool kStaged = kWrites<Op> && !std::is_same_v<scalar_t, T>;
     for (int64_t i = 0; i < nv; i += kLanes) {
       alignas(64) T vb[kLanes];
+      alignas(64) T db[kVecAcc ? kNP : 1][kLanes];
 #pragma omp simd
       for (int l = 0; l < kLanes; ++l) {
         T dp[NP];
@@ -104,24 +149,60 @@ struct ReduceBackwardLoop {
         } else if constexpr (kWrites<Op>) {
           store(dx, i + l, v);
         }
-        if constexpr (kSums<Op>) for_each_param<NP>([&](auto j) { acc[j][l] += dp[j]; });
+        if constexpr (kSums<Op> && kVecAcc) {
+          for_each_param<NP>([&](auto j) { db[j][l] = dp[j]; });
+        } else if constexpr (kSums<Op>) {
+          for_each_param<NP>([&](auto j) { acc[j][l] += dp[j]; });
+        }
       }
       if constexpr (kStaged) {
 #pragma omp simd
         for (int l = 0; l < kLanes; ++l) store(dx, i + l, vb[l]);
       }
+      if constexpr (kSums<Op> && kVecAcc) {
+        for_each_param<NP>([&](auto j) {
+          for_each_param<kParts>([&](auto q) {
+            V d;
+            __builtin_memcpy(&d, db[j] + q * kW, sizeof(V));
+            vacc[j][q] += d;
+          });
+        });
+      }
     }
-    for (int64_t i = nv; i < n; ++i) {
+    // the vectors into lanes: before the tail where it adds there, else after it
+    auto flush = [&]() FUSEDACT_LAMBDA_INLINE {
+      for_each_param<NP>([&](auto j) {
+        for_each_param<kParts>([&](auto q) {
+          V s;
+          __builtin_memcpy(&s, lanes[j] + q * kW, sizeof(V));
+          s += vacc[j][q];
+          __builtin_memcpy(lanes[j] + q * kW, &s, sizeof(V));
+        });
+      });
+    };
+    constexpr bool kTailInVector = kVecAcc && kParts == 1;
+    if constexpr (kSums<Op> && kVecAcc && !kTailInVector) flush();
+    for (int64_t i = nv; i < n; ++i) {  // the tail's terms into lanes 0 .. n - nv - 1
       T dp[NP];
       const T v = op.backward(load(g, i), load(x, i), dp);
       if constexpr (kWrites<Op>) store(dx, i, v);
-      if constexpr (kSums<Op>) for_each_param<NP>([&](auto j) { acc[j][i - nv] += dp[j]; });
+      if constexpr (kSums<Op> && kTailInVector) {
+        // into the vector's lane i - nv, +0 into the others, by compare and select: no
+        // trip through memory (a vector load after scalar stores waits for them)
+        const VI in_lane = lane_index == static_cast<int_t>(i - nv);
+        for_each_param<NP>([&](auto j) { vacc[j][0] += in_lane ? V{} + dp[j] : V{}; });
+      } else if constexpr (kSums<Op> && kVecAcc) {
+        // several vectors a parameter (16-bit data's 32 lanes; AVX2): up to 31 terms, a
+        // select each into every vector would cost more than the term
+        for_each_param<NP>([&](auto j) { lanes[j][i - nv] += dp[j]; });
+      } else if constexpr (kSums<Op>) {
+        for_each_param<NP>([&](auto j) { acc[j][i - nv] += dp[j]; });
+      }
     }
-    if constexpr (!kSums<Op>) return;  // sums may be null
-    for (int j = 0; j < NP; ++j) {
-      T s = 0;
-      for (int l = 0; l < kLanes; ++l) s += acc[j][l];
-      sums[j] = s;
+    if constexpr (kSums<Op> && kTailInVector) flush();
+    if constexpr (kSums<Op> && !kVecAcc) {
+      for (int j = 0; j < NP; ++j)
+        for (int l = 0; l < kLanes; ++l) lanes[j][l] += acc[j][l];
     }
   }
 };
@@ -131,7 +212,7 @@ struct ReduceBackwardLoop {
 // than its math. Row `row` is of channel row % C and sample row / (R C).
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct RunsForwardLoop {
-  template <bool kVector>
+  template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t inner, int64_t C, int64_t RC,
                                          ParamView<P, NP> pv, int64_t begin, int64_t end, bool stream) {
     using T = opmath_t<scalar_t>;
@@ -144,12 +225,13 @@ struct RunsForwardLoop {
   }
 };
 
-// The same rows backward; sums[(row - begin) * NP + j] gets the run's sum for parameter j.
-// g's rows of C runs are g_gap elements further apart than x's (ChannelGeometry::g_gap).
+// The same rows backward; sums[(row - begin) * NP + j] gets the run's sum for parameter j
+// (null for an op without sums). g's rows of C runs are g_gap elements further apart than
+// x's (ChannelGeometry::g_gap).
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct RunsBackwardLoop {
   using T = opmath_t<scalar_t>;
-  template <bool kVector>
+  template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t inner, int64_t C,
                                          int64_t RC, int64_t g_gap, ParamView<P, NP> pv, int64_t begin, int64_t end,
                                          T* sums) {
@@ -160,6 +242,59 @@ struct RunsBackwardLoop {
       ReduceBackwardLoop<OpT<T>, scalar_t>::template run<kVector>(g + off + row / C * g_gap, x + off, dx + off, inner,
                                                                   OpT<T>::from(v),
                                                                   kSums<OpT<T>> ? sums + (row - begin) * NP : sums);
+    }
+  }
+};
+
+// The runs of one channel (NCHW-like, at most kChannelGradElems elements a channel) in
+// blocks whose lanes are folded once: a group is
+// a sample's R runs where a parameter is per sample, else the channel's N R runs; it is
+// cut into blocks of at most B consecutive runs (B inner <= kSegment where inner allows).
+// The order of a channel's sums, the same in the runs path (channel_backward) and a
+// channel at a time (ChannelGradLoop): each run's terms go into its block's lanes (from
+// zero) through ReduceBackwardLoop::run_lanes, the blocks' lanes are added in order,
+// then folded (fold_lanes).
+struct RunBlocks {
+  int64_t G, B, per_group, per_channel;  // runs a group, runs a block, blocks a group, a channel
+
+  RunBlocks(const ChannelGeometry& geo, bool per_sample, int64_t segment) {
+    G = per_sample ? geo.R : geo.N * geo.R;
+    B = std::max<int64_t>(1, segment / std::max<int64_t>(1, geo.inner));
+    per_group = G > 0 ? (G + B - 1) / B : 0;
+    per_channel = G > 0 ? per_group * (geo.N * geo.R / G) : 0;
+  }
+  // runs [first, last) of the channel's N R, block k
+  FUSEDACT_ALWAYS_INLINE void runs(int64_t k, int64_t& first, int64_t& last) const {
+    const int64_t group = k / per_group, start = group * G + k % per_group * B;
+    first = start;
+    last = std::min(group * G + G, start + B);
+  }
+};
+
+// Blocks [begin, end) of the [C][RunBlocks::per_channel] order, each whole: dx over its
+// runs and its lanes into partial[(t * NP + j) * kLanes + l] for block t.
+template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+struct BlocksBackwardLoop {
+  using T = opmath_t<scalar_t>;
+  static constexpr int kLanes = lanes_of<scalar_t>;
+  template <int kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, ChannelGeometry geo,
+                                         RunBlocks rb, ParamView<P, NP> pv, int64_t begin, int64_t end, T* partial) {
+    const int64_t C = geo.C, inner = geo.inner;
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t c = t / rb.per_channel;
+      T(*lanes)[kLanes] = reinterpret_cast<T(*)[kLanes]>(partial + t * NP * kLanes);
+      for (int j = 0; j < NP; ++j)
+        for (int l = 0; l < kLanes; ++l) lanes[j][l] = T(0);
+      int64_t first, last;
+      rb.runs(t % rb.per_channel, first, last);
+      for (int64_t nr = first; nr < last; ++nr) {
+        T v[NP];
+        pv.load(nr / geo.R, c, v);
+        const int64_t off = (nr * C + c) * inner;
+        ReduceBackwardLoop<OpT<T>, scalar_t>::template run_lanes<kVector>(g + off + nr * geo.g_gap, x + off, dx + off,
+                                                                          inner, OpT<T>::from(v), lanes);
+      }
     }
   }
 };
@@ -190,7 +325,7 @@ FUSEDACT_ALWAYS_INLINE OpT<T> op_at(const RowParams<P, NP>& rp, int64_t c) {
 
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct ChannelsForwardLoop {
-  template <bool kVector>
+  template <int kVector>
   // Rows [begin, end) of C elements; row r is of sample r / R.
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t C, ParamView<P, NP> pv, int64_t R,
                                          int64_t begin, int64_t end) {
@@ -198,8 +333,9 @@ struct ChannelsForwardLoop {
     for (int64_t row = begin; row < end; ++row) {
       const RowParams<P, NP> rp = row_params(pv, row / R);
       const scalar_t* xr = x + row * C;
-      store_all<kVector>(y + row * C, C, false,
-                         [&](int64_t c) FUSEDACT_LAMBDA_INLINE { return op_at<OpT, T>(rp, c).forward(load(xr, c)); });
+      store_all<(kVector > 0)>(y + row * C, C, false, [&](int64_t c) FUSEDACT_LAMBDA_INLINE {
+        return op_at<OpT, T>(rp, c).forward(load(xr, c));
+      });
     }
   }
 };
@@ -208,7 +344,7 @@ struct ChannelsForwardLoop {
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct ChannelsBackwardLoop {
   using T = opmath_t<scalar_t>;
-  template <bool kVector>
+  template <int kVector>
   // `rows` consecutive rows of C elements, all of sample n; g's rows g_row apart.
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t C, int64_t g_row,
                                          ParamView<P, NP> pv, int64_t n, int64_t rows, T* acc) {
@@ -223,7 +359,7 @@ struct ChannelsBackwardLoop {
         return v;
       };
       if constexpr (kWrites<OpT<T>>) {
-        store_all<kVector>(dx + r * C, C, false, element);
+        store_all<(kVector > 0)>(dx + r * C, C, false, element);
       } else {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) element(c);
@@ -239,7 +375,7 @@ struct ChannelsBackwardLoop {
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct ChannelTrainForwardLoop {
   using T = opmath_t<scalar_t>;
-  template <bool kVector>
+  template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, ChannelGeometry geo, ParamView<P, NP> pv,
                                          BnTrainChannels<P> out, int64_t b, int64_t e, bool stream) {
     const int64_t C = geo.C, inner = geo.inner, NR = geo.N * geo.R, M = NR * inner;
@@ -272,35 +408,40 @@ struct ChannelTrainForwardLoop {
 };
 
 // batch_norm_act's backward for channels [b, e), each whole (CpuBackend::channel_grad):
-// OpT's sums over the channel's N R runs of `inner` elements, dz into the scratch `dz`,
-// then dx's coefficients and dx = BnDx(dz, x). One call a task: with short maps a call
-// per run cost more than its math.
+// OpT's sums over the channel's N R runs of `inner` elements in RunBlocks' order (that of
+// channel_backward's runs path), dz into the scratch `dz`, then dx's coefficients and
+// dx = BnDx(dz, x). One call a task: with short maps a call per run cost more than its math.
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct ChannelGradLoop {
   using T = opmath_t<scalar_t>;
-  template <bool kVector>
+  static constexpr int kLanes = lanes_of<scalar_t>;
+  template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, ChannelGeometry geo,
-                                         ParamView<P, NP> pv, const P* invstd, bool training, int64_t b, int64_t e,
-                                         scalar_t* dz, P* sums) {
+                                         RunBlocks rb, ParamView<P, NP> pv, const P* invstd, bool training, int64_t b,
+                                         int64_t e, scalar_t* dz, P* sums) {
     const int64_t C = geo.C, inner = geo.inner, NR = geo.N * geo.R, g_gap = geo.g_gap;
     const T M = static_cast<T>(NR * inner);
     for (int64_t c = b; c < e; ++c) {
       T v[NP];
       pv.load(0, c, v);
       const OpT<T> op = OpT<T>::from(v);
-      // the order of channel_backward's finish: per sample, its R runs, then the total
-      T total[NP] = {};
-      for (int64_t n = 0; n < geo.N; ++n) {
-        T sample[NP] = {};
-        for (int64_t r = 0; r < geo.R; ++r) {
-          const int64_t nr = n * geo.R + r, off = (nr * C + c) * inner;
-          T run_sums[NP];
-          ReduceBackwardLoop<OpT<T>, scalar_t>::template run<kVector>(g + off + nr * g_gap, x + off, dz + nr * inner,
-                                                                      inner, op, run_sums);
-          for (int j = 0; j < NP; ++j) sample[j] += run_sums[j];
+      T lanes[NP][kLanes] = {};
+      for (int64_t k = 0; k < rb.per_channel; ++k) {
+        T block[NP][kLanes] = {};
+        int64_t first, last;
+        rb.runs(k, first, last);
+        for (int64_t nr = first; nr < last; ++nr) {
+          const int64_t off = (nr * C + c) * inner;
+          ReduceBackwardLoop<OpT<T>, scalar_t>::template run_lanes<kVector>(g + off + nr * g_gap, x + off,
+                                                                            dz + nr * inner, inner, op, block);
         }
-        for (int j = 0; j < NP; ++j) total[j] += sample[j];
+        for (int j = 0; j < NP; ++j) {
+#pragma omp simd
+          for (int l = 0; l < kLanes; ++l) lanes[j][l] += block[j][l];
+        }
       }
+      T total[NP];
+      for (int j = 0; j < NP; ++j) total[j] = fold_lanes<T, kLanes>(lanes[j]);
       T k2, cc;
       math::bn_dx_coefficients<T>(v[1], invstd[c], total[0], total[1], M, training, k2, cc);
       const math::BnDx<T> dx_op{v[1], k2, v[0], cc};
