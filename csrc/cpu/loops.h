@@ -247,9 +247,9 @@ struct RunsBackwardLoop {
 };
 
 // The runs of one channel (NCHW-like, at most kChannelGradElems elements a channel) in
-// blocks whose lanes are folded once: a group is
-// a sample's R runs where a parameter is per sample, else the channel's N R runs; it is
-// cut into blocks of at most B consecutive runs (B inner <= kSegment where inner allows).
+// blocks whose lanes are folded once: a group is a sample's R runs where a parameter is
+// per sample, else the channel's N R runs; it is cut into blocks of at most B
+// consecutive runs (B inner <= kSegment where inner allows).
 // The order of a channel's sums, the same in the runs path (channel_backward) and a
 // channel at a time (ChannelGradLoop): each run's terms go into its block's lanes (from
 // zero) through ReduceBackwardLoop::run_lanes, the blocks' lanes are added in order,
