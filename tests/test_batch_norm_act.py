@@ -803,6 +803,38 @@ def test_blocks_of_runs_sum_alike_on_every_cpu_isa(dtype, act, cpu_isa):
             assert ((got_k.double() - want_k).abs() <= bound).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_statistics_blocks_alike_on_every_cpu_isa(dtype, cpu_isa):
+    """The batch statistics sum a short channel's runs by blocks whose lanes fold into
+    double once (bn_stats.h, kStatsSegment), a longer channel's a run at a time: on each
+    instruction set bn_act_train (a channel at a time where it applies) gives bitwise
+    bn_batch_stats then bn_act_apply, and the mean and biased variance of x far from zero
+    match float64 within float32's summation bound (test_moment_stats_match_float64's)."""
+    ops = torch.ops.fusedact
+    # 8 blocks of 83 runs of 49 (3 vectors and a tail); runs of 13 (a tail alone); 40960
+    # elements a channel (past kChannelGradElems: a run at a time)
+    for shape in ((600, 4, 7, 7), (40, 4, 13, 1), (2, 4, 128, 160)):
+        torch.manual_seed(2)
+        x = (torch.randn(shape, dtype=torch.float64) * 3 + 300).to(dtype)
+        pt = torch.float64 if dtype == torch.float64 else torch.float32
+        w, b = torch.rand(4, dtype=pt) + 0.5, torch.randn(4, dtype=pt)
+        y, mean, invstd = ops.bn_act_train(x, None, None, w, b, [], "hard_swish", 0.1, 1e-5)
+        mean2, invstd2 = ops.bn_batch_stats(x, None, None, True, 0.1, 1e-5)
+        assert torch.equal(mean, mean2) and torch.equal(invstd, invstd2), shape
+        assert torch.equal(y, ops.bn_act_apply(x, mean2, invstd2, w, b, [], "hard_swish")), shape
+        m, var = ops.bn_stats(x)
+        assert torch.equal(m, mean)
+        x64, dims = x.double(), (0, 2, 3)
+        m64, v64 = x64.mean(dims), x64.var(dims, unbiased=False)
+        M = x.numel() // 4
+        ulp = torch.finfo(pt).eps
+        # opmath terms and lanes of at most kStatsSegment / 16 terms, blocks added in
+        # double: within the sqrt(M) ulp bound of a blocked opmath sum, relative to the
+        # sum of |x| (the mean) and of the squared deviations (the variance)
+        assert ((m.double() - m64).abs() <= 4 * M**0.5 * ulp * x64.abs().mean(dims)).all(), shape
+        assert ((var.double() - v64).abs() <= 8 * M**0.5 * ulp * v64).all(), shape
+
+
 def test_convert_fuses_acon_c_where_its_keys_stay():
     """ACON-C's parameters fuse where they keep their state_dict keys: ultralytics' Conv
     (act stays Conv's child; bn only uses it) and timm's BatchNormAct2d (act.* there and
@@ -986,6 +1018,8 @@ TRAIN_GEOMETRIES = {
     "one-sample-long-run": ((1, 3, 20000), torch.contiguous_format),
     "long-nchw": ((4, 6, 96, 96), torch.contiguous_format),
     "channels_last": ((4, 6, 5, 7), torch.channels_last),
+    # 600 runs of 49 a channel in 8 blocks of 83 runs (bn_stats.h, kStatsSegment)
+    "blocks-nchw": ((600, 6, 7, 7), torch.contiguous_format),
 }
 
 

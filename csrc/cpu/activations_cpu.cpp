@@ -176,7 +176,7 @@ struct CpuBackend {
           T lanes[kLanes] = {};
           for (int64_t k = 0; k < rb.per_channel; ++k) {
             const T* block = &partial[((c * rb.per_channel + k) * NP + j) * kLanes];
-            for (int l = 0; l < kLanes; ++l) lanes[l] += block[l];
+            add_lanes<T, kLanes>(lanes, block);
             if (per_sample && (k + 1) % rb.per_group == 0) {  // a group is a sample here
               outp[j][k / rb.per_group * C + c] = fold_lanes<T, kLanes>(lanes);
               for (int l = 0; l < kLanes; ++l) lanes[l] = T(0);
@@ -317,29 +317,46 @@ struct CpuBackend {
     if (!short_channels(geo, pv)) return false;
     const int64_t per_channel = geo.N * geo.R * geo.inner;
     const bool stream = stream_forward_output(y, per_channel * geo.C);
+    const RunBlocks rb(geo, false, kStatsSegment);  // channel_sums' order
     at::parallel_for(0, geo.C, std::max<int64_t>(1, kGrain / per_channel), [&](int64_t b, int64_t e) {
-      run_chunk<ChannelTrainForwardLoop<OpT, scalar_t, P, NP>>(x, y, geo, pv, out, b, e, stream);
+      run_chunk<ChannelTrainForwardLoop<OpT, scalar_t, P, NP>>(x, y, geo, rb, pv, out, b, e, stream);
     });
     return true;
   }
 
   // batch_norm_act's statistics: (sums of x - shift, sums of its squares) per channel,
-  // in double, over the [N][R][C][inner] geometry (N = 1). Blocks are fixed (a run of
-  // one channel, or kRowBlock rows of C channels) and their partials added in order.
+  // in double, over the [N][R][C][inner] geometry. Blocks are fixed and their sums added
+  // in order: a short channel's runs (NCHW-like, at most kChannelGradElems elements a
+  // channel) in blocks of RunBlocks (channel_train_forward's order), a longer channel's
+  // a run each in memory order, or kRowBlock rows of C channels (channels_last).
   template <typename scalar_t>
   static void channel_sums(const scalar_t* x, const ChannelGeometry& geo, const opmath_t<scalar_t>* shift, double* s1,
                            double* s2) {
     using T = opmath_t<scalar_t>;
     const int64_t C = geo.C, R = geo.N * geo.R;
     constexpr int64_t kRowBlock = 64;
-    // partial[(k * C + c) * 2 + {0, 1}]: block k's sums of channel c
-    const int64_t blocks = geo.inner > 1 ? R : ceil_div(R, kRowBlock);
-    std::vector<double> partial(blocks * C * 2, 0.0);
-    if (geo.inner > 1) {  // runs: block r holds run (r, c) of `inner` elements for every c
+    // partial[(k * C + c) * 2 + {0, 1}] (or [(c * blocks + k) * 2 + ...] by_channel):
+    // block k's sums of channel c
+    int64_t blocks;
+    bool by_channel = false;
+    std::vector<double> partial;
+    if (geo.inner > 1 && R * geo.inner <= kChannelGradElems) {
+      const RunBlocks rb(geo, false, kStatsSegment);
+      blocks = rb.per_channel;
+      by_channel = true;
+      partial.assign(blocks * C * 2, 0.0);
+      at::parallel_for(0, C * blocks, std::max<int64_t>(1, kGrain / (rb.B * geo.inner)), [&](int64_t b, int64_t e) {
+        run_chunk<BlocksSumsLoop<scalar_t>>(x, geo, rb, shift, b, e, partial.data());
+      });
+    } else if (geo.inner > 1) {  // runs: block r holds run (r, c) of `inner` elements for every c
+      blocks = R;
+      partial.assign(blocks * C * 2, 0.0);
       at::parallel_for(0, R * C, std::max<int64_t>(1, kGrain / geo.inner), [&](int64_t b, int64_t e) {
         run_chunk<RunsSumsLoop<scalar_t>>(x, geo.inner, C, shift, b, e, partial.data());
       });
     } else {  // rows of C channels, kRowBlock rows a block
+      blocks = ceil_div(R, kRowBlock);
+      partial.assign(blocks * C * 2, 0.0);
       at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / (kRowBlock * C)), [&](int64_t b, int64_t e) {
         std::vector<T> a(C), q(C);
         for (int64_t k = b; k < e; ++k)
@@ -349,7 +366,10 @@ struct CpuBackend {
     }
     for (int64_t c = 0; c < C; ++c) {
       double a = 0, q = 0;
-      for (int64_t k = 0; k < blocks; ++k) a += partial[(k * C + c) * 2], q += partial[(k * C + c) * 2 + 1];
+      for (int64_t k = 0; k < blocks; ++k) {
+        const double* p = &partial[(by_channel ? c * blocks + k : k * C + c) * 2];
+        a += p[0], q += p[1];
+      }
       s1[c] = a, s2[c] = q;
     }
   }

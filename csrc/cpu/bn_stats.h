@@ -1,50 +1,75 @@
-// batch_norm_act's statistics: per-channel sums of (x - shift) and of its squares, read
-// only. Two passes make a stable variance (shift 0 for the mean, then the mean): each
-// fixed block of the tensor sums in opmath with kLanes accumulators, and the blocks'
-// partials add up in double in a fixed order, so the result does not depend on the
-// thread count. Included by activations_cpu.cpp alone (run_chunk's target copies).
+// batch_norm_act's statistics: per-channel sums of d = x - shift and of d^2, read only.
+// Two passes make a stable variance (shift 0 for the mean, then the mean): each fixed
+// block of a channel's runs sums in opmath lanes, folded into double in lane order, and
+// the blocks' sums add up in double in a fixed order, so the result does not depend on
+// the thread count. Included by activations_cpu.cpp alone (run_chunk's target copies).
 #pragma once
 
 #include <cstdint>
 
 #include "half_convert.h"
 #include "isa.h"
+#include "loops.h"
 
 namespace fusedact {
 namespace {
 
-// Sums of d = x[i] - shift and d^2 over a run of n elements of one channel.
+// Elements a block of a short channel's runs (RunBlocks) sums before its lanes fold into
+// double: at most 256 terms a float lane (as a 64x64 map's run had with a fold a run).
+constexpr int64_t kStatsSegment = 4096;
+
+// Sums of d and d^2 over `runs` runs of n elements of one channel, `stride` elements
+// apart: the terms go into lanes from zero (ReduceBackwardLoop::run_lanes with
+// math::BnMoments, the backward's vector accumulators), the lanes fold into double in
+// lane order, and out[0], out[1] += the two. On 7x7 maps a fold a run took more time than
+// the run's sums.
 template <typename scalar_t>
-struct RunSumsLoop {
-  static constexpr int kLanes = 16;
+struct MomentsLoop {
   using T = opmath_t<scalar_t>;
+  static constexpr int kLanes = lanes_of<scalar_t>;
 
   template <int kVector>
-  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, int64_t n, T shift, double* out) {
-    T s1[kLanes] = {}, s2[kLanes] = {};
-    const int64_t nv = n - n % kLanes;
-    for (int64_t i = 0; i < nv; i += kLanes) {
-#pragma omp simd
-      for (int l = 0; l < kLanes; ++l) {
-        const T d = load(x, i + l) - shift;
-        s1[l] += d;
-        s2[l] += d * d;
-      }
-    }
-    for (int64_t i = nv; i < n; ++i) {
-      const T d = load(x, i) - shift;
-      s1[i - nv] += d;
-      s2[i - nv] += d * d;
-    }
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, int64_t stride, int64_t runs, int64_t n, T shift,
+                                         double* out) {
+    using Op = math::BnMoments<T>;
+    T lanes[Op::kParams][kLanes] = {};
+    for (int64_t r = 0; r < runs; ++r)
+      ReduceBackwardLoop<Op, scalar_t>::template run_lanes<kVector>(x + r * stride, x + r * stride, nullptr, n,
+                                                                    Op{shift, T(0)}, lanes);
     double a = 0, b = 0;
-    for (int l = 0; l < kLanes; ++l) a += s1[l], b += s2[l];
+    for (int l = 0; l < kLanes; ++l) a += lanes[0][l], b += lanes[1][l];
     out[0] += a;
     out[1] += b;
   }
+
+  // block k of channel c's runs (RunBlocks over the [N R][C][inner] runs)
+  template <int kVector>
+  static FUSEDACT_ALWAYS_INLINE void block(const scalar_t* x, const ChannelGeometry& geo, const RunBlocks& rb,
+                                           int64_t c, int64_t k, T shift, double* out) {
+    int64_t first, last;
+    rb.runs(k, first, last);
+    run<kVector>(x + (first * geo.C + c) * geo.inner, geo.C * geo.inner, last - first, geo.inner, shift, out);
+  }
 };
 
-// Runs [b, e) of `inner` elements, run r of channel r % C: one call a task (a call per
-// short run cost more than its sums). out[2 r], out[2 r + 1] += run r's sums.
+// Blocks [b, e) of the [C][RunBlocks::per_channel] order of short channels: block t's
+// sums into out[2 t], out[2 t + 1]. One call a task.
+template <typename scalar_t>
+struct BlocksSumsLoop {
+  using T = opmath_t<scalar_t>;
+
+  template <int kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, ChannelGeometry geo, RunBlocks rb, const T* shift,
+                                         int64_t b, int64_t e, double* out) {
+    for (int64_t t = b; t < e; ++t) {
+      const int64_t c = t / rb.per_channel;
+      MomentsLoop<scalar_t>::template block<kVector>(x, geo, rb, c, t % rb.per_channel, shift[c], out + 2 * t);
+    }
+  }
+};
+
+// Runs [b, e) of `inner` elements, run r of channel r % C, in memory order (a longer
+// channel's): out[2 r], out[2 r + 1] += run r's sums. One call a task.
 template <typename scalar_t>
 struct RunsSumsLoop {
   using T = opmath_t<scalar_t>;
@@ -53,7 +78,7 @@ struct RunsSumsLoop {
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, int64_t inner, int64_t C, const T* shift, int64_t b,
                                          int64_t e, double* out) {
     for (int64_t r = b; r < e; ++r)
-      RunSumsLoop<scalar_t>::template run<kVector>(x + r * inner, inner, shift[r % C], out + 2 * r);
+      MomentsLoop<scalar_t>::template run<kVector>(x + r * inner, 0, 1, inner, shift[r % C], out + 2 * r);
   }
 };
 
@@ -79,6 +104,49 @@ struct RowSumsLoop {
     for (int64_t c = 0; c < C; ++c) {
       out[2 * c] += s1[c];
       out[2 * c + 1] += s2[c];
+    }
+  }
+};
+
+// batch_norm_act's training forward for channels [b, e), each whole
+// (CpuBackend::channel_train_forward): the channel's two sums passes in bn_stats' order
+// (channel_sums' blocks, BlocksSumsLoop) and its arithmetic, the affine, then y over its
+// runs (channel_forward's loop): the channel's x comes from memory once.
+template <template <typename> class OpT, typename scalar_t, typename P, int NP>
+struct ChannelTrainForwardLoop {
+  using T = opmath_t<scalar_t>;
+  template <int kVector>
+  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, ChannelGeometry geo, RunBlocks rb,
+                                         ParamView<P, NP> pv, BnTrainChannels<P> out, int64_t b, int64_t e,
+                                         bool stream) {
+    const int64_t C = geo.C, inner = geo.inner, NR = geo.N * geo.R, M = NR * inner;
+    for (int64_t c = b; c < e; ++c) {
+      double s[2];
+      auto sums = [&](T shift) FUSEDACT_LAMBDA_INLINE {
+        s[0] = s[1] = 0;  // the blocks' sums added in order, as channel_sums adds them
+        for (int64_t k = 0; k < rb.per_channel; ++k) {
+          double block[2] = {0, 0};
+          MomentsLoop<scalar_t>::template block<kVector>(x, geo, rb, c, k, shift, block);
+          s[0] += block[0], s[1] += block[1];
+        }
+      };
+      // the first pass's shift 0 through a volatile: as a constant GCC made d = x a copy
+      // through the stack and the sums waited on it (AVX2: the pass 2-3.5x slower)
+      volatile T zero = 0;
+      sums(zero);
+      const T shift = bn_shift<T>(s[0], M);
+      sums(shift);
+      bn_channel_stats<T>(shift, s[0], s[1], M, out.mean[c], out.var[c]);
+      const T inv = out.invstd[c] = bn_invstd<T>(out.var[c], out.eps);
+      out.a[c] = out.weight ? out.weight[c] * inv : inv;
+      out.b[c] = out.bias ? out.bias[c] : T(0);
+      T v[NP];
+      pv.load(0, c, v);  // mean, a, b just written, then the activation's
+      const OpT<T> op = OpT<T>::from(v);
+      for (int64_t nr = 0; nr < NR; ++nr) {
+        const int64_t off = (nr * C + c) * inner;
+        ForwardLoop<OpT<T>, scalar_t>::template run<kVector>(x + off, y + off, inner, op, stream);
+      }
     }
   }
 };

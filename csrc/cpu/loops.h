@@ -10,7 +10,6 @@
 
 #include "../channel_layout.h"
 #include "../ops_impl.h"
-#include "bn_stats.h"
 #include "half_convert.h"
 #include "isa.h"
 #include "stores.h"
@@ -87,6 +86,13 @@ FUSEDACT_ALWAYS_INLINE T fold_lanes(const T* lanes) {
   return s;
 }
 
+// to[l] += from[l], lane by lane: a block's lanes into a channel's (or a sample's).
+template <typename T, int kLanes>
+FUSEDACT_ALWAYS_INLINE void add_lanes(T* to, const T* from) {
+#pragma omp simd
+  for (int l = 0; l < kLanes; ++l) to[l] += from[l];
+}
+
 // dx over a run with one set of parameters, and the run's sums of g * dy/dparam in
 // kLanes independent accumulators (vector lanes): run_lanes() adds them lane by lane into
 // the caller's lanes[NP][kLanes] (a block of runs, folded once: on short runs, 7x7 or
@@ -121,7 +127,8 @@ struct ReduceBackwardLoop {
     // loop) once the lanes left it; vectors wider than the target's stay in memory.
     // Baseline x86-64 keeps the arrays. An accumulator from +0 is never -0, so adding
     // +0 to a lane leaves it as it was.
-    // Measurements: benchmarks/NOTES.md, "Lanes folded once a block".
+    // Measurements: benchmarks/NOTES.md, "Lanes folded once a block" and "The
+    // statistics in blocks too, and the tail in vectors".
     constexpr int kBytes = kVector > 0 ? kVector : int(sizeof(T));
     constexpr int kW = kBytes / int(sizeof(T)), kParts = kLanes / kW;  // lanes a vector, vectors a parameter
     constexpr bool kVecAcc = kVector > 0 && kLanes % kW == 0;
@@ -129,8 +136,6 @@ struct ReduceBackwardLoop {
     typedef T V __attribute__((vector_size(kBytes)));
     using int_t = std::conditional_t<sizeof(T) == 8, int64_t, int32_t>;
     typedef int_t VI __attribute__((vector_size(kBytes)));
-    VI lane_index;
-    for (int l = 0; l < kW; ++l) lane_index[l] = l;
     V vacc[kVecAcc ? kNP : 1][kVecAcc ? kParts : 1] = {};
     T acc[kVecAcc ? 1 : kNP][kVecAcc ? 1 : kLanes] = {};
     const int64_t nv = n - n % kLanes;
@@ -169,8 +174,59 @@ struct ReduceBackwardLoop {
         });
       }
     }
-    // the vectors into lanes: before the tail where it adds there, else after it
-    auto flush = [&]() FUSEDACT_LAMBDA_INLINE {
+    // The tail: its element m goes to lane m, as in the main loop. Where a parameter has
+    // several vectors (16-bit data's 32 lanes, AVX2), whole vectors of the tail first,
+    // each into its vector (scalar terms into the lanes in memory left a 7x7 map's
+    // bfloat16 run 17 of its 49 elements one at a time).
+    int64_t i = nv;
+    if constexpr (kSums<Op> && kVecAcc && kParts > 1) {
+      for_each_param<kParts - 1>([&](auto q) {
+        if (i + kW > n) return;
+        alignas(64) T vb[kW];
+        alignas(64) T db[kNP][kW];
+#pragma omp simd
+        for (int l = 0; l < kW; ++l) {
+          T dp[NP];
+          const T v = op.backward(load(g, i + l), load(x, i + l), dp);
+          if constexpr (kStaged) {
+            vb[l] = v;
+          } else if constexpr (kWrites<Op>) {
+            store(dx, i + l, v);
+          }
+          for_each_param<NP>([&](auto j) { db[j][l] = dp[j]; });
+        }
+        if constexpr (kStaged) {
+#pragma omp simd
+          for (int l = 0; l < kW; ++l) store(dx, i + l, vb[l]);
+        }
+        for_each_param<NP>([&](auto j) {
+          V d;
+          __builtin_memcpy(&d, db[j], sizeof(V));
+          vacc[j][q] += d;
+        });
+        i += kW;
+      });
+    }
+    // The rest, fewer than kW elements: each term into its vector's lane (i - nv) % kW, +0
+    // into the others, by compare and select: no trip through memory (a vector load
+    // after scalar stores waits for them).
+    const int part = static_cast<int>((i - nv) / kW);  // the rest's vector
+    VI lane_index;
+    for (int l = 0; l < kW; ++l) lane_index[l] = l;
+    for (; i < n; ++i) {
+      T dp[NP];
+      const T v = op.backward(load(g, i), load(x, i), dp);
+      if constexpr (kWrites<Op>) store(dx, i, v);
+      if constexpr (kSums<Op> && kVecAcc) {
+        const VI in_lane = lane_index == static_cast<int_t>((i - nv) % kW);
+        for_each_param<kParts>([&](auto q) {
+          if (q == part) for_each_param<NP>([&](auto j) { vacc[j][q] += in_lane ? V{} + dp[j] : V{}; });
+        });
+      } else if constexpr (kSums<Op>) {
+        for_each_param<NP>([&](auto j) { acc[j][i - nv] += dp[j]; });
+      }
+    }
+    if constexpr (kSums<Op> && kVecAcc) {  // the vectors into the caller's lanes
       for_each_param<NP>([&](auto j) {
         for_each_param<kParts>([&](auto q) {
           V s;
@@ -179,30 +235,9 @@ struct ReduceBackwardLoop {
           __builtin_memcpy(lanes[j] + q * kW, &s, sizeof(V));
         });
       });
-    };
-    constexpr bool kTailInVector = kVecAcc && kParts == 1;
-    if constexpr (kSums<Op> && kVecAcc && !kTailInVector) flush();
-    for (int64_t i = nv; i < n; ++i) {  // the tail's terms into lanes 0 .. n - nv - 1
-      T dp[NP];
-      const T v = op.backward(load(g, i), load(x, i), dp);
-      if constexpr (kWrites<Op>) store(dx, i, v);
-      if constexpr (kSums<Op> && kTailInVector) {
-        // into the vector's lane i - nv, +0 into the others, by compare and select: no
-        // trip through memory (a vector load after scalar stores waits for them)
-        const VI in_lane = lane_index == static_cast<int_t>(i - nv);
-        for_each_param<NP>([&](auto j) { vacc[j][0] += in_lane ? V{} + dp[j] : V{}; });
-      } else if constexpr (kSums<Op> && kVecAcc) {
-        // several vectors a parameter (16-bit data's 32 lanes; AVX2): up to 31 terms, a
-        // select each into every vector would cost more than the term
-        for_each_param<NP>([&](auto j) { lanes[j][i - nv] += dp[j]; });
-      } else if constexpr (kSums<Op>) {
-        for_each_param<NP>([&](auto j) { acc[j][i - nv] += dp[j]; });
-      }
     }
-    if constexpr (kSums<Op> && kTailInVector) flush();
     if constexpr (kSums<Op> && !kVecAcc) {
-      for (int j = 0; j < NP; ++j)
-        for (int l = 0; l < kLanes; ++l) lanes[j][l] += acc[j][l];
+      for (int j = 0; j < NP; ++j) add_lanes<T, kLanes>(lanes[j], acc[j]);
     }
   }
 };
@@ -280,21 +315,35 @@ struct BlocksBackwardLoop {
   template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, ChannelGeometry geo,
                                          RunBlocks rb, ParamView<P, NP> pv, int64_t begin, int64_t end, T* partial) {
-    const int64_t C = geo.C, inner = geo.inner;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t c = t / rb.per_channel;
       T(*lanes)[kLanes] = reinterpret_cast<T(*)[kLanes]>(partial + t * NP * kLanes);
       for (int j = 0; j < NP; ++j)
         for (int l = 0; l < kLanes; ++l) lanes[j][l] = T(0);
-      int64_t first, last;
-      rb.runs(t % rb.per_channel, first, last);
-      for (int64_t nr = first; nr < last; ++nr) {
-        T v[NP];
-        pv.load(nr / geo.R, c, v);
-        const int64_t off = (nr * C + c) * inner;
-        ReduceBackwardLoop<OpT<T>, scalar_t>::template run_lanes<kVector>(g + off + nr * geo.g_gap, x + off, dx + off,
-                                                                          inner, OpT<T>::from(v), lanes);
-      }
+      block<kVector>(
+          g, x, geo, rb, c, t % rb.per_channel,
+          [&](int64_t nr) FUSEDACT_LAMBDA_INLINE {
+            T v[NP];
+            pv.load(nr / geo.R, c, v);
+            return OpT<T>::from(v);
+          },
+          [&](int64_t, int64_t off) FUSEDACT_LAMBDA_INLINE { return dx + off; }, lanes);
+    }
+  }
+
+  // Block k of channel c: run nr's (of the channel's N R) dx into out_of(nr, its offset
+  // in x) and its terms into lanes, with op_of(nr) its op. ChannelGradLoop's too: one
+  // order of the terms for both paths.
+  template <int kVector, class OpOf, class OutOf>
+  static FUSEDACT_ALWAYS_INLINE void block(const scalar_t* g, const scalar_t* x, const ChannelGeometry& geo,
+                                           const RunBlocks& rb, int64_t c, int64_t k, OpOf op_of, OutOf out_of,
+                                           T (*lanes)[kLanes]) {
+    int64_t first, last;
+    rb.runs(k, first, last);
+    for (int64_t nr = first; nr < last; ++nr) {
+      const int64_t off = (nr * geo.C + c) * geo.inner;
+      ReduceBackwardLoop<OpT<T>, scalar_t>::template run_lanes<kVector>(g + off + nr * geo.g_gap, x + off,
+                                                                        out_of(nr, off), geo.inner, op_of(nr), lanes);
     }
   }
 };
@@ -368,45 +417,6 @@ struct ChannelsBackwardLoop {
   }
 };
 
-// batch_norm_act's training forward for channels [b, e), each whole
-// (CpuBackend::channel_train_forward): the channel's two sums passes in bn_stats' order
-// (channel_sums, RunsSumsLoop) and its arithmetic, the affine, then y over its runs
-// (channel_forward's loop): the channel's x comes from memory once.
-template <template <typename> class OpT, typename scalar_t, typename P, int NP>
-struct ChannelTrainForwardLoop {
-  using T = opmath_t<scalar_t>;
-  template <int kVector>
-  static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, ChannelGeometry geo, ParamView<P, NP> pv,
-                                         BnTrainChannels<P> out, int64_t b, int64_t e, bool stream) {
-    const int64_t C = geo.C, inner = geo.inner, NR = geo.N * geo.R, M = NR * inner;
-    for (int64_t c = b; c < e; ++c) {
-      double s1 = 0, s2 = 0;
-      auto sums = [&](T shift) FUSEDACT_LAMBDA_INLINE {
-        s1 = s2 = 0;
-        for (int64_t nr = 0; nr < NR; ++nr) {
-          double run[2] = {0, 0};
-          RunSumsLoop<scalar_t>::template run<kVector>(x + (nr * C + c) * inner, inner, shift, run);
-          s1 += run[0], s2 += run[1];
-        }
-      };
-      sums(T(0));
-      const T shift = bn_shift<T>(s1, M);
-      sums(shift);
-      bn_channel_stats<T>(shift, s1, s2, M, out.mean[c], out.var[c]);
-      const T inv = out.invstd[c] = bn_invstd<T>(out.var[c], out.eps);
-      out.a[c] = out.weight ? out.weight[c] * inv : inv;
-      out.b[c] = out.bias ? out.bias[c] : T(0);
-      T v[NP];
-      pv.load(0, c, v);  // mean, a, b just written, then the activation's
-      const OpT<T> op = OpT<T>::from(v);
-      for (int64_t nr = 0; nr < NR; ++nr) {
-        const int64_t off = (nr * C + c) * inner;
-        ForwardLoop<OpT<T>, scalar_t>::template run<kVector>(x + off, y + off, inner, op, stream);
-      }
-    }
-  }
-};
-
 // batch_norm_act's backward for channels [b, e), each whole (CpuBackend::channel_grad):
 // OpT's sums over the channel's N R runs of `inner` elements in RunBlocks' order (that of
 // channel_backward's runs path), dz into the scratch `dz`, then dx's coefficients and
@@ -419,7 +429,7 @@ struct ChannelGradLoop {
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, ChannelGeometry geo,
                                          RunBlocks rb, ParamView<P, NP> pv, const P* invstd, bool training, int64_t b,
                                          int64_t e, scalar_t* dz, P* sums) {
-    const int64_t C = geo.C, inner = geo.inner, NR = geo.N * geo.R, g_gap = geo.g_gap;
+    const int64_t C = geo.C, inner = geo.inner, NR = geo.N * geo.R;
     const T M = static_cast<T>(NR * inner);
     for (int64_t c = b; c < e; ++c) {
       T v[NP];
@@ -428,17 +438,10 @@ struct ChannelGradLoop {
       T lanes[NP][kLanes] = {};
       for (int64_t k = 0; k < rb.per_channel; ++k) {
         T block[NP][kLanes] = {};
-        int64_t first, last;
-        rb.runs(k, first, last);
-        for (int64_t nr = first; nr < last; ++nr) {
-          const int64_t off = (nr * C + c) * inner;
-          ReduceBackwardLoop<OpT<T>, scalar_t>::template run_lanes<kVector>(g + off + nr * g_gap, x + off,
-                                                                            dz + nr * inner, inner, op, block);
-        }
-        for (int j = 0; j < NP; ++j) {
-#pragma omp simd
-          for (int l = 0; l < kLanes; ++l) lanes[j][l] += block[j][l];
-        }
+        BlocksBackwardLoop<OpT, scalar_t, P, NP>::template block<kVector>(
+            g, x, geo, rb, c, k, [&](int64_t) FUSEDACT_LAMBDA_INLINE { return op; },
+            [&](int64_t nr, int64_t) FUSEDACT_LAMBDA_INLINE { return dz + nr * inner; }, block);
+        for (int j = 0; j < NP; ++j) add_lanes<T, kLanes>(lanes[j], block[j]);
       }
       T total[NP];
       for (int j = 0; j < NP; ++j) total[j] = fold_lanes<T, kLanes>(lanes[j]);
