@@ -566,9 +566,8 @@ c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> bn_tra
     std::vector<at::Tensor> params{mean, a, b};
     params.insert(params.end(), act_params.begin(), act_params.end());
     const BnArgs args = bn_args(name, x, params, NP);
-    for (int j = 0; j < NP; ++j)
-      if (args.n_stride[j]) return;
-    if (args.x.numel() == 0) return;
+    const ParamView<P, NP> pv = bn_param_view<P, NP>(args);
+    if (args.x.numel() == 0 || !B::trains_by_channel(args.geo, pv)) return;  // before y
     const std::vector<P> w = weight.has_value() ? bn_host_values<P>(*weight) : std::vector<P>();
     const std::vector<P> bv = bias.has_value() ? bn_host_values<P>(*bias) : std::vector<P>();
     TORCH_CHECK(!weight.has_value() || int64_t(w.size()) == C, name, ": weight must have C = ", C, " elements");
@@ -582,9 +581,8 @@ c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> bn_tra
                                       w.empty() ? nullptr : w.data(),
                                       bv.empty() ? nullptr : bv.data(),
                                       eps};
-    if (B::template channel_train_forward<OpT>(args.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), args.geo,
-                                               bn_param_view<P, NP>(args), channels))
-      out.emplace(y, mean, var, invstd);
+    B::template channel_train_forward<OpT>(args.x.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), args.geo, pv, channels);
+    out.emplace(y, mean, var, invstd);
   });
   return out;
 }
@@ -635,12 +633,13 @@ c10::optional<std::tuple<at::Tensor, std::vector<at::Tensor>>> bn_grad_by_channe
     using P = at::opmath_type<scalar_t>;
     constexpr int NP = OpT<P>::kParams;
     BnArgs a = bn_args(name, x, params, NP);
+    const ParamView<P, NP> pv = bn_param_view<P, NP>(a);
+    if (!B::grads_by_channel(a.geo, pv)) return;  // before grad's copy and dx
     const at::Tensor g = grad_walked<B>(grad, a.x, a.geo);
     at::Tensor dx = at::empty_like(a.x);
     at::Tensor sums = at::empty({NP, a.geo.C}, a.x.options().dtype(c10::CppTypeToScalarType<P>::value));
-    if (!B::template channel_grad<OpT>(g.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), a.geo,
-                                       bn_param_view<P, NP>(a), invstd.data_ptr<P>(), training, sums.data_ptr<P>()))
-      return;
+    B::template channel_grad<OpT>(g.data_ptr<scalar_t>(), a.x.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), a.geo, pv,
+                                  invstd.data_ptr<P>(), training, sums.data_ptr<P>());
     std::vector<at::Tensor> list;
     for (int j = 0; j < NP; ++j) list.push_back(j < 3 ? sums[j] : sums[j].clone());  // outputs may not alias
     out.emplace(dx, std::move(list));

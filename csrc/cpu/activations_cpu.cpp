@@ -202,9 +202,7 @@ struct CpuBackend {
     // short runs of a small channel: blocks of runs, channel_grad's order; a larger
     // channel's runs go in memory order (channel-major blocks measured 0.79-0.95x at
     // (32, 64, 56, 56)), each run folded (a small share of a long run's work)
-    const int64_t per_channel = geo.N * geo.R * geo.inner;
-    if (!empty && geo.inner > 1 && geo.inner <= kSegment && per_channel <= kChannelGradElems)
-      return runs_backward<OpT>(g, x, dx, geo, pv, options);
+    if (short_runs(geo) && geo.inner <= kSegment) return runs_backward<OpT>(g, x, dx, geo, pv, options);
     // partial[((n * K + k) * C + c) * NP + j]: slot k of (sample n, channel c).
     int64_t K = 0;
     std::vector<T> partial;
@@ -281,47 +279,63 @@ struct CpuBackend {
   // Measurements: benchmarks/NOTES.md, "BatchNorm + activation", fourth pass.
   static constexpr int64_t kChannelGradElems = 32768;
 
-  // Whether a channel at a time applies (channel_grad, channel_train_forward): runs of
-  // one channel (inner > 1), at most kChannelGradElems elements a channel, none empty,
-  // every parameter per channel.
+  // Whether a channel's runs go in blocks (RunBlocks): runs of one channel (inner > 1),
+  // at most kChannelGradElems elements a channel, none empty. bn_stats (channel_sums) and
+  // the channel-at-a-time forward agree bitwise only because both ask this.
+  static bool short_runs(const ChannelGeometry& geo) {
+    const int64_t per_channel = geo.N * geo.R * geo.inner;
+    return geo.inner > 1 && per_channel > 0 && per_channel <= kChannelGradElems;
+  }
+
+  // Whether a channel at a time applies (channel_grad, channel_train_forward): short runs
+  // and every parameter per channel.
   template <typename P, int NP>
   static bool short_channels(const ChannelGeometry& geo, const ParamView<P, NP>& pv) {
-    const int64_t per_channel = geo.N * geo.R * geo.inner;
-    return geo.inner > 1 && per_channel <= kChannelGradElems && per_channel > 0 && !any_per_sample(pv);
+    return short_runs(geo) && !any_per_sample(pv);
+  }
+
+  // Whether channel_grad applies (asked before its outputs are allocated): short
+  // channels whose runs channel_backward sums whole (longer ones go in segments there:
+  // another order).
+  template <typename P, int NP>
+  static bool grads_by_channel(const ChannelGeometry& geo, const ParamView<P, NP>& pv) {
+    return short_channels(geo, pv) && geo.inner <= kSegment;
   }
 
   template <template <typename> class OpT, typename scalar_t, typename P, int NP>
-  static bool channel_grad(const scalar_t* g, const scalar_t* x, scalar_t* dx, const ChannelGeometry& geo,
+  static void channel_grad(const scalar_t* g, const scalar_t* x, scalar_t* dx, const ChannelGeometry& geo,
                            ParamView<P, NP> pv, const P* invstd, bool training, P* sums) {
     using T = opmath_t<scalar_t>;
     static_assert(std::is_same_v<T, P>, "batch_norm_act's parameters are opmath-typed");
-    const int64_t C = geo.C, NR = geo.N * geo.R, inner = geo.inner, per_channel = NR * inner;
-    // runs longer than kSegment sum in segments in channel_backward: another order
-    if (!short_channels(geo, pv) || inner > kSegment) return false;
+    TORCH_INTERNAL_ASSERT(grads_by_channel(geo, pv));
+    const int64_t per_channel = geo.N * geo.R * geo.inner;
     const int64_t grain = std::max<int64_t>(1, kGrain / per_channel);
     const RunBlocks rb(geo, false, kSegment);  // channel_backward's runs path's order
-    at::parallel_for(0, C, grain, [&](int64_t b, int64_t e) {
+    at::parallel_for(0, geo.C, grain, [&](int64_t b, int64_t e) {
       std::vector<scalar_t> dz(per_channel);
       run_chunk<ChannelGradLoop<OpT, scalar_t, P, NP>>(g, x, dx, geo, rb, pv, invstd, training, b, e, dz.data(), sums);
     });
-    return true;
   }
 
   // batch_norm_act's training forward a channel at a time where its backward goes so
   // (channel_grad's geometry): per channel the statistics' two passes, then y, the
   // channel's x read from memory once and twice from cache; bitwise bn_stats then
-  // channel_forward. False where it does not apply.
+  // channel_forward. Where trains_by_channel (asked before y is allocated).
+  template <typename P, int NP>
+  static bool trains_by_channel(const ChannelGeometry& geo, const ParamView<P, NP>& pv) {
+    return short_channels(geo, pv);
+  }
+
   template <template <typename> class OpT, typename scalar_t, typename P, int NP>
-  static bool channel_train_forward(const scalar_t* x, scalar_t* y, const ChannelGeometry& geo, ParamView<P, NP> pv,
+  static void channel_train_forward(const scalar_t* x, scalar_t* y, const ChannelGeometry& geo, ParamView<P, NP> pv,
                                     BnTrainChannels<P> out) {
-    if (!short_channels(geo, pv)) return false;
+    TORCH_INTERNAL_ASSERT(trains_by_channel(geo, pv));
     const int64_t per_channel = geo.N * geo.R * geo.inner;
     const bool stream = stream_forward_output(y, per_channel * geo.C);
     const RunBlocks rb(geo, false, kStatsSegment);  // channel_sums' order
     at::parallel_for(0, geo.C, std::max<int64_t>(1, kGrain / per_channel), [&](int64_t b, int64_t e) {
       run_chunk<ChannelTrainForwardLoop<OpT, scalar_t, P, NP>>(x, y, geo, rb, pv, out, b, e, stream);
     });
-    return true;
   }
 
   // batch_norm_act's statistics: (sums of x - shift, sums of its squares) per channel,
@@ -335,15 +349,13 @@ struct CpuBackend {
     using T = opmath_t<scalar_t>;
     const int64_t C = geo.C, R = geo.N * geo.R;
     constexpr int64_t kRowBlock = 64;
-    // partial[(k * C + c) * 2 + {0, 1}] (or [(c * blocks + k) * 2 + ...] by_channel):
-    // block k's sums of channel c
-    int64_t blocks;
-    bool by_channel = false;
+    // partial[(k * k_stride + c * c_stride) * 2 + {0, 1}]: block k's sums of channel c
+    int64_t blocks, k_stride = C, c_stride = 1;
     std::vector<double> partial;
-    if (geo.inner > 1 && R * geo.inner <= kChannelGradElems) {
+    if (short_runs(geo)) {
       const RunBlocks rb(geo, false, kStatsSegment);
       blocks = rb.per_channel;
-      by_channel = true;
+      k_stride = 1, c_stride = blocks;  // a channel's blocks side by side
       partial.assign(blocks * C * 2, 0.0);
       at::parallel_for(0, C * blocks, std::max<int64_t>(1, kGrain / (rb.B * geo.inner)), [&](int64_t b, int64_t e) {
         run_chunk<BlocksSumsLoop<scalar_t>>(x, geo, rb, shift, b, e, partial.data());
@@ -367,7 +379,7 @@ struct CpuBackend {
     for (int64_t c = 0; c < C; ++c) {
       double a = 0, q = 0;
       for (int64_t k = 0; k < blocks; ++k) {
-        const double* p = &partial[(by_channel ? c * blocks + k : k * C + c) * 2];
+        const double* p = &partial[(k * k_stride + c * c_stride) * 2];
         a += p[0], q += p[1];
       }
       s1[c] = a, s2[c] = q;

@@ -118,6 +118,33 @@ struct ReduceBackwardLoop {
     }
   }
 
+  // A float16/bfloat16 dx is rounded in a second loop, as compute_block does (stores.h);
+  // widening g and x in a loop of their own as well measured slower.
+  static constexpr bool kStaged = kWrites<Op> && !std::is_same_v<scalar_t, T>;
+
+  // kCount elements from i (run_lanes' main loop and its tail's whole vectors): dx
+  // written, the terms of the sums into db[j][l].
+  template <int kCount>
+  static FUSEDACT_ALWAYS_INLINE void step(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t i, Op op,
+                                          T (*db)[kCount]) {
+    alignas(64) T vb[kCount];
+#pragma omp simd
+    for (int l = 0; l < kCount; ++l) {
+      T dp[NP];
+      const T v = op.backward(load(g, i + l), load(x, i + l), dp);
+      if constexpr (kStaged) {
+        vb[l] = v;
+      } else if constexpr (kWrites<Op>) {
+        store(dx, i + l, v);
+      }
+      if constexpr (kSums<Op>) for_each_param<NP>([&](auto j) { db[j][l] = dp[j]; });
+    }
+    if constexpr (kStaged) {
+#pragma omp simd
+      for (int l = 0; l < kCount; ++l) store(dx, i + l, vb[l]);
+    }
+  }
+
   template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run_lanes(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op,
                                                T (*lanes)[kLanes]) {
@@ -139,31 +166,9 @@ struct ReduceBackwardLoop {
     V vacc[kVecAcc ? kNP : 1][kVecAcc ? kParts : 1] = {};
     T acc[kVecAcc ? 1 : kNP][kVecAcc ? 1 : kLanes] = {};
     const int64_t nv = n - n % kLanes;
-    // a float16/bfloat16 dx rounded in a second loop, as compute_block does (stores.h);
-    // widening g and x in a loop of their own as well measured slower
-    constexpr bool kStaged = kWrites<Op> && !std::is_same_v<scalar_t, T>;
     for (int64_t i = 0; i < nv; i += kLanes) {
-      alignas(64) T vb[kLanes];
-      alignas(64) T db[kVecAcc ? kNP : 1][kLanes];
-#pragma omp simd
-      for (int l = 0; l < kLanes; ++l) {
-        T dp[NP];
-        const T v = op.backward(load(g, i + l), load(x, i + l), dp);
-        if constexpr (kStaged) {
-          vb[l] = v;
-        } else if constexpr (kWrites<Op>) {
-          store(dx, i + l, v);
-        }
-        if constexpr (kSums<Op> && kVecAcc) {
-          for_each_param<NP>([&](auto j) { db[j][l] = dp[j]; });
-        } else if constexpr (kSums<Op>) {
-          for_each_param<NP>([&](auto j) { acc[j][l] += dp[j]; });
-        }
-      }
-      if constexpr (kStaged) {
-#pragma omp simd
-        for (int l = 0; l < kLanes; ++l) store(dx, i + l, vb[l]);
-      }
+      alignas(64) T db[kNP][kLanes];
+      step<kLanes>(g, x, dx, i, op, db);
       if constexpr (kSums<Op> && kVecAcc) {
         for_each_param<NP>([&](auto j) {
           for_each_param<kParts>([&](auto q) {
@@ -172,6 +177,8 @@ struct ReduceBackwardLoop {
             vacc[j][q] += d;
           });
         });
+      } else if constexpr (kSums<Op>) {
+        for (int j = 0; j < NP; ++j) add_lanes<T, kLanes>(acc[j], db[j]);
       }
     }
     // The tail: its element m goes to lane m, as in the main loop. Where a parameter has
@@ -182,23 +189,8 @@ struct ReduceBackwardLoop {
     if constexpr (kSums<Op> && kVecAcc && kParts > 1) {
       for_each_param<kParts - 1>([&](auto q) {
         if (i + kW > n) return;
-        alignas(64) T vb[kW];
         alignas(64) T db[kNP][kW];
-#pragma omp simd
-        for (int l = 0; l < kW; ++l) {
-          T dp[NP];
-          const T v = op.backward(load(g, i + l), load(x, i + l), dp);
-          if constexpr (kStaged) {
-            vb[l] = v;
-          } else if constexpr (kWrites<Op>) {
-            store(dx, i + l, v);
-          }
-          for_each_param<NP>([&](auto j) { db[j][l] = dp[j]; });
-        }
-        if constexpr (kStaged) {
-#pragma omp simd
-          for (int l = 0; l < kW; ++l) store(dx, i + l, vb[l]);
-        }
+        step<kW>(g, x, dx, i, op, db);
         for_each_param<NP>([&](auto j) {
           V d;
           __builtin_memcpy(&d, db[j], sizeof(V));
