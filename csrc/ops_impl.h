@@ -566,12 +566,17 @@ c10::optional<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>> bn_tra
     std::vector<at::Tensor> params{mean, a, b};
     params.insert(params.end(), act_params.begin(), act_params.end());
     const BnArgs args = bn_args(name, x, params, NP);
-    const ParamView<P, NP> pv = bn_param_view<P, NP>(args);
-    if (args.x.numel() == 0 || !B::trains_by_channel(args.geo, pv)) return;  // before y
+    for (int j = 0; j < NP; ++j)
+      if (args.n_stride[j]) return;
+    if (args.x.numel() == 0) return;
+    // weight and bias checked before any geometry falls back to bn_batch_stats, which
+    // updates the running statistics
     const std::vector<P> w = weight.has_value() ? bn_host_values<P>(*weight) : std::vector<P>();
     const std::vector<P> bv = bias.has_value() ? bn_host_values<P>(*bias) : std::vector<P>();
     TORCH_CHECK(!weight.has_value() || int64_t(w.size()) == C, name, ": weight must have C = ", C, " elements");
     TORCH_CHECK(!bias.has_value() || int64_t(bv.size()) == C, name, ": bias must have C = ", C, " elements");
+    const ParamView<P, NP> pv = bn_param_view<P, NP>(args);
+    if (!B::trains_by_channel(args.geo, pv)) return;  // before y is allocated
     at::Tensor y = at::empty_like(args.x);
     const BnTrainChannels<P> channels{mean.data_ptr<P>(),
                                       var.data_ptr<P>(),

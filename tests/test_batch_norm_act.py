@@ -1064,6 +1064,16 @@ def test_train_forward_in_one_call_checks_as_batch_stats():
         ops.bn_act_train(x, torch.zeros(6), None, None, None, [], "silu", 0.1, 1e-5)
     with pytest.raises(RuntimeError, match="weight must have C = 6"):
         ops.bn_act_train(x, None, None, torch.ones(5), None, [], "silu", 0.1, 1e-5)
+    # every geometry, the channel-at-a-time one and those that fall back to the statistics
+    # pass (channels_last; a channel over 32768 elements): checked before the running
+    # statistics change
+    long_runs = torch.randn(2, 6, 128, 130)
+    for xi in (x, x.contiguous(memory_format=torch.channels_last), long_runs):
+        rm, rv = torch.zeros(6), torch.ones(6)
+        for w, b, what in ((torch.ones(5), None, "weight"), (None, torch.zeros(7), "bias")):
+            with pytest.raises(RuntimeError, match=f"bn_act_train: {what} must have C = 6"):
+                ops.bn_act_train(xi, rm, rv, w, b, [], "silu", 0.1, 1e-5)
+        assert torch.equal(rm, torch.zeros(6)) and torch.equal(rv, torch.ones(6))
     with pytest.raises(RuntimeError, match="no elements per channel"):
         ops.bn_act_train(x[:0], None, None, None, None, [], "silu", 0.1, 1e-5)
 
