@@ -96,6 +96,13 @@ def parse_args(argv=None):
     )
     ap.add_argument("--block-acts", nargs="+", default=block.BLOCK_ACTS, choices=block.BLOCK_ACTS)
     ap.add_argument(
+        "--block-layouts",
+        nargs="+",
+        default=["contiguous"],
+        choices=["contiguous", "channels_last"],
+        help="the block's memory formats of x (NCHW, channels_last)",
+    )
+    ap.add_argument(
         "--block-providers", nargs="+", default=["eager", "compile", "fused"], choices=["eager", "compile", "fused"]
     )
     ap.add_argument(

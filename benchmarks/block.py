@@ -27,6 +27,7 @@ FIELDS = [
     "act",
     "dtype",
     "shape",
+    "layout",
     "provider",
     "p50_ms",
     "p20_ms",
@@ -80,6 +81,9 @@ def _step(block, x, g):
 
 
 def _check(name, block, x, g, ref):
+    """y and dx against float64: ours must hold the bound; PyTorch's own providers are
+    timed anyway and the excess printed (its channels_last BatchNorm in float32 sums in
+    float: y ~3e-6, and hard-Swish's dx 4e-4, where its z crosses +-3 on the wrong side)."""
     xs = x.detach().requires_grad_()
     y = block(xs)
     y.backward(g)
@@ -87,8 +91,11 @@ def _check(name, block, x, g, ref):
     bound = 1e-4 if x.dtype == torch.float32 else 3e-2
     for what, a, b in (("y", y, ref[0]), ("dx", dx, ref[1])):
         err = ((a.double() - b).norm() / b.norm()).item()
-        if not err <= bound:
+        if err <= bound:
+            continue
+        if name == "fused":
             raise AssertionError(f"{name} {what}: relative error {err:.3g} > {bound}")
+        print(f"note: {name} {what}: relative error {err:.3g} > {bound} (PyTorch's own)", flush=True)
 
 
 def run(args, meta, csv_path):
@@ -130,65 +137,68 @@ def _run(args, meta, f, writer):
     dtypes = args.dtypes or ["float32", "bfloat16"]
     shapes = args.shapes or BLOCK_SHAPES
     dev = args.device
-    for shape in shapes:
-        for dtype_name in dtypes:
-            dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-            for act in args.block_acts:
-                torch.manual_seed(0)
-                eager, fused = blocks(act, shape[1])
-                eager, fused = eager.to(dev), fused.to(dev)
-                if dev == "cuda":
-                    fused = _Passes(fused)
-                x = (torch.randn(shape) * 2 + 0.3).to(dtype).to(dev).requires_grad_()
-                g = torch.randn(shape).to(dtype).to(dev)
-                ref_block = copy.deepcopy(eager).double()
-                x64 = x.detach().double().requires_grad_()
-                y64 = ref_block(x64)
-                y64.backward(g.double())
-                ref = (y64.detach(), x64.grad)
-                providers = {"eager": eager, "fused": fused}
-                torch._dynamo.reset()  # each case compiles afresh: no recompile limit across cases
-                if "compile" in args.block_providers:
-                    providers["compile"] = torch.compile(copy.deepcopy(eager))
-                providers = {p: m for p, m in providers.items() if p in args.block_providers or p == "eager"}
-                for name, block in providers.items():
-                    _check(name, block, x, g, ref)
-                steps = {name: _step(block, x, g) for name, block in providers.items()}
-                if dev == "cuda":
-                    times = {name: bench_gpu(step, args.warmup_ms, args.rep_ms) for name, step in steps.items()}
-                    per_round = {name: [t[0]] for name, t in times.items()}
-                else:
-                    times, per_round = bench_cpu(steps, args.min_run_time, args.rounds)
-                params = [p for m in providers.values() for p in m.parameters()]
-                for name in providers:
-                    nbytes, _ = saved_bytes(steps[name], exclude=[x, *params])
-                    fwd_ms, fwd_pct = _forward_bound(name, providers[name], x.detach(), args)
-                    ratio, ratios = paired_speedup(per_round, "eager", name)
-                    row = dict(
-                        date=meta.get("date"),
-                        device=meta.get("device"),
-                        torch=meta.get("torch"),
-                        fusedact=meta.get("fusedact"),
-                        isa=meta.get("isa", ""),
-                        act=act,
-                        dtype=dtype_name,
-                        shape="x".join(map(str, shape)),
-                        provider=name,
-                        p50_ms=f"{times[name][0]:.3f}",
-                        p20_ms=f"{times[name][1]:.3f}",
-                        p80_ms=f"{times[name][2]:.3f}",
-                        speedup_vs_eager=f"{ratio:.3f}",
-                        round_ratios=" ".join(f"{r:.3f}" for r in ratios),
-                        saved_bytes=nbytes,
-                        threads=torch.get_num_threads(),
-                        fwd_ms=fwd_ms,
-                        fwd_pct_bound=fwd_pct,
-                    )
-                    writer.writerow(row)
-                    rows.append(row)
-                f.flush()
-                line = "  ".join(
-                    f"{p} {times[p][0]:.2f} ms ({paired_speedup(per_round, 'eager', p)[0]:.2f}x)" for p in providers
-                )
-                print(f"{act:<10} {dtype_name:<8} {'x'.join(map(str, shape)):<14} {line}", flush=True)
+    layouts = getattr(args, "block_layouts", None) or ["contiguous"]
+    cases = [(s, d, a, lay) for s in shapes for d in dtypes for a in args.block_acts for lay in layouts]
+    for shape, dtype_name, act, layout in cases:
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+        fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+        torch.manual_seed(0)
+        eager, fused = blocks(act, shape[1])
+        eager, fused = eager.to(dev), fused.to(dev)
+        if dev == "cuda":
+            fused = _Passes(fused)
+        x = (torch.randn(shape) * 2 + 0.3).to(dtype).to(dev).to(memory_format=fmt).requires_grad_()
+        g = torch.randn(shape).to(dtype).to(dev).to(memory_format=fmt)
+        ref_block = copy.deepcopy(eager).double()
+        x64 = x.detach().double().requires_grad_()
+        y64 = ref_block(x64)
+        y64.backward(g.double())
+        ref = (y64.detach(), x64.grad)
+        providers = {"eager": eager, "fused": fused}
+        torch._dynamo.reset()  # each case compiles afresh: no recompile limit across cases
+        if "compile" in args.block_providers:
+            providers["compile"] = torch.compile(copy.deepcopy(eager))
+        providers = {p: m for p, m in providers.items() if p in args.block_providers or p == "eager"}
+        for name, block in providers.items():
+            _check(name, block, x, g, ref)
+        steps = {name: _step(block, x, g) for name, block in providers.items()}
+        if dev == "cuda":
+            times = {name: bench_gpu(step, args.warmup_ms, args.rep_ms) for name, step in steps.items()}
+            per_round = {name: [t[0]] for name, t in times.items()}
+        else:
+            times, per_round = bench_cpu(steps, args.min_run_time, args.rounds)
+        params = [p for m in providers.values() for p in m.parameters()]
+        for name in providers:
+            nbytes, _ = saved_bytes(steps[name], exclude=[x, *params])
+            fwd_ms, fwd_pct = _forward_bound(name, providers[name], x.detach(), args)
+            ratio, ratios = paired_speedup(per_round, "eager", name)
+            row = dict(
+                date=meta.get("date"),
+                device=meta.get("device"),
+                torch=meta.get("torch"),
+                fusedact=meta.get("fusedact"),
+                isa=meta.get("isa", ""),
+                act=act,
+                dtype=dtype_name,
+                shape="x".join(map(str, shape)),
+                layout=layout,
+                provider=name,
+                p50_ms=f"{times[name][0]:.3f}",
+                p20_ms=f"{times[name][1]:.3f}",
+                p80_ms=f"{times[name][2]:.3f}",
+                speedup_vs_eager=f"{ratio:.3f}",
+                round_ratios=" ".join(f"{r:.3f}" for r in ratios),
+                saved_bytes=nbytes,
+                threads=torch.get_num_threads(),
+                fwd_ms=fwd_ms,
+                fwd_pct_bound=fwd_pct,
+            )
+            writer.writerow(row)
+            rows.append(row)
+        f.flush()
+        line = "  ".join(
+            f"{p} {times[p][0]:.2f} ms ({paired_speedup(per_round, 'eager', p)[0]:.2f}x)" for p in providers
+        )
+        shape_s = "x".join(map(str, shape)) + (" CL" if layout == "channels_last" else "")
+        print(f"{act:<10} {dtype_name:<8} {shape_s:<17} {line}", flush=True)
     return rows

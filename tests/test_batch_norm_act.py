@@ -835,6 +835,59 @@ def test_statistics_blocks_alike_on_every_cpu_isa(dtype, cpu_isa):
         assert ((var.double() - v64).abs() <= 8 * M**0.5 * ulp * v64).all(), shape
 
 
+@pytest.mark.parametrize("act_case", ACT_CASES, ids=[c[0] for c in ACT_CASES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_channels_last_chunks_equal_the_row_by_row_loop_on_every_cpu_isa(dtype, act_case, cpu_isa):
+    """channels_last rows go by chunks of channels held in registers (loops.h,
+    kChannelChunk: four vectors, 8 to 64 channels by instruction set and dtype): the
+    statistics where C is a multiple of a chunk, y and dx where a row is one chunk; else
+    channel by channel. Each channel's values and sums come out bitwise the same either
+    way: x of 128 channels against its channels in parts of 8 or 16 to 64 (each chunk
+    width of each instruction set is one part), through the statistics, the training
+    forward and the backward (one block of rows a sample, so every part splits the sums
+    alike), with per-sample parameters (Meta-ACON) too. Parts are whole vectors: ACON-C's
+    float32 forward at AVX-512 differs in the last bit between a vector and its tail
+    (benchmarks/NOTES.md, "channels_last statistics in registers")."""
+    ops = torch.ops.fusedact
+    _, act, make_params = act_case
+    torch.manual_seed(3)
+    C = 128
+    widths = [8, 8, 16, 32, 64] if dtype == torch.float64 else [16, 16, 32, 64]
+    shape = (3, C, 3, 5)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 0.5).to(dtype).to(memory_format=torch.channels_last)
+    g = torch.randn(shape, dtype=torch.float64).to(dtype).to(memory_format=torch.channels_last)
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    w, b = 1 + 0.3 * torch.randn(C, dtype=pd), 0.2 * torch.randn(C, dtype=pd)
+    ap = list(make_params(x, C, pd))
+    name = "silu" if act == "swish" and not ap else act
+    if act == "swish" and ap:  # the kernels' form of beta: a value a channel
+        ap = [torch.full((C,), float(ap[0]), dtype=pd)]
+
+    def run(lo, hi):
+        def cut(t):
+            return t[:, lo:hi] if t.dim() > 1 else t[lo:hi]
+
+        xs = x[:, lo:hi].contiguous(memory_format=torch.channels_last)
+        gs = g[:, lo:hi].contiguous(memory_format=torch.channels_last)
+        ps = [cut(p).contiguous() for p in ap]
+        rm, rv = torch.zeros(hi - lo, dtype=pd), torch.ones(hi - lo, dtype=pd)
+        y, mean, invstd = ops.bn_act_train(xs, rm, rv, w[lo:hi], b[lo:hi], ps, name, 0.1, 1e-5)
+        dx, dw, db, sums = ops.bn_act_grad(gs, xs, w[lo:hi], b[lo:hi], mean, invstd, True, ps, name)
+        return [y, mean, invstd, rm, rv, dx, dw, db, *sums]
+
+    whole = run(0, C)
+    bounds = [sum(widths[:i]) for i in range(len(widths) + 1)]
+    parts = [run(lo, hi) for lo, hi in zip(bounds, bounds[1:])]
+    for k, t in enumerate(whole):
+        if t.dim() == 4:  # y, dx: channels in dim 1
+            want = torch.cat([p[k] for p in parts], 1)
+        elif t.numel() == 3 * C:  # a per-sample parameter's sums, (N, C) flat
+            want = torch.cat([p[k].reshape(3, -1) for p in parts], 1).reshape(-1)
+        else:
+            want = torch.cat([p[k] for p in parts])
+        assert torch.equal(t.contiguous(), want.contiguous()), k
+
+
 def test_convert_fuses_acon_c_where_its_keys_stay():
     """ACON-C's parameters fuse where they keep their state_dict keys: ultralytics' Conv
     (act stays Conv's child; bn only uses it) and timm's BatchNormAct2d (act.* there and

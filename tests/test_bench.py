@@ -3,6 +3,7 @@ check catches a provider that is off. Speed is never asserted here."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCH))
 import bench  # noqa: E402
+import block  # noqa: E402
 import cases  # noqa: E402
 import overhead  # noqa: E402
 
@@ -96,6 +98,60 @@ def test_overhead_writes_a_row_per_provider_and_mode(tmp_path):
     )
     assert all(r["status"] == "ok" and r["numel"] == "256" for r in rows)
     assert "native/eager" in out
+
+
+def test_block_writes_a_row_per_provider_and_layout(tmp_path):
+    path = tmp_path / "block.csv"
+    out = run_bench(
+        "--block",
+        "--dtypes",
+        "float32",
+        "--shapes",
+        "4x8x4x4",
+        "--block-acts",
+        "silu",
+        "--block-providers",
+        "eager",
+        "fused",
+        "--block-layouts",
+        "contiguous",
+        "channels_last",
+        "--csv",
+        str(path),
+    )
+    header, rows = read_csv(path)
+    assert "layout" in header
+    got = sorted((r["provider"], r["layout"]) for r in rows)
+    assert got == sorted((p, lay) for p in ("eager", "fused") for lay in ("contiguous", "channels_last"))
+    assert all(r["shape"] == "4x8x4x4" and float(r["p50_ms"]) > 0 for r in rows)
+    assert "4x8x4x4 CL" in out
+
+
+def test_block_check_fails_ours_off_and_notes_pytorch_off(capsys):
+    """The block's float64 check raises for a fused block 1% off, and prints (times
+    anyway) PyTorch's own providers off by the same."""
+    torch.manual_seed(0)
+    eager, fused = block.blocks("silu", 8)
+    x = torch.randn(4, 8, 4, 4, requires_grad=True)
+    g = torch.randn(4, 8, 4, 4)
+    x64 = x.detach().double().requires_grad_()
+    y64 = copy.deepcopy(eager).double()(x64)
+    y64.backward(g.double())
+    ref = (y64.detach(), x64.grad)
+    block._check("fused", fused, x, g, ref)  # right: passes
+
+    class Off(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, t):
+            return self.inner(t) * 1.01
+
+    with pytest.raises(AssertionError, match="fused y"):
+        block._check("fused", Off(fused), x, g, ref)
+    block._check("eager", Off(eager), x, g, ref)
+    assert "note: eager y" in capsys.readouterr().out
 
 
 def off_by_one_percent(op):

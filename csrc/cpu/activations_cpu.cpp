@@ -376,13 +376,20 @@ struct CpuBackend {
                                            a.data(), q.data(), &partial[k * C * 2]);
       });
     }
-    for (int64_t c = 0; c < C; ++c) {
-      double a = 0, q = 0;
-      for (int64_t k = 0; k < blocks; ++k) {
-        const double* p = &partial[(k * k_stride + c * c_stride) * 2];
-        a += p[0], q += p[1];
-      }
-      s1[c] = a, s2[c] = q;
+    // per channel, the blocks' sums in block order; the loops in memory order (rows and
+    // runs lay partial out block-major: a channel-major walk took a line a term)
+    std::fill(s1, s1 + C, 0.0);
+    std::fill(s2, s2 + C, 0.0);
+    auto add = [&](int64_t k, int64_t c) {
+      const double* p = &partial[(k * k_stride + c * c_stride) * 2];
+      s1[c] += p[0], s2[c] += p[1];
+    };
+    if (c_stride == 1) {
+      for (int64_t k = 0; k < blocks; ++k)
+        for (int64_t c = 0; c < C; ++c) add(k, c);
+    } else {
+      for (int64_t c = 0; c < C; ++c)
+        for (int64_t k = 0; k < blocks; ++k) add(k, c);
     }
   }
 };

@@ -83,7 +83,11 @@ struct RunsSumsLoop {
 };
 
 // Sums per channel over rows [0, rows) of C channels (channels_last, (N, C)):
-// out[2 c], out[2 c + 1] += the sums of d and d^2 of channel c.
+// out[2 c], out[2 c + 1] += the sums of d and d^2 of channel c. Each channel's sums go
+// row by row in opmath whatever the path: where C is a multiple of kChannelChunk, a
+// chunk at a time with its sums in registers; else in s1, s2, loaded and stored each
+// row (C = 64 so summed at a third of NCHW's speed).
+// Measurements: benchmarks/NOTES.md, "channels_last statistics in registers".
 template <typename scalar_t>
 struct RowSumsLoop {
   using T = opmath_t<scalar_t>;
@@ -91,19 +95,36 @@ struct RowSumsLoop {
   template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, int64_t rows, int64_t C, const T* shift, T* s1, T* s2,
                                          double* out) {
-    for (int64_t c = 0; c < C; ++c) s1[c] = s2[c] = T(0);
+    constexpr int64_t W = kChannelChunk<kVector, T>;
+    if (C % W == 0) {
+      for (int64_t c0 = 0; c0 < C; c0 += W) {
+        T a[W], q[W];
+        sums<W>(x + c0, rows, C, shift + c0, W, a, q, out + 2 * c0);
+      }
+    } else {
+      sums<0>(x, rows, C, shift, C, s1, s2, out);
+    }
+  }
+
+  // Channels [0, n) of rows `stride` apart (kWidth > 0: n = kWidth, unrolled): a, q from
+  // zero, then out[2 c], out[2 c + 1] += a[c], q[c].
+  template <int64_t kWidth>
+  static FUSEDACT_ALWAYS_INLINE void sums(const scalar_t* x, int64_t rows, int64_t stride, const T* shift, int64_t n,
+                                          T* a, T* q, double* out) {
+    const int64_t m = kWidth > 0 ? kWidth : n;
+    for (int64_t c = 0; c < m; ++c) a[c] = q[c] = T(0);
     for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* xr = x + r * C;
+      const scalar_t* xr = x + r * stride;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
+      for (int64_t c = 0; c < m; ++c) {
         const T d = load(xr, c) - shift[c];
-        s1[c] += d;
-        s2[c] += d * d;
+        a[c] += d;
+        q[c] += d * d;
       }
     }
-    for (int64_t c = 0; c < C; ++c) {
-      out[2 * c] += s1[c];
-      out[2 * c + 1] += s2[c];
+    for (int64_t c = 0; c < m; ++c) {
+      out[2 * c] += a[c];
+      out[2 * c + 1] += q[c];
     }
   }
 };

@@ -364,19 +364,52 @@ FUSEDACT_ALWAYS_INLINE OpT<T> op_at(const RowParams<P, NP>& rp, int64_t c) {
   }(std::make_integer_sequence<int, NP>{});
 }
 
+// Channels of a channels_last row taken as a chunk whose per-channel values (parameters,
+// sums) stay in registers across rows: four vectors of T (64 floats at AVX-512). The
+// statistics go by chunks where C is a multiple of it; the passes that write (y, dx)
+// only where a row is one chunk: with more, each chunk's walk down the rows (C apart)
+// cost more than the parameters' loads it saved (C = 96 to 960 slower by up to 1.7x).
+// Measurements: benchmarks/NOTES.md, "channels_last statistics in registers".
+template <int kVector, typename T>
+constexpr int64_t kChannelChunk = 4 * (kVector > 0 ? kVector : 16) / int64_t(sizeof(T));
+
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct ChannelsForwardLoop {
   template <int kVector>
-  // Rows [begin, end) of C elements; row r is of sample r / R.
+  // Rows [begin, end) of C elements; row r is of sample r / R. Where a row is one chunk
+  // (kChannelChunk) a sample's rows go with the parameters in registers; else row by
+  // row (64 bfloat16 channels a row took twice NCHW's time so).
+  // Measurements: benchmarks/NOTES.md, "channels_last statistics in registers".
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t C, ParamView<P, NP> pv, int64_t R,
                                          int64_t begin, int64_t end) {
     using T = opmath_t<scalar_t>;
-    for (int64_t row = begin; row < end; ++row) {
-      const RowParams<P, NP> rp = row_params(pv, row / R);
-      const scalar_t* xr = x + row * C;
-      store_all<(kVector > 0)>(y + row * C, C, false, [&](int64_t c) FUSEDACT_LAMBDA_INLINE {
-        return op_at<OpT, T>(rp, c).forward(load(xr, c));
-      });
+    constexpr int64_t W = kChannelChunk<kVector, T>;
+    for (int64_t row = begin, next; row < end; row = next) {
+      const int64_t n = row / R;
+      next = std::min(end, (n + 1) * R);
+      const RowParams<P, NP> rp = row_params(pv, n);
+      if (C == W) {
+        T v[NP][W];
+        for (int j = 0; j < NP; ++j)
+          for (int64_t k = 0; k < W; ++k) v[j][k] = static_cast<T>(rp.ptr[j][k]);
+        for (int64_t r = row; r < next; ++r) {
+          const scalar_t* xr = x + r * W;
+          auto f = [&](int64_t k) FUSEDACT_LAMBDA_INLINE {
+            return [&]<int... J>(std::integer_sequence<int, J...>) {
+              return OpT<T>{v[J][k]...};
+            }(std::make_integer_sequence<int, NP>{})
+                       .forward(load(xr, k));
+          };
+          compute_block<W, (kVector > 0)>(y + r * W, 0, W, f);
+        }
+        continue;
+      }
+      for (int64_t r = row; r < next; ++r) {
+        const scalar_t* xr = x + r * C;
+        store_all<(kVector > 0)>(y + r * C, C, false, [&](int64_t c) FUSEDACT_LAMBDA_INLINE {
+          return op_at<OpT, T>(rp, c).forward(load(xr, c));
+        });
+      }
     }
   }
 };
@@ -390,6 +423,38 @@ struct ChannelsBackwardLoop {
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t C, int64_t g_row,
                                          ParamView<P, NP> pv, int64_t n, int64_t rows, T* acc) {
     const RowParams<P, NP> rp = row_params(pv, n);
+    // a row that is one chunk (kChannelChunk): parameters and sums in registers; each
+    // channel's sums still go row by row from zero, so acc gets the same values
+    constexpr int64_t W = kChannelChunk<kVector, T>;
+    if (C == W) {
+      T v[NP][W];
+      for (int j = 0; j < NP; ++j)
+        for (int64_t k = 0; k < W; ++k) v[j][k] = static_cast<T>(rp.ptr[j][k]);
+      T s[NP][W] = {};
+      for (int64_t r = 0; r < rows; ++r) {
+        const scalar_t* gr = g + r * g_row;
+        const scalar_t* xr = x + r * W;
+        auto element = [&](int64_t k) FUSEDACT_LAMBDA_INLINE {
+          T dp[NP];
+          const OpT<T> op = [&]<int... J>(std::integer_sequence<int, J...>) {
+            return OpT<T>{v[J][k]...};
+          }(std::make_integer_sequence<int, NP>{});
+          const T val = op.backward(load(gr, k), load(xr, k), dp);
+          if constexpr (kSums<OpT<T>>) for_each_param<NP>([&](auto j) { s[j][k] += dp[j]; });
+          return val;
+        };
+        if constexpr (kWrites<OpT<T>>) {
+          compute_block<W, (kVector > 0)>(dx + r * W, 0, W, element);
+        } else {
+#pragma omp simd
+          for (int64_t k = 0; k < W; ++k) element(k);
+        }
+      }
+      if constexpr (kSums<OpT<T>>)
+        for (int j = 0; j < NP; ++j)
+          for (int64_t k = 0; k < W; ++k) acc[j * W + k] += s[j][k];
+      return;
+    }
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* gr = g + r * g_row;
       const scalar_t* xr = x + r * C;
