@@ -137,8 +137,7 @@ def _run(args, meta, f, writer):
     dtypes = args.dtypes or ["float32", "bfloat16"]
     shapes = args.shapes or BLOCK_SHAPES
     dev = args.device
-    layouts = getattr(args, "block_layouts", None) or ["contiguous"]
-    cases = [(s, d, a, lay) for s in shapes for d in dtypes for a in args.block_acts for lay in layouts]
+    cases = [(s, d, a, lay) for s in shapes for d in dtypes for a in args.block_acts for lay in args.block_layouts]
     for shape, dtype_name, act, layout in cases:
         dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
         fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
