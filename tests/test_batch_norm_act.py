@@ -1260,3 +1260,46 @@ def test_module_takes_the_checked_entry(monkeypatch):
     with _PassThrough():
         m(x)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("act", ["identity", "silu", "swish", "mish", "hard_swish", "acon_c"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_an_elements_bits_do_not_depend_on_its_position_in_a_run(dtype, act, cpu_isa):
+    """The normalize-and-activate pass and the backward's elementwise pass (with fixed
+    statistics: eval) give an element the same bits wherever it falls in its channel's
+    run: x as one run of n against its pieces (every offset in a vector, tails of every
+    length, runs shorter than a vector) and against runs of 5 to 100 in one call. GCC's
+    scalar epilogue rounded ACON-C's forward (float32) and mish's dx (float64) apart
+    from the vector code at AVX2/AVX-512 (test_numerics.py has the unary ops' twin)."""
+    ops = torch.ops.fusedact
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    torch.manual_seed(4)
+    n_all = 1043
+    x = (torch.randn(n_all, dtype=torch.float64) * 3).to(dtype)
+    g = torch.randn(n_all, dtype=torch.float64).to(dtype)
+    stats = [torch.tensor([v], dtype=pd) for v in (0.3, 1.7)]
+    affine = [torch.tensor([v], dtype=pd) for v in (1.2, -0.1)]
+    ap = {"swish": [torch.tensor([1.3], dtype=pd)], "acon_c": [torch.tensor([v], dtype=pd) for v in (1.3, 0.2, 0.9)]}
+    params = ap.get(act, [])
+
+    def run(xs, gs):  # xs, gs: (1, C, L), every channel the same parameters
+        C = xs.shape[1]
+        mean, invstd = (t.repeat(C) for t in stats)
+        w, b = (t.repeat(C) for t in affine)
+        p = [t.repeat(C) for t in params]
+        y = ops.bn_act_apply(xs, mean, invstd, w, b, p, act)
+        dx = ops.bn_act_grad(gs, xs, w, b, mean, invstd, False, p, act)[0]
+        return y.reshape(-1), dx.reshape(-1)
+
+    y, dx = run(x.view(1, 1, -1), g.view(1, 1, -1))
+    for a in range(18):
+        # n >= 2: (1, 1, 1) is a row of one channel (inner 1), channels_last's loop
+        for n in (2, 7, 15, 16, 17, 31, 33, 100, 530):
+            ys, dxs = run(x[a : a + n].clone().view(1, 1, -1), g[a : a + n].clone().view(1, 1, -1))
+            for got, want, what in ((ys, y, "y"), (dxs, dx, "dx")):
+                it = {8: torch.int64, 4: torch.int32, 2: torch.int16}[got.element_size()]
+                bad = (got.view(it) != want[a : a + n].contiguous().view(it)).sum().item()
+                assert bad == 0, f"{what}[{a}:{a + n}]: {bad} elements differ"
+    for inner in (5, 17, 33, 100):
+        ys, dxs = run(x[: 9 * inner].view(1, 9, inner), g[: 9 * inner].view(1, 9, inner))
+        assert torch.equal(ys.view(-1), y[: 9 * inner]) and torch.equal(dxs.view(-1), dx[: 9 * inner]), inner

@@ -179,10 +179,8 @@ def _store_cases(op, dtype):
 @pytest.mark.parametrize("op", OPS)
 def test_store_paths(op, dtype, cpu_stores, cpu_isa):
     """Both ways of writing outputs (non-temporal stores through an aligned block, and
-    plain stores), with every instruction set, forward and backward against float64.
-    (Not bit for bit against each other: the streaming way computes the elements before
-    the first 32-byte boundary of a task's output apart, as the loop's tail is, and the
-    vector and scalar code of mish's backward differ in the last bit on a few inputs.)"""
+    plain stores), with every instruction set, forward and backward against float64
+    (bit for bit against each other: test_cpu_values_do_not_depend_on_the_code_path)."""
     for x, params, channel_dim in _store_cases(op, dtype):
         check_forward_backward(op, x, params, channel_dim=channel_dim)
 
@@ -197,23 +195,16 @@ def _values_and_dx(op, x, params, g):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", OPS + ["swish-tensor-beta"])
-def test_cpu_values_do_not_depend_on_the_code_path(op, dtype, cpu_isa, request):
+def test_cpu_values_do_not_depend_on_the_code_path(op, dtype, cpu_isa):
     """An element's y and dx depend on its inputs alone, bit for bit: not on where in a
-    task it falls (the vector body, or the scalar head and tail), not on the store way,
-    not on the thread count, as ATen's own elementwise kernels. Offsets 1..17 into the
-    same data move every element between the vector and the scalar code; float16 blocks
-    are converted with F16C and the rest in lane operations, which must agree."""
-    if cpu_isa == "avx512" and dtype == torch.float32 and op in ("mish", "acon_c"):
-        # Strict: the checks still run, and the day the loops round alike, XPASS fails.
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "known: GCC contracts a * b + c into FMAs in the AVX-512 vector body of mish's "
-                    "backward and acon_c's forward but not in their scalar tails (1 ulp)"
-                ),
-            )
-        )
+    task it falls, not on the store way, not on the thread count, as ATen's own
+    elementwise kernels. Offsets 1..17 into the same data, and pieces of 1 to 100
+    elements at offsets 0..17 (shorter than a vector, tails of every length; acon_c's
+    runs of a channel as short), move every element between places in a vector, the tail
+    and the head before the streamed blocks; float16 blocks are converted with F16C and
+    the rest in lane operations, which must agree. With AVX2/AVX-512 every element goes
+    through the vector code (stores.h, store_all): GCC's scalar epilogue rounded some
+    products apart from it (mish's dx and acon_c's y in float32 at AVX-512, 1 ulp)."""
     tensor_beta = op == "swish-tensor-beta"
     op = "swish" if tensor_beta else op
     # acon_c (2, 3, L) with per-channel parameters: runs of L along a channel, sliced
@@ -238,6 +229,15 @@ def test_cpu_values_do_not_depend_on_the_code_path(op, dtype, cpu_isa, request):
             ys, dxs = _values_and_dx(op, x[..., offset:].contiguous(), params, g[..., offset:].contiguous())
             assert same(ys, y[..., offset:]), f"y at offset {offset}"
             assert same(dxs, dx[..., offset:]), f"dx at offset {offset}"
+        for stores in ("cached", "streaming"):
+            fusedact._C.set_cpu_stores(stores)
+            for a in range(18):
+                # (2, 3, 1) is not a run of 1 but rows of 3 channels (inner 1): channels_last's
+                # loop, where an element's place is its channel's (below a vector, scalar code)
+                for n in (1, 2, 7, 15, 16, 17, 31, 33, 100)[op == "acon_c" or tensor_beta :]:
+                    ys, dxs = _values_and_dx(op, x[..., a : a + n].contiguous(), params, g[..., a : a + n].contiguous())
+                    assert same(ys, y[..., a : a + n]), f"y[{a}:{a + n}], {stores} stores"
+                    assert same(dxs, dx[..., a : a + n]), f"dx[{a}:{a + n}], {stores} stores"
         for threads, stores in ((1, "cached"), (1, "streaming"), (2, "cached"), (2, "streaming")):
             torch.set_num_threads(threads)
             fusedact._C.set_cpu_stores(stores)

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <utility>
 
@@ -30,16 +31,63 @@ using math::kWrites;
 
 // ---- chunk loops
 
+// With kVector, every element goes through the vector code (stores.h, store_all): fewer
+// than kWhole elements are copied into a zero-padded vector of kWhole (at AVX-512 by a
+// masked load) and n of its results stored; float16 blocks end with kWhole at least.
+template <int kVector, typename scalar_t, typename Run>
+FUSEDACT_ALWAYS_INLINE bool run_padded(int64_t n, scalar_t* out, Run run, const scalar_t* a,
+                                       const scalar_t* b = nullptr) {
+  constexpr int64_t kW = kWhole<scalar_t>;
+  if (kVector == 0 || n >= kW) return false;
+  // 64 bytes each (16-bit data: kW elements are 32 bytes, and zeros after)
+  alignas(64) scalar_t ap[64 / sizeof(scalar_t)], bp[64 / sizeof(scalar_t)], outp[kW];
+#ifdef FUSEDACT_X86_PATHS
+  if constexpr (kVector == 64) {
+    load_padded_avx512(ap, a, n, sizeof(scalar_t));
+    if (b != nullptr) load_padded_avx512(bp, b, n, sizeof(scalar_t));
+  } else  // NOLINT: the branch below for AVX2
+#endif
+  {
+    for (int64_t j = 0; j < kW; ++j) {
+      ap[j] = j < n ? a[j] : scalar_t(0);
+      bp[j] = b != nullptr && j < n ? b[j] : scalar_t(0);
+    }
+  }
+  run(opaque(ap), opaque(bp), opaque(outp));
+  for (int64_t j = 0; j < kW; ++j)
+    if (j < n) out[j] = outp[j];
+  return true;
+}
+
+// The length of the F16C block from b: at most kB, and never leaving fewer than kWhole.
+template <typename scalar_t>
+FUSEDACT_ALWAYS_INLINE int64_t f16c_block(int64_t kB, int64_t b, int64_t n) {
+  const int64_t m = std::min(kB, n - b), left = n - b - m;
+  return left > 0 && left < kWhole<scalar_t> ? m - kWhole<scalar_t> : m;
+}
+
 template <class Op, typename scalar_t>
 struct ForwardLoop {
   template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* x, scalar_t* y, int64_t n, Op op, bool stream) {
+    if (run_padded<kVector>(
+            n, y,
+            [&](const scalar_t* xp, const scalar_t*, scalar_t* yp)
+                FUSEDACT_LAMBDA_INLINE { whole<kVector>(xp, yp, opaque(kWhole<scalar_t>), op, false); },
+            x))
+      return;
+    whole<kVector>(x, y, n, op, stream);
+  }
+
+  // n >= kWhole with kVector
+  template <int kVector>
+  static FUSEDACT_ALWAYS_INLINE void whole(const scalar_t* x, scalar_t* y, int64_t n, Op op, bool stream) {
 #ifdef FUSEDACT_X86_PATHS
     if constexpr (kF16c<(kVector > 0), scalar_t>) {  // x in blocks converted with F16C
       constexpr int64_t kB = kBlockBytes / sizeof(scalar_t);
       alignas(64) float xb[kB];
-      for (int64_t b = 0; b < n; b += kB) {
-        const int64_t m = std::min(kB, n - b);
+      for (int64_t b = 0, m; b < n; b += m) {
+        m = f16c_block<scalar_t>(kB, b, n);
         halves_to_floats(x + b, xb, m);
         store_all<(kVector > 0)>(y + b, m, stream, [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return op.forward(xb[j]); });
       }
@@ -55,12 +103,25 @@ struct BackwardLoop {
   template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op,
                                          bool stream) {
+    if (run_padded<kVector>(
+            n, dx,
+            [&](const scalar_t* gp, const scalar_t* xp, scalar_t* dxp)
+                FUSEDACT_LAMBDA_INLINE { whole<kVector>(gp, xp, dxp, opaque(kWhole<scalar_t>), op, false); },
+            g, x))
+      return;
+    whole<kVector>(g, x, dx, n, op, stream);
+  }
+
+  // n >= kWhole with kVector
+  template <int kVector>
+  static FUSEDACT_ALWAYS_INLINE void whole(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op,
+                                           bool stream) {
 #ifdef FUSEDACT_X86_PATHS
     if constexpr (kF16c<(kVector > 0), scalar_t>) {  // g and x in blocks converted with F16C
       constexpr int64_t kB = kBlockBytes / sizeof(scalar_t);
       alignas(64) float gb[kB], xb[kB];
-      for (int64_t b = 0; b < n; b += kB) {
-        const int64_t m = std::min(kB, n - b);
+      for (int64_t b = 0, m; b < n; b += m) {
+        m = f16c_block<scalar_t>(kB, b, n);
         halves_to_floats(g + b, gb, m);
         halves_to_floats(x + b, xb, m);
         store_all<(kVector > 0)>(dx + b, m, stream,
@@ -181,41 +242,79 @@ struct ReduceBackwardLoop {
         for (int j = 0; j < NP; ++j) add_lanes<T, kLanes>(acc[j], db[j]);
       }
     }
-    // The tail: its element m goes to lane m, as in the main loop. Where a parameter has
-    // several vectors (16-bit data's 32 lanes, AVX2), whole vectors of the tail first,
-    // each into its vector (scalar terms into the lanes in memory left a 7x7 map's
-    // bfloat16 run 17 of its 49 elements one at a time).
-    int64_t i = nv;
-    if constexpr (kSums<Op> && kVecAcc && kParts > 1) {
-      for_each_param<kParts - 1>([&](auto q) {
-        if (i + kW > n) return;
-        alignas(64) T db[kNP][kW];
-        step<kW>(g, x, dx, i, op, db);
-        for_each_param<NP>([&](auto j) {
-          V d;
-          __builtin_memcpy(&d, db[j], sizeof(V));
-          vacc[j][q] += d;
+    // The tail of a pass that writes (dx), fewer than kLanes elements, computed as the
+    // main loop computes a block: GCC's scalar epilogue rounds unlike it (stores.h,
+    // store_all), and an element's dx would depend on its place. The block is the kLanes
+    // elements that end with the tail (its element m at s + m), or, in a run shorter than
+    // that, the tail copied into a zero-padded block (s = 0); element m's terms go to
+    // lane m, the other lanes get +0 (an accumulator from +0 is never -0).
+    if constexpr (kWrites<Op> && kVecAcc) {
+      if (const int64_t r = n - nv; r > 0) {
+        alignas(64) scalar_t gp[kLanes], xp[kLanes], dxp[kLanes];
+        const bool window = n >= kLanes;
+        const int64_t s = window ? kLanes - r : 0;
+        if (!window) {
+          std::memset(gp, 0, sizeof gp);
+          std::memset(xp, 0, sizeof xp);
+          std::memcpy(gp, g, n * sizeof(scalar_t));
+          std::memcpy(xp, x, n * sizeof(scalar_t));
+        }
+        alignas(64) T db[kNP + 1][kLanes];  // a row more: the terms read from s
+        // the window's dx in place (those already written, again: dx is not g or x)
+        const int64_t w = n - kLanes;
+        step<kLanes>(opaque(window ? g + w : gp), opaque(window ? x + w : xp), opaque(window ? dx + w : dxp), 0, op,
+                     db);
+        if (!window) std::memcpy(dx, dxp, n * sizeof(scalar_t));
+        if constexpr (kSums<Op>) {
+          VI lane_index;
+          for (int l = 0; l < kW; ++l) lane_index[l] = l;
+          const char* terms = reinterpret_cast<const char*>(&db[0][0]);
+          for_each_param<NP>([&](auto j) {
+            for_each_param<kParts>([&](auto q) {
+              V d;
+              __builtin_memcpy(&d, terms + (j * kLanes + s + q * kW) * sizeof(T), sizeof(V));
+              vacc[j][q] += lane_index + static_cast<int_t>(q * kW) < static_cast<int_t>(r) ? d : V{};
+            });
+          });
+        }
+      }
+    } else {
+      // The tail: its element m goes to lane m, as in the main loop. Where a parameter has
+      // several vectors (16-bit data's 32 lanes, AVX2), whole vectors of the tail first,
+      // each into its vector (scalar terms into the lanes in memory left a 7x7 map's
+      // bfloat16 run 17 of its 49 elements one at a time).
+      int64_t i = nv;
+      if constexpr (kSums<Op> && kVecAcc && kParts > 1) {
+        for_each_param<kParts - 1>([&](auto q) {
+          if (i + kW > n) return;
+          alignas(64) T db[kNP][kW];
+          step<kW>(g, x, dx, i, op, db);
+          for_each_param<NP>([&](auto j) {
+            V d;
+            __builtin_memcpy(&d, db[j], sizeof(V));
+            vacc[j][q] += d;
+          });
+          i += kW;
         });
-        i += kW;
-      });
-    }
-    // The rest, fewer than kW elements: each term into its vector's lane (i - nv) % kW, +0
-    // into the others, by compare and select: no trip through memory (a vector load
-    // after scalar stores waits for them).
-    const int part = static_cast<int>((i - nv) / kW);  // the rest's vector
-    VI lane_index;
-    for (int l = 0; l < kW; ++l) lane_index[l] = l;
-    for (; i < n; ++i) {
-      T dp[NP];
-      const T v = op.backward(load(g, i), load(x, i), dp);
-      if constexpr (kWrites<Op>) store(dx, i, v);
-      if constexpr (kSums<Op> && kVecAcc) {
-        const VI in_lane = lane_index == static_cast<int_t>((i - nv) % kW);
-        for_each_param<kParts>([&](auto q) {
-          if (q == part) for_each_param<NP>([&](auto j) { vacc[j][q] += in_lane ? V{} + dp[j] : V{}; });
-        });
-      } else if constexpr (kSums<Op>) {
-        for_each_param<NP>([&](auto j) { acc[j][i - nv] += dp[j]; });
+      }
+      // The rest, fewer than kW elements: each term into its vector's lane (i - nv) % kW, +0
+      // into the others, by compare and select: no trip through memory (a vector load
+      // after scalar stores waits for them).
+      const int part = static_cast<int>((i - nv) / kW);  // the rest's vector
+      VI lane_index;
+      for (int l = 0; l < kW; ++l) lane_index[l] = l;
+      for (; i < n; ++i) {
+        T dp[NP];
+        const T v = op.backward(load(g, i), load(x, i), dp);
+        if constexpr (kWrites<Op>) store(dx, i, v);
+        if constexpr (kSums<Op> && kVecAcc) {
+          const VI in_lane = lane_index == static_cast<int_t>((i - nv) % kW);
+          for_each_param<kParts>([&](auto q) {
+            if (q == part) for_each_param<NP>([&](auto j) { vacc[j][q] += in_lane ? V{} + dp[j] : V{}; });
+          });
+        } else if constexpr (kSums<Op>) {
+          for_each_param<NP>([&](auto j) { acc[j][i - nv] += dp[j]; });
+        }
       }
     }
     if constexpr (kSums<Op> && kVecAcc) {  // the vectors into the caller's lanes
@@ -464,8 +563,8 @@ struct ChannelsBackwardLoop {
         if constexpr (kSums<OpT<T>>) for_each_param<NP>([&](auto j) { acc[j * C + c] += dp[j]; });
         return v;
       };
-      if constexpr (kWrites<OpT<T>>) {
-        store_all<(kVector > 0)>(dx + r * C, C, false, element);
+      if constexpr (kWrites<OpT<T>>) {  // element adds to acc: no lane computed twice
+        store_all<(kVector > 0), scalar_t, decltype(element), false>(dx + r * C, C, false, element);
       } else {
 #pragma omp simd
         for (int64_t c = 0; c < C; ++c) element(c);

@@ -155,14 +155,59 @@ FUSEDACT_ALWAYS_INLINE void compute_block(scalar_t* dst, int64_t i, int64_t len,
   }
 }
 
+// Elements every vector loop computes as one piece: a multiple of every vector width the
+// compiler picks for the loops (16 floats, 8 doubles: one AVX-512 vector, two AVX2).
+template <typename scalar_t>
+constexpr int64_t kWhole = 64 / int64_t(sizeof(opmath_t<scalar_t>));
+
+// n, or a pointer, hidden from the optimizer: a loop over a count it knows, or over a
+// local buffer whose alignment and aliasing it knows, is compiled unlike the loop over
+// the tensor (unrolled, other products fused into FMAs); hidden, it is compiled alike.
+FUSEDACT_ALWAYS_INLINE int64_t opaque(int64_t n) {
+  asm("" : "+r"(n));
+  return n;
+}
+template <typename P>
+FUSEDACT_ALWAYS_INLINE P* opaque(P* p) {
+  asm volatile("" : "+r"(p)::"memory");
+  return p;
+}
+
+// dst[0, 64) bytes = the n elements of `bytes` bytes each (n under 64 / bytes) at src,
+// zeros after, by one masked vector load and a whole store: scalar stores followed by
+// the loop's vector load of them stalled (no store forwarding), 3.5x a 3x3 map's run.
+#ifdef FUSEDACT_X86_PATHS
+FUSEDACT_TARGET_AVX512 inline void load_padded_avx512(void* dst, const void* src, int64_t n, int bytes) {
+  if (bytes == 4) {
+    _mm512_storeu_ps(dst, _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), src));
+  } else if (bytes == 8) {
+    _mm512_storeu_pd(dst, _mm512_maskz_loadu_pd(static_cast<__mmask8>((1u << n) - 1), src));
+  } else {
+    _mm512_storeu_si512(dst, _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << n) - 1), src));
+  }
+}
+#endif
+
 // out[i] = f(i) for i < n, the half types in blocks of kBlockBytes of output, float and
 // double in one loop (in blocks, the compiler checks for aliasing in every block). With
 // kVector and `stream`, blocks computed into an aligned buffer are written with
 // non-temporal 32-byte stores.
-// Measurements: benchmarks/NOTES.md, "CPU float and double in one loop".
-template <bool kVector, typename scalar_t, typename F>
+// With kVector, kPure (f only reads; out is not its input) and n >= kWhole, no element
+// takes the scalar epilogue the compiler adds to a vector loop: the rest after the blocks
+// goes in whole vectors of kWhole, the last one ending at n (its elements also in the
+// one before are computed again, the same values), and the head before the streamed
+// blocks as the kWhole that start with it. Fewer than kWhole elements the caller pads
+// (ForwardLoop, BackwardLoop). GCC compiles that epilogue
+// unlike the vector code (it keeps the branches and fuses other products into FMAs):
+// ACON-C's forward and mish's dx at AVX-512 float32 differed in the last bit with an
+// element's place. Tests: test_cpu_values_do_not_depend_on_the_code_path.
+// Measurements: benchmarks/NOTES.md, "CPU float and double in one loop" and "Every
+// element through the vector loop".
+template <bool kVector, typename scalar_t, typename F, bool kPure = true>
 FUSEDACT_ALWAYS_INLINE void store_all(scalar_t* out, int64_t n, bool stream, F f) {
   constexpr int64_t kBlock = kBlockBytes / sizeof(scalar_t);
+  constexpr int64_t kW = kWhole<scalar_t>;
+  const bool pieces = kVector && kPure && n >= kW;
   int64_t i = 0;
 #ifdef FUSEDACT_X86_PATHS
   if constexpr (kVector) {
@@ -170,7 +215,11 @@ FUSEDACT_ALWAYS_INLINE void store_all(scalar_t* out, int64_t n, bool stream, F f
       const int64_t misalign = static_cast<int64_t>(reinterpret_cast<uintptr_t>(out) % 32);
       const int64_t head =
           misalign % sizeof(scalar_t) ? n : std::min(n, ((32 - misalign) % 32) / int64_t(sizeof(scalar_t)));
-      compute_block<0, kVector>(out, 0, head, f);
+      if (pieces && head < kW) {
+        if (head > 0) compute_block<kW, kVector>(out, 0, kW, f);  // [0, kW): past the head, again
+      } else {
+        compute_block<0, kVector>(out, 0, head, f);
+      }
       alignas(32) scalar_t buf[kBlock];
       for (i = head; i + kBlock <= n; i += kBlock) {
         compute_block<kBlock, kVector>(buf, i, kBlock, f);
@@ -183,7 +232,19 @@ FUSEDACT_ALWAYS_INLINE void store_all(scalar_t* out, int64_t n, bool stream, F f
   if constexpr (!std::is_same_v<scalar_t, opmath_t<scalar_t>>) {
     for (; i + kBlock <= n; i += kBlock) compute_block<kBlock, kVector>(out + i, i, kBlock, f);
   }
-  compute_block<0, kVector>(out + i, i, n - i, f);
+  if (pieces && std::is_same_v<scalar_t, opmath_t<scalar_t>>) {
+    // blocks of kW, the last one ending at n (over some of the one before, again)
+    for (int64_t b = i; b < n; b += kW) {
+      const int64_t s = std::min(b, n - kW);
+      compute_block<kW, kVector>(out + s, s, kW, f);
+    }
+  } else if (pieces) {  // 16-bit: rounded a block at a time, kW alone measured slower
+    const int64_t m = (n - i) - (n - i) % kW;
+    compute_block<0, kVector>(out + i, i, m, f);
+    if (i + m < n) compute_block<kW, kVector>(out + n - kW, n - kW, kW, f);
+  } else {
+    compute_block<0, kVector>(out + i, i, n - i, f);
+  }
 }
 
 }  // namespace
