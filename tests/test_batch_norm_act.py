@@ -1270,7 +1270,8 @@ def test_an_elements_bits_do_not_depend_on_its_position_in_a_run(dtype, act, cpu
     run: x as one run of n against its pieces (every offset in a vector, tails of every
     length, runs shorter than a vector) and against runs of 5 to 100 in one call. GCC's
     scalar epilogue rounded ACON-C's forward (float32) and mish's dx (float64) apart
-    from the vector code at AVX2/AVX-512 (test_numerics.py has the unary ops' twin)."""
+    from the vector code at AVX2/AVX-512 (the unary ops: test_parity.py,
+    test_cpu_values_do_not_depend_on_the_code_path)."""
     ops = torch.ops.fusedact
     pd = torch.float64 if dtype == torch.float64 else torch.float32
     torch.manual_seed(4)
