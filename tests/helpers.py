@@ -58,3 +58,29 @@ def compile_mode(mode: str):
         yield
     finally:
         fusedact.config.compile = before
+
+
+def same_bits(a, b):
+    """a and b equal bit for bit, but for the sign and payload of a NaN (IEEE leaves them
+    open)."""
+    bits = {8: torch.int64, 4: torch.int32, 2: torch.int16}[a.element_size()]
+    nan = a.isnan()
+    return torch.equal(nan, b.isnan()) and torch.equal(a.view(bits)[~nan], b.view(bits)[~nan])
+
+
+def at_a_page_end(t):
+    """A copy of t that ends where a readable page ends and an unreadable one (PROT_NONE)
+    begins: a kernel that reads a byte past its end faults. Linux. The mapping lives as
+    long as the copy (torch.frombuffer holds it)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    page = mmap.PAGESIZE
+    pages = -(-t.nbytes // page) + 1
+    m = mmap.mmap(-1, pages * page)
+    base = torch.frombuffer(m, dtype=torch.uint8, count=(pages - 1) * page)
+    assert libc.mprotect(base.data_ptr() + (pages - 1) * page, page, 0) == 0, ctypes.get_errno()
+    c = base[base.numel() - t.nbytes :].view(t.dtype).view(t.shape)
+    return c.copy_(t)

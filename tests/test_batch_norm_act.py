@@ -23,6 +23,7 @@ from torch import nn
 import fusedact
 from conftest import DEVICES, FUSED_BACKENDS, HAS_CUDA, TRITON_INTERPRET, make_layout
 from fusedact.testing import relative_error, slack_for
+from helpers import at_a_page_end, same_bits
 
 ACT_CASES = [  # (id, act, builder of act_params(x) in float32 for 16-bit x)
     ("identity", "identity", lambda x, C, pd: ()),
@@ -1297,10 +1298,36 @@ def test_an_elements_bits_do_not_depend_on_its_position_in_a_run(dtype, act, cpu
         # n >= 2: (1, 1, 1) is a row of one channel (inner 1), channels_last's loop
         for n in (2, 7, 15, 16, 17, 31, 33, 100, 530):
             ys, dxs = run(x[a : a + n].clone().view(1, 1, -1), g[a : a + n].clone().view(1, 1, -1))
-            for got, want, what in ((ys, y, "y"), (dxs, dx, "dx")):
-                it = {8: torch.int64, 4: torch.int32, 2: torch.int16}[got.element_size()]
-                bad = (got.view(it) != want[a : a + n].contiguous().view(it)).sum().item()
-                assert bad == 0, f"{what}[{a}:{a + n}]: {bad} elements differ"
+            assert same_bits(ys, y[a : a + n]), f"y[{a}:{a + n}]"
+            assert same_bits(dxs, dx[a : a + n]), f"dx[{a}:{a + n}]"
     for inner in (5, 17, 33, 100):
         ys, dxs = run(x[: 9 * inner].view(1, 9, inner), g[: 9 * inner].view(1, 9, inner))
         assert torch.equal(ys.view(-1), y[: 9 * inner]) and torch.equal(dxs.view(-1), dx[: 9 * inner]), inner
+
+
+@pytest.mark.parametrize("act", ["identity", "silu", "swish", "mish", "hard_swish", "acon_c"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_passes_read_nothing_past_the_end(dtype, act, cpu_isa):
+    """x and grad of one channel's run end where an unreadable page begins: the
+    statistics, the normalize-and-activate pass and the backward's passes (train and
+    eval; runs shorter than a vector are copied into a zero-padded block by masked loads)
+    read no element past n, and give the values of the same data elsewhere."""
+    ops = torch.ops.fusedact
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    ap = {"swish": [torch.tensor([1.3], dtype=pd)], "acon_c": [torch.tensor([v], dtype=pd) for v in (1.3, 0.2, 0.9)]}
+    w, b = torch.tensor([1.2], dtype=pd), torch.tensor([-0.1], dtype=pd)
+
+    def passes(x, g):
+        mean, invstd = ops.bn_batch_stats(x, None, None, True, 0.1, 1e-5)
+        y = ops.bn_act_apply(x, mean, invstd, w, b, ap.get(act, []), act)
+        out = [mean, invstd, y]
+        for training in (True, False):
+            out += [t for t in ops.bn_act_grad(g, x, w, b, mean, invstd, training, ap.get(act, []), act)[:3]]
+        return out
+
+    for n in list(range(2, 34)) + [100]:  # (1, 1, 1) is a row of one channel
+        torch.manual_seed(n)
+        x = (torch.randn(1, 1, n, dtype=torch.float64) * 3).to(dtype)
+        g = torch.randn(1, 1, n, dtype=torch.float64).to(dtype)
+        for got, want in zip(passes(at_a_page_end(x), at_a_page_end(g)), passes(x, g)):
+            assert same_bits(got, want), n

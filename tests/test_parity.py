@@ -13,7 +13,16 @@ import torch.nn.functional as F
 
 import fusedact
 from conftest import DEVICES, DTYPES, FUSED_BACKENDS, LAYOUTS, OPS, TOL, make_layout
-from helpers import check_close, check_forward_backward, make_params, op_fn, rand_x, ref_fn
+from helpers import (
+    at_a_page_end,
+    check_close,
+    check_forward_backward,
+    make_params,
+    op_fn,
+    rand_x,
+    ref_fn,
+    same_bits,
+)
 
 # empty, one element, odd sizes, 1-D to 5-D, and sizes above the CPU parallel grain
 # (32768 elements) and the reduction segment (16384 elements per channel run).
@@ -217,18 +226,13 @@ def test_cpu_values_do_not_depend_on_the_code_path(op, dtype, cpu_isa):
     g = rand_x(shape, dtype, "cpu", seed=3)
     params = make_params(op, x, channel_dim=x.dim() - 2 if op == "acon_c" else 0, learnable_beta=tensor_beta)
     y, dx = _values_and_dx(op, x, params, g)
-    bits = {torch.float64: torch.int64, torch.float32: torch.int32}.get(dtype, torch.int16)
-
-    def same(a, b):  # bit for bit, but for the sign and payload of a NaN, which IEEE leaves open
-        nan = a.isnan()
-        return torch.equal(nan, b.isnan()) and torch.equal(a.view(bits)[~nan], b.view(bits)[~nan])
 
     before = (torch.get_num_threads(), fusedact._C.cpu_stores())
     try:
         for offset in (1, 2, 3, 5, 8, 13, 17):
             ys, dxs = _values_and_dx(op, x[..., offset:].contiguous(), params, g[..., offset:].contiguous())
-            assert same(ys, y[..., offset:]), f"y at offset {offset}"
-            assert same(dxs, dx[..., offset:]), f"dx at offset {offset}"
+            assert same_bits(ys, y[..., offset:]), f"y at offset {offset}"
+            assert same_bits(dxs, dx[..., offset:]), f"dx at offset {offset}"
         for stores in ("cached", "streaming"):
             fusedact._C.set_cpu_stores(stores)
             for a in range(18):
@@ -236,17 +240,35 @@ def test_cpu_values_do_not_depend_on_the_code_path(op, dtype, cpu_isa):
                 # loop, where an element's place is its channel's (below a vector, scalar code)
                 for n in (1, 2, 7, 15, 16, 17, 31, 33, 100)[op == "acon_c" or tensor_beta :]:
                     ys, dxs = _values_and_dx(op, x[..., a : a + n].contiguous(), params, g[..., a : a + n].contiguous())
-                    assert same(ys, y[..., a : a + n]), f"y[{a}:{a + n}], {stores} stores"
-                    assert same(dxs, dx[..., a : a + n]), f"dx[{a}:{a + n}], {stores} stores"
+                    assert same_bits(ys, y[..., a : a + n]), f"y[{a}:{a + n}], {stores} stores"
+                    assert same_bits(dxs, dx[..., a : a + n]), f"dx[{a}:{a + n}], {stores} stores"
         for threads, stores in ((1, "cached"), (1, "streaming"), (2, "cached"), (2, "streaming")):
             torch.set_num_threads(threads)
             fusedact._C.set_cpu_stores(stores)
             ys, dxs = _values_and_dx(op, x, params, g)
-            assert same(ys, y), f"y with {threads} threads, {stores} stores"
-            assert same(dxs, dx), f"dx with {threads} threads, {stores} stores"
+            assert same_bits(ys, y), f"y with {threads} threads, {stores} stores"
+            assert same_bits(dxs, dx), f"dx with {threads} threads, {stores} stores"
     finally:
         torch.set_num_threads(before[0])
         fusedact._C.set_cpu_stores(before[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect, through ctypes")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_cpu_loops_read_nothing_past_the_end(op, dtype, cpu_isa):
+    """x and g end where an unreadable page begins: runs shorter than a vector (copied
+    into a zero-padded one by masked loads) and tails of every length read no element
+    past n, and give the values of the same data elsewhere. acon_c as (1, 1, n): one
+    channel's run."""
+    for n in list(range(1, 34)) + [100]:
+        shape = (1, 1, n) if op == "acon_c" else (n,)
+        x = rand_x(shape, dtype, "cpu", scale=4.0, seed=n)
+        g = rand_x(shape, dtype, "cpu", seed=n + 1)
+        params = make_params(op, x, channel_dim=1 if op == "acon_c" else 0)
+        y, dx = _values_and_dx(op, x, params, g)
+        ye, dxe = _values_and_dx(op, at_a_page_end(x), params, at_a_page_end(g))
+        assert same_bits(ye, y) and same_bits(dxe, dx), n
 
 
 def test_cpu_stores_setting():

@@ -32,8 +32,8 @@ using math::kWrites;
 // ---- chunk loops
 
 // With kVector, every element goes through the vector code (stores.h, store_all): fewer
-// than kWhole elements are copied into a zero-padded vector of kWhole (at AVX-512 by a
-// masked load) and n of its results stored; float16 blocks end with kWhole at least.
+// than kWhole elements are copied into a zero-padded vector of kWhole (by masked loads,
+// load_padded) and n of its results stored; float16 blocks end with kWhole at least.
 template <int kVector, typename scalar_t, typename Run>
 FUSEDACT_ALWAYS_INLINE bool run_padded(int64_t n, scalar_t* out, Run run, const scalar_t* a,
                                        const scalar_t* b = nullptr) {
@@ -41,18 +41,8 @@ FUSEDACT_ALWAYS_INLINE bool run_padded(int64_t n, scalar_t* out, Run run, const 
   if (kVector == 0 || n >= kW) return false;
   // 64 bytes each (16-bit data: kW elements are 32 bytes, and zeros after)
   alignas(64) scalar_t ap[64 / sizeof(scalar_t)], bp[64 / sizeof(scalar_t)], outp[kW];
-#ifdef FUSEDACT_X86_PATHS
-  if constexpr (kVector == 64) {
-    load_padded_avx512(ap, a, n, sizeof(scalar_t));
-    if (b != nullptr) load_padded_avx512(bp, b, n, sizeof(scalar_t));
-  } else  // NOLINT: the branch below for AVX2
-#endif
-  {
-    for (int64_t j = 0; j < kW; ++j) {
-      ap[j] = j < n ? a[j] : scalar_t(0);
-      bp[j] = b != nullptr && j < n ? b[j] : scalar_t(0);
-    }
-  }
+  load_padded<kVector, 64>(ap, a, n, sizeof(scalar_t));
+  if (b != nullptr) load_padded<kVector, 64>(bp, b, n, sizeof(scalar_t));
   run(opaque(ap), opaque(bp), opaque(outp));
   for (int64_t j = 0; j < kW; ++j)
     if (j < n) out[j] = outp[j];
@@ -254,10 +244,8 @@ struct ReduceBackwardLoop {
         const bool window = n >= kLanes;
         const int64_t s = window ? kLanes - r : 0;
         if (!window) {
-          std::memset(gp, 0, sizeof gp);
-          std::memset(xp, 0, sizeof xp);
-          std::memcpy(gp, g, n * sizeof(scalar_t));
-          std::memcpy(xp, x, n * sizeof(scalar_t));
+          load_padded<kVector, sizeof gp>(gp, g, n, sizeof(scalar_t));
+          load_padded<kVector, sizeof xp>(xp, x, n, sizeof(scalar_t));
         }
         alignas(64) T db[kNP + 1][kLanes];  // a row more: the terms read from s
         // the window's dx in place (those already written, again: dx is not g or x)

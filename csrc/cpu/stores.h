@@ -8,6 +8,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <type_traits>
 
@@ -173,9 +174,9 @@ FUSEDACT_ALWAYS_INLINE P* opaque(P* p) {
   return p;
 }
 
-// dst[0, 64) bytes = the n elements of `bytes` bytes each (n under 64 / bytes) at src,
-// zeros after, by one masked vector load and a whole store: scalar stores followed by
-// the loop's vector load of them stalled (no store forwarding), 3.5x a 3x3 map's run.
+// dst[0, 64) bytes = the n elements of `bytes` bytes each (n at most 64 / bytes) at src,
+// zeros after, by masked vector loads and whole stores: scalar stores followed by the
+// loop's vector load of them stalled (no store forwarding), 3.5x a 3x3 map's run.
 #ifdef FUSEDACT_X86_PATHS
 FUSEDACT_TARGET_AVX512 inline void load_padded_avx512(void* dst, const void* src, int64_t n, int bytes) {
   if (bytes == 4) {
@@ -186,7 +187,62 @@ FUSEDACT_TARGET_AVX512 inline void load_padded_avx512(void* dst, const void* src
     _mm512_storeu_si512(dst, _mm512_maskz_loadu_epi16(static_cast<__mmask32>((uint64_t(1) << n) - 1), src));
   }
 }
+// AVX2 masks 32- and 64-bit elements only: 16-bit data as m / 2 pairs, and an odd last
+// element blended in from a scalar load. A 32-byte half that crosses a page end is copied
+// instead: AMD leaves faults on masked-out elements to the implementation, and Intel
+// takes a slow assist for them.
+FUSEDACT_TARGET_AVX2 inline void load_padded_avx2(void* dst, const void* src, int64_t n, int bytes) {
+  for (int h = 0; h < 2; ++h) {  // 32-byte halves
+    const int64_t per = 32 / bytes, m = std::clamp<int64_t>(n - h * per, 0, per);
+    const uintptr_t at = reinterpret_cast<uintptr_t>(src) + h * 32;  // read below m only
+    __m256i v = _mm256_setzero_si256();
+    if (m > 0 && at % 4096 > 4096 - 32) {
+      alignas(32) char part[32] = {};
+      std::memcpy(part, reinterpret_cast<const void*>(at), m * bytes);
+      v = _mm256_load_si256(reinterpret_cast<const __m256i*>(part));
+    } else if (m > 0 && bytes == 8) {
+      const __m256i mask = _mm256_cmpgt_epi64(_mm256_set1_epi64x(m), _mm256_setr_epi64x(0, 1, 2, 3));
+      v = _mm256_maskload_epi64(reinterpret_cast<const long long*>(at), mask);
+    } else if (m > 0) {
+      const int64_t pairs = bytes == 4 ? m : m / 2;
+      const __m256i mask =
+          _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(pairs)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      v = _mm256_maskload_epi32(reinterpret_cast<const int*>(at), mask);
+      if (bytes == 2 && m % 2) {
+        uint16_t last;
+        std::memcpy(&last, reinterpret_cast<const char*>(at) + 2 * (m - 1), 2);
+        const __m256i at_last =
+            _mm256_cmpeq_epi16(_mm256_set1_epi16(static_cast<short>(m - 1)),
+                               _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+        v = _mm256_blendv_epi8(v, _mm256_set1_epi16(static_cast<short>(last)), at_last);
+      }
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(static_cast<char*>(dst) + h * 32), v);
+  }
+}
 #endif
+
+// dst[0, kBytes) (a multiple of 64) = the n elements of `bytes` bytes each at src, zeros
+// after: a short run's zero-padded copy, by the target's masked loads.
+template <int kVector, int kBytes>
+FUSEDACT_ALWAYS_INLINE void load_padded(void* dst, const void* src, int64_t n, int bytes) {
+  for (int k = 0; k < kBytes / 64; ++k) {
+    const int64_t per = 64 / bytes, m = std::clamp<int64_t>(n - k * per, 0, per);
+    void* d = static_cast<char*>(dst) + 64 * k;
+    const void* s = reinterpret_cast<const void*>(reinterpret_cast<uintptr_t>(src) + 64 * k);
+#ifdef FUSEDACT_X86_PATHS
+    if constexpr (kVector == 64) {
+      load_padded_avx512(d, s, m, bytes);
+      continue;
+    } else if constexpr (kVector == 32) {
+      load_padded_avx2(d, s, m, bytes);
+      continue;
+    }
+#endif
+    std::memset(d, 0, 64);
+    std::memcpy(d, s, m * bytes);
+  }
+}
 
 // out[i] = f(i) for i < n, the half types in blocks of kBlockBytes of output, float and
 // double in one loop (in blocks, the compiler checks for aliasing in every block). With
@@ -197,10 +253,10 @@ FUSEDACT_TARGET_AVX512 inline void load_padded_avx512(void* dst, const void* src
 // goes in whole vectors of kWhole, the last one ending at n (its elements also in the
 // one before are computed again, the same values), and the head before the streamed
 // blocks as the kWhole that start with it. Fewer than kWhole elements the caller pads
-// (ForwardLoop, BackwardLoop). GCC compiles that epilogue
-// unlike the vector code (it keeps the branches and fuses other products into FMAs):
-// ACON-C's forward and mish's dx at AVX-512 float32 differed in the last bit with an
-// element's place. Tests: test_cpu_values_do_not_depend_on_the_code_path.
+// (ForwardLoop, BackwardLoop: run_padded). GCC compiles that epilogue unlike the vector
+// code (it keeps the branches and fuses other products into FMAs): ACON-C's forward and
+// mish's dx at AVX-512 float32 differed in the last bit with an element's place.
+// Tests: test_cpu_values_do_not_depend_on_the_code_path.
 // Measurements: benchmarks/NOTES.md, "CPU float and double in one loop" and "Every
 // element through the vector loop".
 template <bool kVector, typename scalar_t, typename F, bool kPure = true>
