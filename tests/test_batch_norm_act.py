@@ -1331,3 +1331,44 @@ def test_passes_read_nothing_past_the_end(dtype, act, cpu_isa):
         g = torch.randn(1, 1, n, dtype=torch.float64).to(dtype)
         for got, want in zip(passes(at_a_page_end(x), at_a_page_end(g)), passes(x, g)):
             assert same_bits(got, want), n
+
+
+@pytest.mark.parametrize("act", ["identity", "silu", "swish", "mish", "hard_swish", "acon_c", "meta_acon_c"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_an_elements_bits_do_not_depend_on_the_layout(dtype, act, cpu_isa):
+    """With fixed statistics (eval) the normalize-and-activate pass and the backward's
+    elementwise pass give an element the same bits in NCHW, channels_last and (N, C, L):
+    channels_last rows go by chunks of channels in registers where a row is one chunk
+    (16 to 64 channels by instruction set and dtype) and channel by channel otherwise;
+    C runs over both, with rows that end in part of a vector. Rows under 16 channels are
+    not covered: GCC's scalar code computes them (float16 ACON-C's y at C = 15 differed
+    at AVX2; padding them cost up to 2.9x: benchmarks/NOTES.md, "Bits across layouts")."""
+    ops = torch.ops.fusedact
+    pd = torch.float64 if dtype == torch.float64 else torch.float32
+    for C in (16, 17, 24, 32, 33, 40, 64, 80):
+        torch.manual_seed(C)
+        N, H, W = 2, 16, 20
+        x = (torch.randn(N, C, H, W, dtype=torch.float64) * 3).to(dtype)
+        g = torch.randn(N, C, H, W, dtype=torch.float64).to(dtype)
+        mean, w, b = (0.3 * torch.randn(C, dtype=pd) for _ in range(3))
+        invstd = 0.5 + torch.rand(C, dtype=pd)
+        w += 1
+        ap = {
+            "swish": [1.3 + 0.1 * torch.randn(C, dtype=pd)],
+            "acon_c": [torch.randn(C, dtype=pd), torch.randn(C, dtype=pd), 1 + 0.5 * torch.randn(C, dtype=pd)],
+            "meta_acon_c": [torch.randn(C, dtype=pd), torch.randn(C, dtype=pd), 1 + 0.5 * torch.randn(N, C, dtype=pd)],
+        }.get(act, [])
+        name = "acon_c" if act == "meta_acon_c" else act
+
+        def run(xs, gs):
+            y = ops.bn_act_apply(xs, mean, invstd, w, b, ap, name)
+            dx = ops.bn_act_grad(gs, xs, w, b, mean, invstd, False, ap, name)[0]
+            return y.contiguous(), dx.contiguous()
+
+        want = run(x, g)
+        cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, g)]
+        got_cl = run(*cl)
+        got_ncl = [t.view(N, C, H, W) for t in run(x.view(N, C, H * W), g.view(N, C, H * W))]
+        for got, layout in ((got_cl, "channels_last"), (got_ncl, "ncl")):
+            assert same_bits(got[0], want[0]), f"y, {layout}, C={C}"
+            assert same_bits(got[1], want[1]), f"dx, {layout}, C={C}"

@@ -253,6 +253,32 @@ def test_cpu_values_do_not_depend_on_the_code_path(op, dtype, cpu_isa):
         fusedact._C.set_cpu_stores(before[1])
 
 
+@pytest.mark.parametrize("per_sample", [False, True], ids=["per-channel", "per-sample"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+def test_acon_c_values_do_not_depend_on_the_layout(dtype, per_sample, cpu_isa):
+    """acon_c's y and dx are the same bits in NCHW, channels_last and (N, L, C) with
+    channel_dim=-1: channels_last goes row by row (rows of C channels, by chunks held in
+    registers where a row is one), NCHW by runs of H*W along a channel. Rows under 16
+    channels are GCC's scalar code and not covered (test_batch_norm_act.py,
+    test_an_elements_bits_do_not_depend_on_the_layout)."""
+    for C in (16, 17, 24, 32, 33, 40, 64, 80):
+        shape = (2, C, 16, 20)
+        x = rand_x(shape, dtype, "cpu", seed=C, scale=4.0)
+        g = rand_x(shape, dtype, "cpu", seed=C + 1)
+        params = make_params("acon_c", x, per_sample=per_sample, seed=C)
+        y, dx = _values_and_dx("acon_c", x, params, g)
+        cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, g)]
+        ys, dxs = _values_and_dx("acon_c", cl[0], params, cl[1])
+        assert same_bits(ys.contiguous(), y) and same_bits(dxs.contiguous(), dx), f"channels_last, C={C}"
+        rows = [t.permute(0, 2, 3, 1).reshape(2, 320, C).contiguous() for t in (x, g)]
+        f = op_fn("acon_c", "native", channel_dim=-1)
+        xl = rows[0].requires_grad_()
+        yr = f(xl, *params)
+        (dxr,) = torch.autograd.grad(yr, xl, rows[1])
+        back = lambda t: t.detach().reshape(2, 16, 20, C).permute(0, 3, 1, 2)  # noqa: E731
+        assert same_bits(back(yr).contiguous(), y) and same_bits(back(dxr).contiguous(), dx), f"(N, L, C), C={C}"
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect, through ctypes")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", OPS)
