@@ -194,8 +194,8 @@ def test_store_paths(op, dtype, cpu_stores, cpu_isa):
         check_forward_backward(op, x, params, channel_dim=channel_dim)
 
 
-def _values_and_dx(op, x, params, g):
-    f = op_fn(op, "native")
+def _values_and_dx(op, x, params, g, channel_dim=1):
+    f = op_fn(op, "native", channel_dim=channel_dim)
     xl = x.detach().requires_grad_()
     y = f(xl, *params)
     (dx,) = torch.autograd.grad(y, xl, g)
@@ -271,12 +271,11 @@ def test_acon_c_values_do_not_depend_on_the_layout(dtype, per_sample, cpu_isa):
         ys, dxs = _values_and_dx("acon_c", cl[0], params, cl[1])
         assert same_bits(ys.contiguous(), y) and same_bits(dxs.contiguous(), dx), f"channels_last, C={C}"
         rows = [t.permute(0, 2, 3, 1).reshape(2, 320, C).contiguous() for t in (x, g)]
-        f = op_fn("acon_c", "native", channel_dim=-1)
-        xl = rows[0].requires_grad_()
-        yr = f(xl, *params)
-        (dxr,) = torch.autograd.grad(yr, xl, rows[1])
-        back = lambda t: t.detach().reshape(2, 16, 20, C).permute(0, 3, 1, 2)  # noqa: E731
-        assert same_bits(back(yr).contiguous(), y) and same_bits(back(dxr).contiguous(), dx), f"(N, L, C), C={C}"
+        yr, dxr = (
+            t.reshape(2, 16, 20, C).permute(0, 3, 1, 2).contiguous()
+            for t in _values_and_dx("acon_c", rows[0], params, rows[1], channel_dim=-1)
+        )
+        assert same_bits(yr, y) and same_bits(dxr, dx), f"(N, L, C), C={C}"
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mprotect, through ctypes")
