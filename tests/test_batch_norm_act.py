@@ -1339,15 +1339,17 @@ def test_an_elements_bits_do_not_depend_on_the_layout(dtype, act, cpu_isa):
     """With fixed statistics (eval) the normalize-and-activate pass and the backward's
     elementwise pass give an element the same bits in NCHW, channels_last and (N, C, L):
     channels_last rows go by chunks of channels in registers where a row is one chunk
-    (16 to 64 channels by instruction set and dtype) and channel by channel otherwise;
-    C runs over both, with rows that end in part of a vector. Rows under 16 channels are
-    not covered: GCC's scalar code computes them (float16 ACON-C's y at C = 15 differed
-    at AVX2; padding them cost up to 2.9x: benchmarks/NOTES.md, "Bits across layouts")."""
+    (16 to 64 channels by instruction set and dtype), channel by channel where wider,
+    and rows under a vector (C < 16, or 8 for float64) as pieces of lcm(C, 16) elements
+    with the parameters tiled (loops.h, RowTiles); C runs over all three, with rows that
+    end in part of a vector and, under a vector, H W rows that end in part of a piece."""
     ops = torch.ops.fusedact
     pd = torch.float64 if dtype == torch.float64 else torch.float32
-    for C in (16, 17, 24, 32, 33, 40, 64, 80):
+    small = (1, 3, 4, 5, 6, 7, 8, 12, 14, 15)  # float16 ACON-C's y at 4, 6, 7, 14, 15 differed row by row
+    cases = [(C, 7, 9) for C in small] + [(C, 16, 20) for C in small + (16, 17, 24, 32, 33, 40, 64, 80)]
+    for C, H, W in cases:
         torch.manual_seed(C)
-        N, H, W = 2, 16, 20
+        N = 2
         x = (torch.randn(N, C, H, W, dtype=torch.float64) * 3).to(dtype)
         g = torch.randn(N, C, H, W, dtype=torch.float64).to(dtype)
         mean, w, b = (0.3 * torch.randn(C, dtype=pd) for _ in range(3))

@@ -258,11 +258,13 @@ def test_cpu_values_do_not_depend_on_the_code_path(op, dtype, cpu_isa):
 def test_acon_c_values_do_not_depend_on_the_layout(dtype, per_sample, cpu_isa):
     """acon_c's y and dx are the same bits in NCHW, channels_last and (N, L, C) with
     channel_dim=-1: channels_last goes row by row (rows of C channels, by chunks held in
-    registers where a row is one), NCHW by runs of H*W along a channel. Rows under 16
-    channels are GCC's scalar code and not covered (test_batch_norm_act.py,
+    registers where a row is one; rows under a vector as tiled pieces), NCHW by runs of
+    H*W along a channel (test_batch_norm_act.py,
     test_an_elements_bits_do_not_depend_on_the_layout)."""
-    for C in (16, 17, 24, 32, 33, 40, 64, 80):
-        shape = (2, C, 16, 20)
+    small = (1, 3, 4, 6, 7, 8, 12, 14, 15)
+    cases = [(C, 7, 9) for C in small] + [(C, 16, 20) for C in small + (16, 17, 24, 32, 33, 40, 64, 80)]
+    for C, H, W in cases:
+        shape = (2, C, H, W)
         x = rand_x(shape, dtype, "cpu", seed=C, scale=4.0)
         g = rand_x(shape, dtype, "cpu", seed=C + 1)
         params = make_params("acon_c", x, per_sample=per_sample, seed=C)
@@ -270,9 +272,9 @@ def test_acon_c_values_do_not_depend_on_the_layout(dtype, per_sample, cpu_isa):
         cl = [t.contiguous(memory_format=torch.channels_last) for t in (x, g)]
         ys, dxs = _values_and_dx("acon_c", cl[0], params, cl[1])
         assert same_bits(ys.contiguous(), y) and same_bits(dxs.contiguous(), dx), f"channels_last, C={C}"
-        rows = [t.permute(0, 2, 3, 1).reshape(2, 320, C).contiguous() for t in (x, g)]
+        rows = [t.permute(0, 2, 3, 1).reshape(2, H * W, C).contiguous() for t in (x, g)]
         yr, dxr = (
-            t.reshape(2, 16, 20, C).permute(0, 3, 1, 2).contiguous()
+            t.reshape(2, H, W, C).permute(0, 3, 1, 2).contiguous()
             for t in _values_and_dx("acon_c", rows[0], params, rows[1], channel_dim=-1)
         )
         assert same_bits(yr, y) and same_bits(dxr, dx), f"(N, L, C), C={C}"

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <type_traits>
 #include <utility>
 
@@ -451,6 +452,47 @@ FUSEDACT_ALWAYS_INLINE OpT<T> op_at(const RowParams<P, NP>& rp, int64_t c) {
   }(std::make_integer_sequence<int, NP>{});
 }
 
+// Rows of C < kWhole channels (channels_last with few channels) as one flat run, T =
+// lcm(C, kWhole) elements (`per` rows) a piece, with the row's parameters repeated T
+// long: every element goes through whole vectors, as NCHW's runs and wider rows do. Row
+// by row, such a row went through GCC's scalar epilogue, which rounds unlike the vector
+// code (float16 BatchNorm + ACON-C's y at C = 15 differed from NCHW's). A sample's last
+// piece, fewer rows, is copied into a zero-padded one.
+// Measurements: benchmarks/NOTES.md, "Rows under a vector".
+template <typename scalar_t, typename P, int NP>
+struct RowTiles {
+  static constexpr int64_t kW = kWhole<scalar_t>;
+  static constexpr int64_t kMax = kW * (kW - 1);  // the longest T (C = kW - 1)
+  int64_t C = 0, T = 0, per = 0;
+  const P* from[NP > 0 ? NP : 1] = {};  // the values tiled (a sample's rows share them)
+  alignas(64) P tile[NP > 0 ? NP : 1][kMax];
+
+  static bool applies(int64_t C) { return C > 0 && C < kW; }
+  // The tiles of rp's values (built again only where they are another sample's).
+  FUSEDACT_ALWAYS_INLINE RowParams<P, NP> params(const RowParams<P, NP>& rp, int64_t c) {
+    bool same = C == c;
+    for (int j = 0; j < NP; ++j) same = same && from[j] == rp.ptr[j];
+    if (!same) {
+      C = c, T = std::lcm(c, kW), per = T / c;
+      for (int j = 0; j < NP; ++j) {
+        from[j] = rp.ptr[j];
+        for (int64_t k = 0; k < T; ++k) tile[j][k] = rp.ptr[j][k % c];
+      }
+    }
+    RowParams<P, NP> tp;
+    for (int j = 0; j < NP; ++j) tp.ptr[j] = tile[j];
+    return tp;
+  }
+};
+
+// rows of C elements from src (rows src_row apart) into dst, then zeros up to T
+template <typename scalar_t>
+FUSEDACT_ALWAYS_INLINE void copy_rows_padded(scalar_t* dst, const scalar_t* src, int64_t rows, int64_t C,
+                                             int64_t src_row, int64_t T) {
+  for (int64_t q = 0; q < rows; ++q) std::memcpy(dst + q * C, src + q * src_row, C * sizeof(scalar_t));
+  std::fill(dst + rows * C, dst + T, scalar_t(0));
+}
+
 // Channels of a channels_last row taken as a chunk whose per-channel values (parameters,
 // sums) stay in registers across rows: four vectors of T (64 floats at AVX-512). The
 // statistics go by chunks where C is a multiple of it; the passes that write (y, dx)
@@ -471,10 +513,28 @@ struct ChannelsForwardLoop {
                                          int64_t begin, int64_t end) {
     using T = opmath_t<scalar_t>;
     constexpr int64_t W = kChannelChunk<kVector, T>;
+    using Tiles = RowTiles<scalar_t, P, NP>;
+    Tiles tiles;
     for (int64_t row = begin, next; row < end; row = next) {
       const int64_t n = row / R;
       next = std::min(end, (n + 1) * R);
       const RowParams<P, NP> rp = row_params(pv, n);
+      if (Tiles::applies(C)) {  // rows under a vector, in pieces of T (RowTiles)
+        const RowParams<P, NP> tp = tiles.params(rp, C);
+        for (int64_t r = row; r < next; r += tiles.per) {
+          const int64_t m = std::min(tiles.per, next - r) * C;
+          const bool pad = m < tiles.T;
+          alignas(64) scalar_t xp[Tiles::kMax], yp[Tiles::kMax];
+          if (pad) copy_rows_padded(xp, x + r * C, 1, m, m, tiles.T);
+          const scalar_t* xs = opaque(pad ? xp : x + r * C);
+          scalar_t* ys = opaque(pad ? yp : y + r * C);
+          store_all<(kVector > 0)>(ys, tiles.T, false, [&](int64_t k) FUSEDACT_LAMBDA_INLINE {
+            return op_at<OpT, T>(tp, k).forward(load(xs, k));
+          });
+          if (pad) std::memcpy(y + r * C, yp, m * sizeof(scalar_t));
+        }
+        continue;
+      }
       if (C == W) {
         T v[NP][W];
         for (int j = 0; j < NP; ++j)
@@ -510,6 +570,41 @@ struct ChannelsBackwardLoop {
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t C, int64_t g_row,
                                          ParamView<P, NP> pv, int64_t n, int64_t rows, T* acc) {
     const RowParams<P, NP> rp = row_params(pv, n);
+    using Tiles = RowTiles<scalar_t, P, NP>;
+    if (Tiles::applies(C)) {  // rows under a vector, in pieces of T (RowTiles)
+      Tiles tiles;
+      const RowParams<P, NP> tp = tiles.params(rp, C);
+      const int64_t TT = tiles.T;
+      alignas(64) T s[NP > 0 ? NP : 1][Tiles::kMax] = {};  // sums by place in the piece
+      for (int64_t r = 0; r < rows; r += tiles.per) {
+        const int64_t nr = std::min(tiles.per, rows - r), m = nr * C;
+        const bool pad = m < TT, gather = pad || g_row != C;
+        alignas(64) scalar_t gp[Tiles::kMax], xp[Tiles::kMax], dxp[Tiles::kMax];
+        if (gather) copy_rows_padded(gp, g + r * g_row, nr, C, g_row, TT);
+        if (pad) copy_rows_padded(xp, x + r * C, 1, m, m, TT);
+        const scalar_t* gs = opaque(gather ? gp : g + r * g_row);
+        const scalar_t* xs = opaque(pad ? xp : x + r * C);
+        scalar_t* ds = opaque(pad ? dxp : dx + r * C);
+        // the padding's terms add +0 (a sum from +0 is never -0)
+        auto element = [&](int64_t k) FUSEDACT_LAMBDA_INLINE {
+          T dp[NP];
+          const T v = op_at<OpT, T>(tp, k).backward(load(gs, k), load(xs, k), dp);
+          if constexpr (kSums<OpT<T>>) for_each_param<NP>([&](auto j) { s[j][k] += k < m ? dp[j] : T(0); });
+          return v;
+        };
+        if constexpr (kWrites<OpT<T>>) {                        // element adds to s: no lane computed twice
+          compute_block<0, (kVector > 0)>(ds, 0, TT, element);  // store_all's way for TT < its blocks
+          if (pad) std::memcpy(dx + r * C, dxp, m * sizeof(scalar_t));
+        } else {
+#pragma omp simd
+          for (int64_t k = 0; k < TT; ++k) element(k);
+        }
+      }
+      if constexpr (kSums<OpT<T>>)
+        for (int j = 0; j < NP; ++j)
+          for (int64_t k = 0; k < TT; ++k) acc[j * C + k % C] += s[j][k];
+      return;
+    }
     // a row that is one chunk (kChannelChunk): parameters and sums in registers; each
     // channel's sums still go row by row from zero, so acc gets the same values
     constexpr int64_t W = kChannelChunk<kVector, T>;
