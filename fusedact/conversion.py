@@ -21,7 +21,9 @@ one of these shapes is left as it is, with a warning. Parameters are the same ob
 an optimizer built before it still holds them, and state_dict keys do not change.
 In-place activations (``inplace=True``) become out-of-place ones: the output is the
 same tensor values; only code that reads the input after the call would see a
-difference. Hooks registered on a replaced module are not carried over.
+difference. A module with hooks (forward, backward or state_dict hooks registered on it)
+is left as it is, with a warning, and is not fused with its neighbour: the new module
+would not run them, or not with the values they saw.
 """
 
 from __future__ import annotations
@@ -114,17 +116,52 @@ def _as_meta_acon_c(m: nn.Module, backend) -> nn.Module | str:
     return _adopt(fnn.MetaAconC(C, backend=backend), m, ("p1", "p2", "fc1", "bn1", "fc2", "bn2"))
 
 
+_HOOKS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
+
+
+def _hooks(m) -> list[str]:
+    """The kinds of hook registered on module m itself (empty for None)."""
+    return [name.strip("_") for name in _HOOKS if getattr(m, name, None)]
+
+
+def _unhooked(m, warned: set | None = None) -> bool:
+    """Whether m has no hooks; warns (once for each module in ``warned``) where it has:
+    a replacement, or a pair fused into one op, would drop them or run them on other
+    values."""
+    kinds = _hooks(m)
+    if kinds and (warned is None or id(m) not in warned):
+        if warned is not None:
+            warned.add(id(m))
+        t = type(m)
+        warnings.warn(
+            f"fusedact.convert: left {t.__module__}.{t.__qualname__} as it is: it has hooks ({', '.join(kinds)})",
+            stacklevel=2,
+        )
+    return not kinds
+
+
 def _replacement(m: nn.Module, backend) -> nn.Module | None:
     """What replaces m, or None to keep it (and look inside it)."""
     t = type(m)
     plain = _PLAIN.get((t.__module__, t.__name__))
     if plain is not None:
-        return plain(backend=backend)
+        return plain(backend=backend) if _unhooked(m) else None
     if "acon" not in t.__name__.lower():
         return None
     names = set(_own_params(m))
     if not names & {"p1", "p2"}:
         return None  # a container named so (an "AconNet"): look inside
+    if not _unhooked(m):
+        return None
     if names == {"p1", "p2", "beta"}:
         new = _as_acon_c(m, backend)
     elif names == {"p1", "p2"}:
@@ -220,10 +257,12 @@ def _fuse_bn(model: nn.Module) -> nn.Module:
     nn.ReLU, runs after the op's "identity"). Every other nn.BatchNorm2d (exact class)
     becomes a BatchNormAct2d "identity", whatever follows it: the op's statistics and
     normalization ran 1.4-2.7x nn.BatchNorm2d's training step at ResNet's shapes, and in
-    eval it calls F.batch_norm as nn.BatchNorm2d does. State_dict keys do not change."""
+    eval it calls F.batch_norm as nn.BatchNorm2d does. State_dict keys do not change.
+    A module with hooks is left as it is (_unhooked), and its pair is not fused."""
     conv_forward = _ultralytics_conv_forward()
     seen = set()
     lone: dict[int, nn.Module] = {}
+    warned: set[int] = set()  # modules with hooks, left apart (_unhooked)
 
     def visit(m):
         if id(m) in seen or isinstance(m, _FUSEDACT):  # MetaAconC's BatchNorms see (N, C, 1, 1)
@@ -236,6 +275,8 @@ def _fuse_bn(model: nn.Module) -> nn.Module:
             # m.act's keys are act.* here and there; one outside the op runs after it
             and (_fusible_in_place(m.act) or fnn._act_runs_after(m.act))
             and not isinstance(m, fnn.BatchNormAct2d)
+            and _unhooked(m, warned)
+            and (fnn._act_runs_after(m.act) or _unhooked(m.act, warned))  # one after runs as a module
         ):
             return fnn.BatchNormAct2d.from_modules(m, m.act)
         if (
@@ -243,17 +284,24 @@ def _fuse_bn(model: nn.Module) -> nn.Module:
             and getattr(t, "forward", None) is conv_forward
             and _is_bn(getattr(m, "bn", None), (2,))
             and _fusible_in_place(getattr(m, "act", None))
+            and _unhooked(m.bn, warned)
+            and _unhooked(m.act, warned)
         ):
             m.bn = _bn_act(m.bn, m.act, own_act=False)  # m.act stays m's child: the same keys
             m.__class__ = _fused_conv_class(t)
         if isinstance(m, nn.Sequential):
             keys = list(m._modules)
             for a, b in zip(keys, keys[1:]):
-                if _is_bn(m._modules[a]) and _fusible(m._modules[b]):
+                if (
+                    _is_bn(m._modules[a])
+                    and _fusible(m._modules[b])
+                    and _unhooked(m._modules[a], warned)
+                    and _unhooked(m._modules[b], warned)
+                ):
                     m._modules[a] = _bn_act(m._modules[a], m._modules[b])
                     m._modules[b] = nn.Identity()
         for name, child in list(m._modules.items()):
-            if type(child) is nn.BatchNorm2d:  # any other: in the op's identity pass
+            if type(child) is nn.BatchNorm2d and _unhooked(child, warned):  # any other: in the op's identity pass
                 if id(child) not in lone:  # a module shared in several places stays shared
                     lone[id(child)] = _bn_act(child, nn.Identity())
                 setattr(m, name, lone[id(child)])

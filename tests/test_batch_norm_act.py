@@ -425,6 +425,70 @@ def test_convert_fuses_a_lone_batch_norm_where_one_module_holds_the_pair():
     torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-5)
 
 
+# a hook of each kind that logs its module's name when it runs
+_HOOK_KINDS = {
+    "forward": lambda m, log, name: m.register_forward_hook(lambda *a: log.append(name)),
+    "forward_pre": lambda m, log, name: m.register_forward_pre_hook(lambda *a: log.append(name)),
+    "full_backward": lambda m, log, name: m.register_full_backward_hook(lambda *a: log.append(name)),
+    "state_dict": lambda m, log, name: m.register_state_dict_post_hook(lambda *a: log.append(name)),
+}
+
+
+@pytest.mark.parametrize("kind", list(_HOOK_KINDS))
+def test_convert_leaves_a_module_with_hooks_as_it_is(kind):
+    """A module with hooks is neither replaced nor fused with its neighbour (the new
+    module would drop its hooks, or run them on other values), with a warning that
+    names it: every hook runs as often, in the same order, and the model trains as
+    before. Its neighbours without hooks still convert; an act that runs after the op's
+    "identity" as its own module (timm's BatchNormAct2d around a hooked SiLU) keeps its
+    hooks there."""
+    conv = pytest.importorskip("ultralytics.nn.modules.conv")
+    timm_norm_act = pytest.importorskip("timm.layers.norm_act")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3),
+        nn.BatchNorm2d(8),  # 1: hooked, before an act
+        nn.SiLU(),
+        nn.BatchNorm2d(8),
+        nn.SiLU(),  # 4: hooked, after a BatchNorm
+        nn.BatchNorm2d(8),  # 5: hooked, alone
+        conv.Conv(8, 8, 1, act=nn.SiLU()),  # bn hooked (an act of its own: the default one is shared)
+        conv.Conv(8, 8, 1, act=nn.SiLU()),  # act hooked
+        timm_norm_act.BatchNormAct2d(8, act_layer=nn.SiLU),  # 8: hooked
+        timm_norm_act.BatchNormAct2d(8, act_layer=nn.SiLU, inplace=False),  # act hooked, runs after the op
+        nn.BatchNorm2d(8),  # 10, 11: no hooks, fused
+        nn.Hardswish(),
+    )
+    hooked = [model[1], model[4], model[5], model[6].bn, model[7].act, model[8], model[9].act]
+    log: list[str] = []
+    for i, m in enumerate(hooked):
+        _HOOK_KINDS[kind](m, log, str(i))
+    ref = copy.deepcopy(model)  # its hooks log to the same list
+    keys = list(model.state_dict())
+    log.clear()
+    with pytest.warns(UserWarning, match="has hooks") as record:
+        fusedact.convert(model)
+    assert sum("has hooks" in str(w.message) for w in record) == len(hooked)  # once each
+    assert [type(model[i]) for i in (1, 4, 5, 8)] == [nn.BatchNorm2d, nn.SiLU, nn.BatchNorm2d, type(ref[8])]
+    assert type(model[6].bn) is nn.BatchNorm2d and type(model[7].act) is nn.SiLU
+    assert type(model[9]) is fusedact.nn.BatchNormAct2d and model[9].act is hooked[6]
+    assert type(model[2]) is fusedact.nn.Swish and type(model[3]) is fusedact.nn.BatchNormAct2d  # their neighbours
+    assert type(model[10]) is fusedact.nn.BatchNormAct2d and type(model[11]) is nn.Identity
+    assert list(model.state_dict()) == keys
+    x = torch.randn(2, 3, 9, 9)
+    for _ in range(2):
+        logs = []
+        for m in (ref, model):
+            log.clear()
+            out = _train_step(m, x)
+            m.state_dict()
+            logs.append(list(log))
+        torch.testing.assert_close(out, _train_step(ref, x), rtol=1e-5, atol=1e-5)
+        for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=n)
+        assert logs[1] == logs[0] and len(logs[0]) >= len(hooked), logs
+
+
 @pytest.mark.parametrize(
     "make_act", [lambda: nn.ReLU(inplace=True), nn.GELU, lambda: nn.PReLU(6)], ids=["relu-inplace", "gelu", "prelu"]
 )
