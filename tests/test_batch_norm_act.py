@@ -1127,6 +1127,53 @@ def test_a_channel_slice_gradient_is_read_in_place(dtype, act, geometry):
         assert all(torch.equal(u, v) for u, v in zip(_flat(got), _flat(want))), op
 
 
+# a geometry for each way the CPU passes split the work (csrc/cpu/activations_cpu.cpp)
+THREAD_GEOMETRIES = {
+    "short-runs-by-channel": ((8, 64, 7, 7), torch.contiguous_format),
+    "runs-over-32768-a-channel": ((4, 8, 96, 96), torch.contiguous_format),
+    "runs-in-segments": ((2, 3, 131, 131), torch.contiguous_format),  # 17161 > kSegment a run
+    "stats-blocks": ((600, 6, 7, 7), torch.contiguous_format),
+    "ncl": ((8, 40, 300), torch.contiguous_format),
+    "channels_last": ((16, 24, 20, 20), torch.channels_last),
+    "channels_last-tiled": ((16, 6, 20, 20), torch.channels_last),
+}
+
+
+@pytest.mark.parametrize("geometry", THREAD_GEOMETRIES)
+@pytest.mark.parametrize("act", ["silu", "hard_swish", "acon_c", "meta_acon_c"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_results_do_not_depend_on_the_thread_count(dtype, act, geometry):
+    """Issue 22's "deterministic, bitwise reproducible" on the CPU: the training
+    forward (y, the statistics, the running statistics) and the backward (dx, dweight,
+    dbias, the act's parameter sums) bit for bit the same with 1, 2 and 3 threads (the
+    work splits differently with each; the sums go in a fixed order)."""
+    shape, fmt = THREAD_GEOMETRIES[geometry]
+    torch.manual_seed(0)
+    N, C = shape[:2]
+    x = (torch.randn(shape) * 2 + 0.5).to(dtype).to(memory_format=fmt)
+    g = torch.randn(shape).to(dtype).to(memory_format=fmt)
+    w, b = torch.rand(C) + 0.5, torch.randn(C)
+    beta = {"acon_c": (C,), "meta_acon_c": (N, C)}  # per channel, per sample
+    p = [torch.randn(C), torch.randn(C), torch.rand(beta[act]) + 0.5] if act in beta else []
+    name = "acon_c" if "acon" in act else act
+    ops = torch.ops.fusedact
+    runs = []
+    before = torch.get_num_threads()
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            rm, rv = torch.zeros(C), torch.ones(C)
+            y, mean, invstd = ops.bn_act_train(x, rm, rv, w, b, p, name, 0.1, 1e-5)
+            grads = ops.bn_act_grad(g, x, w, b, mean, invstd, True, p, name)
+            runs.append([y, mean, invstd, rm, rv, *_flat(grads)])
+    finally:
+        torch.set_num_threads(before)
+    assert len(runs[0]) == 8 + len(p)  # y, 4 statistics, dx, dweight, dbias, a sum for each act param
+    for n, run in zip((2, 3), runs[1:]):
+        for i, (a, c) in enumerate(zip(runs[0], run)):
+            assert same_bits(a, c), f"output {i} differs with {n} threads"
+
+
 # x's shapes for bn_act_train: a channel at a time (NCHW-like, at most 32768 elements a
 # channel: csrc/cpu/activations_cpu.cpp, channel_train_forward), and the others, which
 # take bn_batch_stats then bn_act_apply
