@@ -6,6 +6,7 @@ package of it runs there too (CPU) and gives the eager model's outputs."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -81,6 +82,68 @@ def test_save_load_in_a_fresh_process(tmp_path):
     )
     with torch.no_grad():
         assert torch.equal(torch.load(tmp_path / "y.pt"), model(x5))
+
+
+def _traceable_model():
+    """every_module_cnn with two BatchNormAct2d (SiLU, hard-Swish) after it, their
+    running statistics moved off their initial values."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        every_module_cnn("native"),
+        fusedact.nn.BatchNormAct2d(8, act="swish"),
+        nn.Conv2d(8, 8, 1),
+        fusedact.nn.BatchNormAct2d(8, act="hard_swish"),
+    )
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(4, 3, 6, 6))
+    return model
+
+
+def test_torchscript_trace_keeps_the_ops_and_loads_in_a_fresh_process(tmp_path):
+    """torch.jit.trace (ultralytics' TorchScript export): an inference trace (under
+    no_grad) holds the fused ops, the BatchNorm's as its C++ passes, saves with
+    torch.jit.save and runs in a new process that imports fusedact (which registers the
+    ops) with the eager model's outputs bit for bit, at another batch size too."""
+    model = _traceable_model().eval()
+    x, x5 = torch.randn(2, 3, 6, 6), torch.randn(5, 3, 6, 6)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+    ops = set(re.findall(r"fusedact::(\w+)", str(traced.inlined_graph)))
+    assert ops >= {"acon_c_forward", "swish_forward", "mish_forward", "hard_swish_forward", "bn_act_apply"}, ops
+    torch.jit.save(traced, str(tmp_path / "model.ts"))
+    torch.save(x5, tmp_path / "x.pt")
+    run_fresh(
+        tmp_path,
+        ("m = torch.jit.load('model.ts')\nwith torch.no_grad():\n    torch.save(m(torch.load('x.pt')), 'y.pt')\n"),
+    )
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "y.pt"), model(x5))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torchscript_trace_with_grad_differentiates(training):
+    """A trace made with grad enabled records the BatchNorm as fusedact's differentiable
+    graph ops: its outputs, every parameter's gradient and the running statistics are
+    the module's bit for bit. (Traced as the fast eager path's inner C++ passes, its
+    backward lost every gradient before the BatchNorm.)"""
+    model, copy = _traceable_model().train(training), _traceable_model().train(training)
+    x = torch.randn(2, 3, 6, 6)
+    traced = torch.jit.trace(copy, x, check_trace=False)  # tracing runs a step: the statistics move
+    with torch.no_grad():
+        model(x)
+    assert "fusedact::batch_norm_act" in str(traced.inlined_graph)
+    x4 = torch.randn(4, 3, 6, 6)
+    got, want = traced(x4), model(x4)
+    assert torch.equal(got, want)
+    g = torch.randn_like(got)
+    params, ref_params = list(copy.parameters()), list(model.parameters())
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, ref_params, g)):
+        assert torch.equal(a, b)
+    for a, b in zip(copy.buffers(), model.buffers()):
+        assert torch.equal(a, b)
 
 
 def test_inductor_compiles_under_ci(tmp_path):
