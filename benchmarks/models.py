@@ -176,6 +176,8 @@ def run_model(name, args, writer, meta):
     variants = {}
     if "eager" in args.modes:
         variants["original eager"] = original
+        if args.control:  # an A/A pair: what the harness reads for two equal models
+            variants["original eager again"] = copy.deepcopy(original)
         variants["converted eager"] = converted
     if "compiled" in args.modes:
         variants["original compiled"] = torch.compile(copy.deepcopy(original))
@@ -207,7 +209,7 @@ def run_model(name, args, writer, meta):
             per_round[label].append(time_steps(steps[label], args.min_time, args.device))
     pairs = [("original eager", "converted eager")]
     pairs += [("original compiled", f"converted compiled {m}") for m in args.compile_modes]
-    pairs += [("original compiled", "original compiled again")]
+    pairs += [("original eager", "original eager again"), ("original compiled", "original compiled again")]
     for ref, label in [(a, b) for a, b in pairs if a in per_round and b in per_round]:
         ratios = [a / b for a, b in zip(per_round[ref], per_round[label])]
         row = dict(
@@ -266,7 +268,7 @@ def main(argv=None):
         "--compile-modes", nargs="+", default=["auto", "fuse", "kernel"], choices=fusedact.config.COMPILE_MODES
     )
     ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--control", action="store_true", help="also time a second copy of the compiled original")
+    ap.add_argument("--control", action="store_true", help="also time a second copy of the original (eager, compiled)")
     ap.add_argument("--min-time", type=float, default=1.0, help="seconds of steps per variant and round")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--system-malloc", action="store_true", help="leave glibc malloc as is (harness.steady_malloc)")

@@ -217,11 +217,13 @@ def test_models_script_runs_and_counts_saved_bytes(tmp_path):
     import models  # noqa: E402 (benchmarks/ is on the path above)
 
     path = tmp_path / "models.csv"
-    args = ["--models", "acon_yolov5", "--modes", "eager", "--rounds", "1", "--min-time", "0"]
+    args = ["--models", "acon_yolov5", "--modes", "eager", "--rounds", "1", "--min-time", "0", "--control"]
     models.main([*args, "--device", "cpu", "--csv", str(path)])
     header, rows = read_csv(path)
     assert header == models.FIELDS
-    (row,) = rows
+    row, control = rows
     assert (row["model"], row["variant"], row["reference"]) == ("acon_yolov5", "converted eager", "original eager")
     assert float(row["ms"]) > 0 and float(row["speed"]) > 0
     assert 0 < float(row["saved_mb"]) < 0.7 * float(row["reference_saved_mb"]), row
+    assert (control["variant"], control["reference"]) == ("original eager again", "original eager")  # --control
+    assert control["saved_mb"] == control["reference_saved_mb"] and float(control["speed"]) > 0
