@@ -507,13 +507,21 @@ def batch_norm_act(
     and CUDA's with fusedact.config.cuda_bn_passes on, else F.batch_norm then the
     activation), "triton" (the Triton passes) or "eager" (the eager form).
     """
+    op = "fusedact.batch_norm_act"
+    if isinstance(x, Tensor) and x.numel() == 0:
+        # ATen's batch_norm of an empty x (a batch of none, or maps of no pixels): an
+        # empty y that stays in the graph (x * weight[0] + bias[0]), the running
+        # statistics untouched; the kernels need at least one value a channel
+        _check(op, x, running_mean, running_var, weight, bias, training, act, act_params)
+        return reference.batch_norm_act(
+            x, running_mean, running_var, weight, bias, training, momentum, eps, act, *act_params
+        )
     if (backend is None or backend == "native") and not _onnx_exporting():
         # the CPU's plain eager call with its checks in C++ (csrc/fast_path.cpp): about
         # 10 us less than the checks below; None where anything is unusual
         y = _fast_checked(x, running_mean, running_var, weight, bias, training, momentum, eps, act, act_params)
         if y is not None:
             return y
-    op = "fusedact.batch_norm_act"
     _check(op, x, running_mean, running_var, weight, bias, training, act, act_params)
     beta, p1, p2, act_beta = reference.split_act_params(act, act_params)
     if (
@@ -581,8 +589,11 @@ def _gathered_stats(x, group):
     result on every rank)."""
     import torch.distributed as dist
 
-    mean, var = _local_stats(x, "native")
     C = x.shape[1]
+    if x.numel() == 0:  # an empty local batch counts 0, as nn.SyncBatchNorm's, and still joins the gather
+        mean = var = x.new_zeros((C,), dtype=_opmath(x))
+    else:
+        mean, var = _local_stats(x, "native")
     local = torch.cat([mean.double(), var.double(), mean.new_full((1,), x.numel() // C, dtype=torch.float64)])
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, local, group=group)

@@ -276,6 +276,40 @@ def test_one_value_per_channel_raises_as_batch_norm():
     fusedact.nn.BatchNormAct2d(3).eval()(x)  # inference is fine
 
 
+@pytest.mark.parametrize("act_case", ["silu", "hard_swish", "acon_c", "meta_acon_c"])
+@pytest.mark.parametrize("shape", [(0, 6, 5, 7), (4, 6, 0, 7), (0, 6, 10)], ids=["no-samples", "no-pixels", "ncl"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_an_empty_batch_is_as_batch_norm(backend, training, shape, act_case):
+    """x with no elements (a detector head's batch of no boxes): as ATen's batch_norm, an
+    empty y of x's shape that stays in the graph, the running statistics untouched (the
+    module still counts the batch), and zero gradients for the parameters; the kernels,
+    which need a value a channel, are not called."""
+    case = next(c for c in ACT_CASES if c[0] == act_case)
+    torch.manual_seed(0)
+    C = shape[1]
+    x = torch.randn(shape, requires_grad=True)
+    w, b = torch.rand(C, requires_grad=True), torch.randn(C, requires_grad=True)
+    ap = [p.requires_grad_() for p in case[2](torch.empty(max(shape[0], 1), C), C, torch.float32)]
+    if act_case == "meta_acon_c":
+        ap[2] = ap[2][: shape[0]]  # beta per sample: N * C = 0 values
+    runs = []
+    for f in (fusedact.batch_norm_act, fusedact.reference.batch_norm_act):
+        rm, rv = torch.randn(C), torch.rand(C) + 0.5
+        before = rm.clone(), rv.clone()
+        kw = {"backend": backend} if f is fusedact.batch_norm_act else {}
+        y = f(x, rm, rv, w, b, training, 0.1, 1e-5, case[1], *ap, **kw)
+        assert y.shape == x.shape and y.dtype == x.dtype and y.grad_fn is not None
+        grads = torch.autograd.grad(y.sum(), [x, w, b, *ap], allow_unused=True)
+        assert torch.equal(rm, before[0]) and torch.equal(rv, before[1])
+        runs.append([t if t is None else t.clone() for t in grads])
+    for a, e in zip(*runs):
+        assert (a is None and (e is None or not e.any())) or (a.shape == e.shape and not a.any())
+    module = fusedact.nn.BatchNormAct2d(C, act="swish").train(training) if len(shape) == 4 else None
+    if module is not None:
+        assert module(x).shape == x.shape and int(module.num_batches_tracked) == int(training)
+
+
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_nan_and_inf_propagate_as_batch_norm(backend, value):

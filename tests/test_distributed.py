@@ -228,3 +228,56 @@ def test_sync_batch_norm_act_trains_as_one_process_on_the_full_batch(tmp_path):
             # as above: summation orders differ (per rank, then across ranks, and the
             # statistics combined from the ranks' in float64), through 4 SGD steps
             torch.testing.assert_close(state[name], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def _empty_rank_data():
+    torch.manual_seed(0)
+    x, g = torch.randn(6, 8, 5, 5) * 2 + 0.5, torch.randn(6, 8, 5, 5)
+    bn = nn.BatchNorm2d(8)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5), bn.bias.uniform_(-0.5, 0.5)
+    return x, g, bn
+
+
+def _step_results(model, bn, x, g):
+    """y, dx, bn's parameter gradients and running statistics after one step of model."""
+    xs = x.clone().requires_grad_()
+    y = model(xs)
+    y.backward(g)
+    return [y.detach(), xs.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var]
+
+
+def _empty_rank_worker(rank, init_file, out_file):
+    """fusedact.nn.SyncBatchNormAct (SiLU) with all of the batch on rank 0 and an empty one
+    (N = 0) on rank 1; each rank saves its results of one step."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        x, g, bn = _empty_rank_data()
+        model = fusedact.convert(nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(bn, nn.SiLU())))
+        assert isinstance(model[0], fusedact.nn.SyncBatchNormAct)
+        n = x.shape[0] if rank == 0 else 0
+        torch.save(_step_results(model, model[0], x[:n], g[:n]), f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sync_batch_norm_act_with_an_empty_rank(tmp_path):
+    """A rank whose local batch is empty joins the collectives with a count of 0, as
+    nn.SyncBatchNorm's does on the GPU (its peers would wait forever otherwise): the rank
+    with the data gets y, dx, the parameter gradients and the running statistics of
+    nn.BatchNorm2d then SiLU on its batch alone; the empty rank gets empty y and dx, zero
+    parameter gradients and the same running statistics."""
+    out = tmp_path / "empty_rank.pt"
+    mp.spawn(_empty_rank_worker, args=(str(tmp_path / "init"), str(out)), nprocs=WORLD, join=True)
+    x, g, bn = _empty_rank_data()
+    want = _step_results(nn.Sequential(bn, nn.SiLU()), bn, x, g)
+    full, empty = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    names = ["y", "dx", "dweight", "dbias", "running_mean", "running_var"]
+    for name, a, b in zip(names, full, want):
+        # one step of float32 BatchNorm + SiLU: 1e-5 relative is ~80 ulp, the kernels differ by a few
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert empty[0].shape == empty[1].shape == (0, 8, 5, 5)
+    assert not empty[2].any() and not empty[3].any()
+    assert torch.equal(empty[4], full[4]) and torch.equal(empty[5], full[5])
