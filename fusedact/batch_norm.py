@@ -29,6 +29,7 @@ import types
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from . import _C, _inductor, _opinfo, config, reference
@@ -529,6 +530,11 @@ def batch_norm_act(
         or torch.onnx.is_in_onnx_export()  # either exporter: no symbolic for these ops
         or (_inductor_compiling() and _inductor.mode_for("batch_norm_act", x.device) == "fuse")
         or (backend != "triton" and not _native_passes_on(x))
+        # torch.func (grad, vjp, jvp, vmap, ...) and forward AD: the graph ops' generated
+        # Functions take no transform and have no jvp, and the ops no vmap rule (jvp gave
+        # wrong tangents); F.batch_norm takes them all, as in nn.BatchNorm2d
+        or torch._C._are_functorch_transforms_active()
+        or _forward_ad._current_level >= 0
     ):
         return _unfused(x, running_mean, running_var, weight, bias, training, momentum, eps, act, act_params, backend)
     if backend not in (None, "native", "triton"):

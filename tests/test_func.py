@@ -5,6 +5,8 @@ reference, so 1e-12 catches any wrong term (an error is O(1))."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -242,3 +244,75 @@ def test_forward_ad_without_torch_func(case):
         with fwAD.dual_level():
             out = torch.ops.fusedact.mish_forward(fwAD.make_dual(x, tangents[0]))
             torch.testing.assert_close(fwAD.unpack_dual(out).tangent, results[1], **TIGHT)
+
+
+# ---- BatchNorm + activation (fusedact.nn.BatchNormAct2d) under torch.func
+
+
+def _bn_pair(act, training, track=True):
+    """(nn.BatchNorm2d then the eager act, the same converted), float64, with moved
+    running statistics: a converted model's block against the model it came from."""
+    torch.manual_seed(0)
+    eager_act = {"silu": nn.SiLU, "hard_swish": nn.Hardswish, "mish": nn.Mish}[act]
+    ref = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, track_running_stats=track), eager_act())
+    ref = ref.double().train(training)
+    with torch.no_grad():
+        ref[1].weight.uniform_(0.5, 1.5), ref[1].bias.uniform_(-0.5, 0.5)
+        if track:
+            ref[1].running_mean.uniform_(-0.5, 0.5), ref[1].running_var.uniform_(0.5, 2.0)
+    ours = fusedact.convert(copy.deepcopy(ref))
+    assert isinstance(ours[1], fusedact.nn.BatchNormAct2d)
+    return ref, ours
+
+
+BN_TRANSFORMS = {
+    "grad": lambda f, p, x: grad(lambda p: f(p, x).sum())(p),
+    "vjp": lambda f, p, x: vjp(lambda x: f(p, x), x)[1](torch.ones_like(f(p, x))),
+    "jacrev": lambda f, p, x: jacrev(lambda x: f(p, x))(x),
+    "jacfwd": lambda f, p, x: jacfwd(lambda x: f(p, x))(x),
+    "jvp": lambda f, p, x: jvp(lambda x: f(p, x), (x,), (torch.ones_like(x),)),
+    "hessian": lambda f, p, x: hessian(lambda x: f(p, x).sum())(x[:1]),
+    "vmap-x": lambda f, p, x: vmap(lambda x: f(p, x[None]))(x),
+    "per-sample-grad": lambda f, p, x: vmap(grad(lambda p, x: f(p, x[None]).sum()), in_dims=(None, 0))(p, x),
+    "ensemble": lambda f, p, x: vmap(lambda p: f(p, x))({k: torch.stack([v, 1.1 * v]) for k, v in p.items()}),
+}
+
+
+def _forward_ad(f, p, x):
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(f(p, fwAD.make_dual(x, torch.ones_like(x)))).tangent
+
+
+@pytest.mark.parametrize("transform", [*BN_TRANSFORMS, "forward_ad"])
+@pytest.mark.parametrize("act", ["silu", "hard_swish"])
+@pytest.mark.parametrize("mode", ["eval", "train-batch-stats"])
+def test_batch_norm_act_under_torch_func_is_batch_norm(mode, act, transform):
+    """A converted model's BatchNormAct2d under every torch.func transform and forward AD,
+    in eval mode and in training without running statistics (with them PyTorch's own
+    BatchNorm refuses the transforms; see the next test): the values of nn.BatchNorm2d
+    then the act. (It runs F.batch_norm then the act's op there: the graph ops' generated
+    Functions took no transform, and jvp gave wrong tangents.)"""
+    ref, ours = _bn_pair(act, mode != "eval", track=mode == "eval")
+    x = torch.randn(3, 3, 2, 3, dtype=torch.float64) * 2
+    x = torch.where(((x.abs() - 3).abs() < 1e-2), x + 0.05, x)
+    run = BN_TRANSFORMS.get(transform, _forward_ad)
+    got, want = [
+        run(lambda p, x, m=m: functional_call(m, (p, dict(m.named_buffers())), (x,)), dict(m.named_parameters()), x)
+        for m in (ours, ref)
+    ]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap-x"])
+def test_batch_norm_act_training_with_running_statistics_refuses_as_batch_norm(transform):
+    """In training with running statistics (updated in place), torch.func refuses
+    nn.BatchNorm2d; it refuses the converted block alike, with PyTorch's own message."""
+    errors = []
+    for m in _bn_pair("silu", True):
+        p, x = dict(m.named_parameters()), torch.randn(3, 3, 2, 3, dtype=torch.float64)
+        with pytest.raises(RuntimeError) as e:
+            BN_TRANSFORMS[transform](lambda p, x, m=m: functional_call(m, (p, dict(m.named_buffers())), (x,)), p, x)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1]
