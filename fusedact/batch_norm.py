@@ -442,9 +442,10 @@ def _inductor_compiling() -> bool:
 
 
 def _plain_eager(*args) -> bool:
-    """Plain eager tensors, no transform, mode or tracer: the two graph ops' work can be
-    done by one autograd.Function without their dispatch (about 0.1-0.2 ms a call in
-    torch.library's Python layer, most of a small block's step; benchmarks/NOTES.md).
+    """Plain eager tensors, no mode or tracer (torch.func transforms went to _unfused
+    before this is asked): the two graph ops' work can be done by one autograd.Function
+    without their dispatch (about 0.1-0.2 ms a call in torch.library's Python layer,
+    most of a small block's step; benchmarks/NOTES.md).
     Not under torch.jit.trace with grad enabled: the trace would record the Function's
     inner ops, which have no autograd (its backward would lose every gradient before
     the BatchNorm, with PyTorch's "autograd kernel was not registered" warning); a
@@ -452,7 +453,6 @@ def _plain_eager(*args) -> bool:
     return (
         not torch.compiler.is_compiling()
         and not (torch.jit.is_tracing() and torch.is_grad_enabled())
-        and not torch._C._are_functorch_transforms_active()
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
         and all(a is None or type(a) in (Tensor, torch.nn.Parameter) for a in args if not isinstance(a, float))
