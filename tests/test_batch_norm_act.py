@@ -310,12 +310,24 @@ def test_an_empty_batch_is_as_batch_norm(backend, training, shape, act_case):
         assert module(x).shape == x.shape and int(module.num_batches_tracked) == int(training)
 
 
+@pytest.mark.parametrize(
+    "shape, at",
+    [
+        ((2, 3, 4, 4), (1, 1, 2, 3)),
+        # long channels (two passes over x): inside a run, and as a run's first element
+        ((2, 3, 160, 128), (1, 1, 2, 3)),
+        ((2, 3, 160, 128), (1, 1, 0, 0)),
+    ],
+    ids=["short", "long", "long-first"],
+)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
-def test_nan_and_inf_propagate_as_batch_norm(backend, value):
+def test_nan_and_inf_propagate_as_batch_norm(backend, value, layout, shape, at):
     torch.manual_seed(0)
-    x = torch.randn(2, 3, 4, 4)
-    x[1, 1, 2, 3] = value
+    x = torch.randn(shape)
+    x[at] = value
+    x = make_layout(x, layout)
     ref = nn.Sequential(nn.BatchNorm2d(3), nn.SiLU())
     ours = fusedact.nn.BatchNormAct2d.from_modules(copy.deepcopy(ref[0]), fusedact.nn.Swish(backend=backend))
     a, e = ours(x), ref(x)
@@ -394,6 +406,34 @@ def _hook_guards(model, x):
     torch._dynamo.optimize("eager", guard_export_fn=guards.extend)(model)(x)
     torch._dynamo.reset()
     return [g.name for g in guards if "._modules[" in g.name and g.name.endswith("hooks")]
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointed_blocks_train_as_batch_norm_then_act(use_reentrant):
+    """torch.utils.checkpoint over converted Conv-BN-act blocks (timm's
+    set_grad_checkpointing): the backward runs the blocks again, so the running
+    statistics move twice a step, as nn.BatchNorm2d's do; outputs, every gradient and
+    the buffers after two steps equal the unconverted model's (float64: a summation
+    order's ulps, far under the bound)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    ref = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.Hardswish()
+    ).double()
+    ours = fusedact.convert(copy.deepcopy(ref))
+    assert type(ours[1]) is fusedact.nn.BatchNormAct2d and type(ours[4]) is fusedact.nn.BatchNormAct2d
+    x = torch.randn(4, 3, 10, 10, dtype=torch.float64)
+    results = []
+    for m in (ref, ours):
+        xs = x.clone().requires_grad_()
+        for _ in range(2):
+            y = checkpoint(m, xs, use_reentrant=use_reentrant)
+            (y * y).sum().backward()
+        results.append([y.detach(), xs.grad, *(p.grad for p in m.parameters()), *m.buffers()])
+    assert int(ours[1].num_batches_tracked) == 4  # two steps, each forward twice
+    for a, e in zip(*results, strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
 def test_convert_fuses_ultralytics_conv_and_fuse_still_works():
@@ -932,6 +972,57 @@ def test_statistics_blocks_alike_on_every_cpu_isa(dtype, cpu_isa):
         # sum of |x| (the mean) and of the squared deviations (the variance)
         assert ((m.double() - m64).abs() <= 4 * M**0.5 * ulp * x64.abs().mean(dims)).all(), shape
         assert ((var.double() - v64).abs() <= 8 * M**0.5 * ulp * v64).all(), shape
+
+
+# Channels past kChannelGradElems (32768 elements), whose statistics take two passes
+# over the whole of x (CpuBackend::channel_sums: runs in memory order, or blocks of rows)
+_LONG_GEOMETRIES = {
+    "nchw-long-runs": ((4, 3, 100, 100), "contiguous"),  # runs of 10000
+    "nchw-short-runs": ((700, 3, 7, 7), "contiguous"),  # 34300 a channel in runs of 49
+    "channels-last": ((4, 3, 100, 100), "channels_last"),  # blocks of 64 rows
+    "nc": ((40000, 5), "contiguous"),  # BatchNorm1d's (N, C): rows too
+}
+
+
+@pytest.mark.parametrize("data", ["offset", "first-outlier", "constant"])
+@pytest.mark.parametrize("geometry", list(_LONG_GEOMETRIES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+def test_long_channel_statistics_match_float64(dtype, geometry, data, cpu_isa):
+    """The mean and biased variance of long channels against float64, within the bound
+    of test_statistics_blocks_alike_on_every_cpu_isa: x far from zero (the second pass's
+    shift matters); the first element of every channel 1e4 off (a shift of the first
+    element, as a one-pass form might take, would sit far from the mean); and constant
+    channels, whose mean comes out exact and variance exactly 0 (nn.BatchNorm2d's too at
+    (4, 3, 100, 100); nn.BatchNorm1d's at (40000, 5) misses the mean by up to 7e-5 and
+    gives variances up to 5e-9, torch 2.14). bn_act_train and bn_batch_stats agree
+    bitwise. (A one-trip form, each piece about its own mean, passed these and was
+    slower: benchmarks/NOTES.md, "The statistics in one trip through memory".)"""
+    shape, layout = _LONG_GEOMETRIES[geometry]
+    torch.manual_seed(3)
+    x = torch.randn(shape, dtype=torch.float64) * 3
+    C, dims = shape[1], [0, *range(2, len(shape))]
+    if data == "offset":
+        x += 1e4
+    elif data == "first-outlier":
+        x[(0, slice(None), *[0] * (len(shape) - 2))] += 1e4
+    else:
+        x = (torch.arange(C, dtype=torch.float64) * 0.1 + 0.1).reshape(1, C, *[1] * (len(shape) - 2)).expand(shape)
+    x = make_layout(x.to(dtype), layout)
+    mean, var = torch.ops.fusedact.bn_stats(x)
+    x64 = x.double()
+    m64, v64 = x64.mean(dims), x64.var(dims, unbiased=False)
+    if data == "constant":
+        assert torch.equal(x64.amax(dims), x64.amin(dims))
+        assert torch.equal(mean.double(), x64.amax(dims)) and not var.any()
+    else:
+        M = x.numel() // C
+        ulp = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+        assert ((mean.double() - m64).abs() <= 4 * M**0.5 * ulp * x64.abs().mean(dims)).all(), (mean, m64)
+        assert ((var.double() - v64).abs() <= 8 * M**0.5 * ulp * v64).all(), (var, v64)
+    pt = mean.dtype
+    _, m2, inv2 = torch.ops.fusedact.bn_act_train(x, None, None, torch.ones(C, dtype=pt), None, [], "silu", 0.1, 1e-5)
+    m3, inv3 = torch.ops.fusedact.bn_batch_stats(x, None, None, True, 0.1, 1e-5)
+    assert torch.equal(m2, mean) and torch.equal(m3, mean) and torch.equal(inv2, inv3)
 
 
 @pytest.mark.parametrize("act_case", ACT_CASES, ids=[c[0] for c in ACT_CASES])
