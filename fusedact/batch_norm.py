@@ -619,16 +619,24 @@ class _SyncBatchNormAct(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, p1, p2, act_beta, running_mean, running_var, momentum, eps, act, beta, group):
         mean, var, total = _gathered_stats(x, group)
+        ctx.group, ctx.total = group, total
+        if total == 0:  # every rank's batch empty: as nn.BatchNorm2d's on one, nothing moves
+            ctx.save_for_backward(x, weight, bias, p1, p2, act_beta)
+            return x.new_empty(x.shape)
         _update_running(running_mean, running_var, mean, var, total, momentum)
         invstd = torch.rsqrt(var + eps)
         _save(ctx, x, mean, invstd, weight, bias, True, eps, act, beta, p1, p2, act_beta, "native")
-        ctx.group, ctx.total = group, total
         return _forward_pass(x, mean, invstd, weight, bias, act, beta, p1, p2, act_beta, "native")
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         import torch.distributed as dist
+
+        if ctx.total == 0:  # the same on every rank: no collective; zero gradients, dx empty
+            inputs = ctx.saved_tensors
+            zeros = [None if t is None else torch.zeros_like(t) for t in inputs]
+            return (*_needed(zeros, inputs, ctx.needs_input_grad), None, None, None, None, None, None, None)
 
         def reduce(s_xm, s_dz):
             both = torch.cat([s_xm, s_dz])

@@ -247,9 +247,10 @@ def _step_results(model, bn, x, g):
     return [y.detach(), xs.grad, bn.weight.grad, bn.bias.grad, bn.running_mean, bn.running_var]
 
 
-def _empty_rank_worker(rank, init_file, out_file):
+def _empty_rank_worker(rank, init_file, out_file, empty="one"):
     """fusedact.nn.SyncBatchNormAct (SiLU) with all of the batch on rank 0 and an empty one
-    (N = 0) on rank 1; each rank saves its results of one step."""
+    (N = 0) on rank 1 (empty="all": empty on both); each rank saves its results of one
+    step."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
@@ -257,7 +258,7 @@ def _empty_rank_worker(rank, init_file, out_file):
         x, g, bn = _empty_rank_data()
         model = fusedact.convert(nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(bn, nn.SiLU())))
         assert isinstance(model[0], fusedact.nn.SyncBatchNormAct)
-        n = x.shape[0] if rank == 0 else 0
+        n = x.shape[0] if rank == 0 and empty == "one" else 0
         torch.save(_step_results(model, model[0], x[:n], g[:n]), f"{out_file}.{rank}")
     finally:
         dist.destroy_process_group()
@@ -281,3 +282,19 @@ def test_sync_batch_norm_act_with_an_empty_rank(tmp_path):
     assert empty[0].shape == empty[1].shape == (0, 8, 5, 5)
     assert not empty[2].any() and not empty[3].any()
     assert torch.equal(empty[4], full[4]) and torch.equal(empty[5], full[5])
+
+
+def test_sync_batch_norm_act_with_every_rank_empty(tmp_path):
+    """Every rank's batch empty: as nn.BatchNorm2d then SiLU on an empty batch, empty y and
+    dx, zero parameter gradients, the running statistics left alone (before: NaN statistics,
+    running statistics and weight gradients on every rank, from a count of 0)."""
+    out = tmp_path / "all_empty.pt"
+    mp.spawn(_empty_rank_worker, args=(str(tmp_path / "init"), str(out), "all"), nprocs=WORLD, join=True)
+    x, g, bn = _empty_rank_data()
+    want = _step_results(nn.Sequential(bn, nn.SiLU()), bn, x[:0], g[:0])
+    assert not want[2].any() and torch.equal(want[4], torch.zeros(8)) and torch.equal(want[5], torch.ones(8))
+    for rank in range(WORLD):
+        got = torch.load(f"{out}.{rank}")
+        assert got[0].shape == got[1].shape == (0, 8, 5, 5)
+        for a, b in zip(got[2:], want[2:], strict=True):
+            assert torch.equal(a, b)
