@@ -436,6 +436,25 @@ def test_checkpointed_blocks_train_as_batch_norm_then_act(use_reentrant):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
 
 
+def test_batch_norm_swapping_helpers_go_before_convert():
+    """Helpers that rebuild every BatchNorm as another class (timm's freeze_batch_norm_2d
+    here; torch's and timm's convert_sync_batchnorm alike) take a BatchNormAct2d, an
+    nn.BatchNorm2d, and drop its act (documented: docs/integrations.md, SyncBatchNorm).
+    Run first, as the docs say, the frozen BatchNorm stays and its SiLU still runs."""
+    norm_act = pytest.importorskip("timm.layers.norm_act")
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU()).eval()
+    with torch.no_grad():
+        ref[1].running_mean.uniform_(-1, 1), ref[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 8, 8)
+    frozen = fusedact.convert(norm_act.freeze_batch_norm_2d(copy.deepcopy(ref)))
+    assert type(frozen[1]).__name__ == "FrozenBatchNorm2d" and isinstance(frozen[2], fusedact.nn.Swish)
+    torch.testing.assert_close(frozen(x), ref(x), rtol=1e-5, atol=1e-6)
+    dropped = norm_act.freeze_batch_norm_2d(fusedact.convert(copy.deepcopy(ref)))  # the wrong order
+    assert type(dropped[1]).__name__ == "FrozenBatchNorm2d" and type(dropped[2]) is nn.Identity
+    assert dropped(x).min() < -0.28  # under SiLU's minimum, -0.2785: no SiLU ran
+
+
 def test_convert_fuses_ultralytics_conv_and_fuse_still_works():
     conv = pytest.importorskip("ultralytics.nn.modules.conv")
     torch.manual_seed(0)
