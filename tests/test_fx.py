@@ -140,6 +140,37 @@ def test_converted_batch_norms_are_leaf_modules():
     same_outputs_and_grads(gm, model, x)
 
 
+def test_fx_quantization_of_a_converted_model():
+    """FX graph mode quantization (prepare_fx, calibration, convert_fx) runs on a converted
+    model: its convs become int8, each BatchNormAct2d stays a float leaf (it cannot be
+    folded into the conv as nn.BatchNorm2d is), and the outputs are as close to the float
+    model's as the quantized original's (within an int8 step of the output's range)."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.Hardswish()
+    ).eval()
+    converted = fusedact.convert(copy.deepcopy(model)).eval()
+    x = torch.randn(2, 3, 12, 12)
+    errors = []
+    for m in (model, converted):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # FX quantization's deprecation
+            prepared = prepare_fx(copy.deepcopy(m), get_default_qconfig_mapping("x86"), (x,))
+            prepared(x)
+            quantized = convert_fx(prepared)
+        errors.append((quantized(x) - model(x)).abs().max().item())
+    kinds = [type(m) for m in quantized.children()]
+    assert kinds.count(fusedact.nn.BatchNormAct2d) == 2 and kinds.count(torch.ao.nn.quantized.Conv2d) == 2
+    step = (model(x).max() - model(x).min()).item() / 255
+    assert errors[1] <= errors[0] + step, errors
+
+
 def test_untraced_calls_unchanged():
     """Outside a trace nothing is a Proxy: the ops still check their arguments."""
     with pytest.raises(TypeError, match="x must be a tensor"):
