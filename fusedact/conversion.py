@@ -133,6 +133,14 @@ def _hooks(m) -> list[str]:
     return [name.strip("_") for name in _HOOKS if getattr(m, name, None)]
 
 
+def _global_hooks() -> list[str]:
+    """The kinds of global module hook registered (torch.nn.modules.module's
+    register_module_forward_hook and friends), which run on every module."""
+    mod = nn.modules.module
+    kinds = ("forward_pre", "forward", "backward_pre", "backward")
+    return [f"global_{k}_hooks" for k in kinds if getattr(mod, f"_global_{k}_hooks", None)]
+
+
 def _unhooked(m, warned: set | None = None) -> bool:
     """Whether m has no hooks; warns (once for each module in ``warned``) where it has:
     a replacement, or a pair fused into one op, would drop them or run them on other
@@ -331,6 +339,13 @@ def convert(model: nn.Module, *, backend: str | None = None, fuse_bn: bool = Tru
     """
     if backend is not None:
         _backend(backend)  # a clear error for an unknown name, before anything changes
+    if fuse_bn and _global_hooks():  # they will run on the fused modules instead of the pairs
+        warnings.warn(
+            f"fusedact.convert: global module hooks are registered ({', '.join(_global_hooks())}); after "
+            "convert they run on each fused BatchNormAct2d (the activation's output) where they ran on "
+            "the BatchNorm and its activation apart (fuse_bn=False keeps the pairs)",
+            stacklevel=2,
+        )
     memo: dict[int, nn.Module] = {}  # a module shared in several places stays shared
 
     def visit(m: nn.Module) -> nn.Module:

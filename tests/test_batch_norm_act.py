@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -434,6 +435,29 @@ def test_checkpointed_blocks_train_as_batch_norm_then_act(use_reentrant):
     assert int(ours[1].num_batches_tracked) == 4  # two steps, each forward twice
     for a, e in zip(*results, strict=True):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-12)
+
+
+def test_convert_warns_of_global_module_hooks():
+    """A global module hook (register_module_forward_hook: profilers, module trackers)
+    runs on every module: after convert on each BatchNormAct2d instead of the BatchNorm
+    and its activation apart, so convert says so when one is registered while it fuses."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    def model():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.SiLU())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fusedact.convert(model())  # none registered: no warning
+    handle = register_module_forward_hook(lambda *a: None)
+    try:
+        with pytest.warns(UserWarning, match="global module hooks are registered"):
+            fusedact.convert(model())
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            fusedact.convert(model(), fuse_bn=False)  # nothing fused: nothing to say
+    finally:
+        handle.remove()
 
 
 def test_batch_norm_swapping_helpers_go_before_convert():
