@@ -339,9 +339,10 @@ def convert(model: nn.Module, *, backend: str | None = None, fuse_bn: bool = Tru
     """
     if backend is not None:
         _backend(backend)  # a clear error for an unknown name, before anything changes
-    if fuse_bn and _global_hooks():  # they will run on the fused modules instead of the pairs
+    global_hooks = _global_hooks() if fuse_bn else []
+    if global_hooks:  # they will run on the fused modules instead of the pairs
         warnings.warn(
-            f"fusedact.convert: global module hooks are registered ({', '.join(_global_hooks())}); after "
+            f"fusedact.convert: global module hooks are registered ({', '.join(global_hooks)}); after "
             "convert they run on each fused BatchNormAct2d (the activation's output) where they ran on "
             "the BatchNorm and its activation apart (fuse_bn=False keeps the pairs)",
             stacklevel=2,
