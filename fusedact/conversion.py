@@ -141,6 +141,11 @@ def _global_hooks() -> list[str]:
     return [f"global_{k}_hooks" for k in kinds if getattr(mod, f"_global_{k}_hooks", None)]
 
 
+def _fused_pair(m: nn.Module) -> bool:
+    """Whether m is a fusedact BatchNormAct that runs an activation (not "identity")."""
+    return isinstance(m, fnn._BatchNormActMixin) and not isinstance(m.act, nn.Identity)
+
+
 def _unhooked(m, warned: set | None = None) -> bool:
     """Whether m has no hooks; warns (once for each module in ``warned``) where it has:
     a replacement, or a pair fused into one op, would drop them or run them on other
@@ -339,14 +344,6 @@ def convert(model: nn.Module, *, backend: str | None = None, fuse_bn: bool = Tru
     """
     if backend is not None:
         _backend(backend)  # a clear error for an unknown name, before anything changes
-    global_hooks = _global_hooks() if fuse_bn else []
-    if global_hooks:  # they will run on the fused modules instead of the pairs
-        warnings.warn(
-            f"fusedact.convert: global module hooks are registered ({', '.join(global_hooks)}); after "
-            "convert they run on each fused BatchNormAct2d (the activation's output) where they ran on "
-            "the BatchNorm and its activation apart (fuse_bn=False keeps the pairs)",
-            stacklevel=2,
-        )
     memo: dict[int, nn.Module] = {}  # a module shared in several places stays shared
 
     def visit(m: nn.Module) -> nn.Module:
@@ -371,4 +368,16 @@ def convert(model: nn.Module, *, backend: str | None = None, fuse_bn: bool = Tru
         return m
 
     model = visit(model)
-    return _fuse_bn(model) if fuse_bn else model
+    if not fuse_bn:
+        return model
+    before = {id(m) for m in model.modules()}
+    model = _fuse_bn(model)
+    global_hooks = _global_hooks()
+    if global_hooks and any(_fused_pair(m) and id(m) not in before for m in model.modules()):
+        warnings.warn(  # they now run on the fused modules instead of the pairs
+            f"fusedact.convert: global module hooks are registered ({', '.join(global_hooks)}); after "
+            "convert they run on each fused BatchNormAct2d (the activation's output) where they ran on "
+            "the BatchNorm and its activation apart (fuse_bn=False keeps the pairs)",
+            stacklevel=2,
+        )
+    return model

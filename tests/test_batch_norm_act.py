@@ -440,7 +440,7 @@ def test_checkpointed_blocks_train_as_batch_norm_then_act(use_reentrant):
 def test_convert_warns_of_global_module_hooks():
     """A global module hook (register_module_forward_hook: profilers, module trackers)
     runs on every module: after convert on each BatchNormAct2d instead of the BatchNorm
-    and its activation apart, so convert says so when one is registered while it fuses."""
+    and its activation apart, so convert says so when one is registered and it fused a pair."""
     from torch.nn.modules.module import register_module_forward_hook
 
     def model():
@@ -456,6 +456,8 @@ def test_convert_warns_of_global_module_hooks():
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             fusedact.convert(model(), fuse_bn=False)  # nothing fused: nothing to say
+            # no pair to fuse: a lone BatchNorm (identity), a SiLU without one
+            fusedact.convert(nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.SiLU()))
     finally:
         handle.remove()
 
