@@ -567,6 +567,25 @@ struct BnMoments {
   }
 };
 
+// The CPU statistics' first pass (the mean's): sums x - zero (zero is 0; x - 0 is x,
+// bitwise), as BnMoments with shift 0 sums d, without the squares it would throw away.
+template <typename T>
+struct BnMean {
+  static constexpr int kParams = 1;
+  static constexpr bool kSumsOnly = true;
+  T zero;
+
+  template <class M = Precise>
+  FUSEDACT_HOST_DEVICE T forward(T x) const {
+    return x;
+  }
+  template <class M = Precise>
+  FUSEDACT_HOST_DEVICE T backward(T, T x, T (&dp)[kParams]) const {
+    dp[0] = x - zero;
+    return T(0);
+  }
+};
+
 // BatchNorm's dx from g and x: dz = g act'(z) recomputed, then BnDx's dx = a dz + k2 (x -
 // mean) + c. Parameters: k2, c, then BnAct's (mean, a, b, the activation's): first, so
 // that NP scalars in order brace-initialize it (an activation without members is last).

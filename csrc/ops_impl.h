@@ -358,9 +358,9 @@ std::tuple<at::Tensor, at::Tensor> bn_stats(const at::Tensor& x_in) {
   at::Tensor mean = at::empty({C}, x.options().dtype(opmath)), var = at::empty({C}, x.options().dtype(opmath));
   FUSEDACT_DISPATCH(x.scalar_type(), [&] {
     using T = at::opmath_type<scalar_t>;
-    std::vector<T> shift(C, T(0));
+    std::vector<T> shift(C);
     std::vector<double> s1(C), s2(C);
-    B::channel_sums(x.data_ptr<scalar_t>(), geo, shift.data(), s1.data(), s2.data());
+    B::channel_sums(x.data_ptr<scalar_t>(), geo, static_cast<const T*>(nullptr), s1.data(), s2.data());  // x's sums
     for (int64_t c = 0; c < C; ++c) shift[c] = bn_shift<T>(s1[c], M);
     B::channel_sums(x.data_ptr<scalar_t>(), geo, shift.data(), s1.data(), s2.data());
     T* m = mean.data_ptr<T>();

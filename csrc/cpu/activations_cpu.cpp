@@ -342,8 +342,18 @@ struct CpuBackend {
   // in double, over the [N][R][C][inner] geometry. Blocks are fixed and their sums added
   // in order: a short channel's runs (NCHW-like, at most kChannelGradElems elements a
   // channel) in blocks of RunBlocks (channel_train_forward's order), a longer channel's
-  // a run each in memory order, or kRowBlock rows of C channels (channels_last).
+  // a run each in memory order, or kRowBlock rows of C channels (channels_last). shift
+  // null: the mean's pass, s1 the sums of x alone (bitwise those about a shift of 0), s2 0.
   template <typename scalar_t>
+  static void channel_sums(const scalar_t* x, const ChannelGeometry& geo, const opmath_t<scalar_t>* shift, double* s1,
+                           double* s2) {
+    if (shift)
+      channel_sums<scalar_t, true>(x, geo, shift, s1, s2);
+    else
+      channel_sums<scalar_t, false>(x, geo, shift, s1, s2);
+  }
+
+  template <typename scalar_t, bool kSquares>
   static void channel_sums(const scalar_t* x, const ChannelGeometry& geo, const opmath_t<scalar_t>* shift, double* s1,
                            double* s2) {
     using T = opmath_t<scalar_t>;
@@ -358,13 +368,13 @@ struct CpuBackend {
       k_stride = 1, c_stride = blocks;  // a channel's blocks side by side
       partial.assign(blocks * C * 2, 0.0);
       at::parallel_for(0, C * blocks, std::max<int64_t>(1, kGrain / (rb.B * geo.inner)), [&](int64_t b, int64_t e) {
-        run_chunk<BlocksSumsLoop<scalar_t>>(x, geo, rb, shift, b, e, partial.data());
+        run_chunk<BlocksSumsLoop<scalar_t, kSquares>>(x, geo, rb, shift, b, e, partial.data());
       });
     } else if (geo.inner > 1) {  // runs: block r holds run (r, c) of `inner` elements for every c
       blocks = R;
       partial.assign(blocks * C * 2, 0.0);
       at::parallel_for(0, R * C, std::max<int64_t>(1, kGrain / geo.inner), [&](int64_t b, int64_t e) {
-        run_chunk<RunsSumsLoop<scalar_t>>(x, geo.inner, C, shift, b, e, partial.data());
+        run_chunk<RunsSumsLoop<scalar_t, kSquares>>(x, geo.inner, C, shift, b, e, partial.data());
       });
     } else {  // rows of C channels, kRowBlock rows a block
       blocks = ceil_div(R, kRowBlock);
@@ -372,8 +382,8 @@ struct CpuBackend {
       at::parallel_for(0, blocks, std::max<int64_t>(1, kGrain / (kRowBlock * C)), [&](int64_t b, int64_t e) {
         std::vector<T> a(C), q(C);
         for (int64_t k = b; k < e; ++k)
-          run_chunk<RowSumsLoop<scalar_t>>(x + k * kRowBlock * C, std::min(kRowBlock, R - k * kRowBlock), C, shift,
-                                           a.data(), q.data(), &partial[k * C * 2]);
+          run_chunk<RowSumsLoop<scalar_t, kSquares>>(x + k * kRowBlock * C, std::min(kRowBlock, R - k * kRowBlock), C,
+                                                     shift, a.data(), q.data(), &partial[k * C * 2]);
       });
     }
     // per channel, the blocks' sums in block order; the loops in memory order (rows and
