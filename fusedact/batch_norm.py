@@ -446,17 +446,30 @@ def _plain_eager(*args) -> bool:
     before this is asked): the two graph ops' work can be done by one autograd.Function
     without their dispatch (about 0.1-0.2 ms a call in torch.library's Python layer,
     most of a small block's step; benchmarks/NOTES.md).
-    Not under torch.jit.trace with grad enabled: the trace would record the Function's
-    inner ops, which have no autograd (its backward would lose every gradient before
-    the BatchNorm, with PyTorch's "autograd kernel was not registered" warning); a
-    trace under no_grad or inference_mode is for inference and keeps them."""
+    Not under a torch.jit.trace that may be differentiated (_traced_for_grad): the
+    trace would record the Function's inner ops, which have no autograd (its backward
+    would lose every gradient before the BatchNorm, with PyTorch's "autograd kernel was
+    not registered" warning)."""
     return (
         not torch.compiler.is_compiling()
-        and not (torch.jit.is_tracing() and torch.is_grad_enabled())
+        and not (torch.jit.is_tracing() and _traced_for_grad(args))
         and torch._C._len_torch_dispatch_stack() == 0
         and not torch._C._is_torch_function_mode_enabled()
         and all(a is None or type(a) in (Tensor, torch.nn.Parameter) for a in args if not isinstance(a, float))
         and args[0].device.type != "meta"
+    )
+
+
+def _traced_for_grad(args) -> bool:
+    """Under torch.jit.trace, whether the trace records the differentiable graph ops: a
+    parameter (args[1:]: weight, bias, the activation's) requires grad, or grad is on
+    and x requires it. Not grad mode alone: torch.jit.trace checks a trace by tracing it
+    again under no_grad, and the two must record the same ops (a grad-mode rule failed
+    that check for every trace made with grad on). A frozen BatchNorm (parameters
+    without grad, as ultralytics' export leaves them) traced for inference records the
+    C++ passes; one with trainable parameters stays trainable in its trace."""
+    return any(isinstance(a, Tensor) and a.requires_grad for a in args[1:]) or (
+        torch.is_grad_enabled() and args[0].requires_grad
     )
 
 

@@ -104,10 +104,11 @@ def _traceable_model():
 
 def test_torchscript_trace_keeps_the_ops_and_loads_in_a_fresh_process(tmp_path):
     """torch.jit.trace (ultralytics' TorchScript export): an inference trace (under
-    no_grad) holds the fused ops, the BatchNorm's as its C++ passes, saves with
-    torch.jit.save and runs in a new process that imports fusedact (which registers the
-    ops) with the eager model's outputs bit for bit, at another batch size too."""
-    model = _traceable_model().eval()
+    no_grad, the parameters frozen as ultralytics' export leaves them) holds the fused
+    ops, the BatchNorm's as its C++ passes, saves with torch.jit.save and runs in a new
+    process that imports fusedact (which registers the ops) with the eager model's
+    outputs bit for bit, at another batch size too."""
+    model = _traceable_model().eval().requires_grad_(False)
     x, x5 = torch.randn(2, 3, 6, 6), torch.randn(5, 3, 6, 6)
     with torch.no_grad():
         traced = torch.jit.trace(model, x)
@@ -143,6 +144,29 @@ def test_torchscript_trace_with_grad_differentiates(training):
     for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, ref_params, g)):
         assert torch.equal(a, b)
     for a, b in zip(copy.buffers(), model.buffers()):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["grad", "no_grad"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_torchscript_trace_passes_its_check_and_trains(training, grad):
+    """torch.jit.trace as most call it (check_trace on: it traces again under no_grad and
+    compares the graphs) takes a model with trainable BatchNormAct2d, with grad on or
+    under no_grad: the trace records the differentiable graph ops either way, so the
+    check sees the same graph (a grad-mode choice failed it for every trace made with
+    grad on), and the trace gives the module's outputs and gradients bit for bit."""
+    model, copy = _traceable_model().train(training), _traceable_model().train(training)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.set_grad_enabled(grad):
+        traced = torch.jit.trace(copy, x)  # two traced steps in training: the statistics move twice
+    assert "fusedact::batch_norm_act" in str(traced.inlined_graph)
+    copy.load_state_dict(model.state_dict())  # the statistics back where the model's are
+    x4 = torch.randn(4, 3, 6, 6)
+    got, want = traced(x4), model(x4)
+    assert torch.equal(got, want)
+    g = torch.randn_like(got)
+    params, ref_params = list(copy.parameters()), list(model.parameters())
+    for a, b in zip(torch.autograd.grad(got, params, g), torch.autograd.grad(want, ref_params, g), strict=True):
         assert torch.equal(a, b)
 
 
