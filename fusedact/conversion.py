@@ -142,8 +142,9 @@ def _global_hooks() -> list[str]:
 
 
 def _fused_pair(m: nn.Module) -> bool:
-    """Whether m is a fusedact BatchNormAct that runs an activation (not "identity")."""
-    return isinstance(m, fnn._BatchNormActMixin) and not isinstance(m.act, nn.Identity)
+    """Whether m is a fusedact BatchNormAct whose op runs its activation (not "identity",
+    nor an activation it calls after the op as a module, whose hooks still run)."""
+    return isinstance(m, fnn._BatchNormActMixin) and fnn._act_call(m.act)[0] != "identity"
 
 
 def _unhooked(m, warned: set | None = None) -> bool:
@@ -370,10 +371,10 @@ def convert(model: nn.Module, *, backend: str | None = None, fuse_bn: bool = Tru
     model = visit(model)
     if not fuse_bn:
         return model
-    before = {id(m) for m in model.modules()}
+    before = set(model.modules())  # the modules themselves: a freed one's id may come back
     model = _fuse_bn(model)
     global_hooks = _global_hooks()
-    if global_hooks and any(_fused_pair(m) and id(m) not in before for m in model.modules()):
+    if global_hooks and any(_fused_pair(m) and m not in before for m in model.modules()):
         warnings.warn(  # they now run on the fused modules instead of the pairs
             f"fusedact.convert: global module hooks are registered ({', '.join(global_hooks)}); after "
             "convert they run on each fused BatchNormAct2d (the activation's output) where they ran on "

@@ -453,6 +453,10 @@ def test_convert_warns_of_global_module_hooks():
     try:
         with pytest.warns(UserWarning, match="global module hooks are registered"):
             fusedact.convert(model())
+        with pytest.warns(UserWarning, match="global module hooks are registered"):
+            # a lone BatchNorm's module freed, then a pair fused: by id, a new module may
+            # take the freed one's and look old
+            fusedact.convert(nn.Sequential(nn.Sequential(nn.BatchNorm2d(8), nn.ReLU()), model()))
         with warnings.catch_warnings():
             warnings.simplefilter("error")
             fusedact.convert(model(), fuse_bn=False)  # nothing fused: nothing to say
