@@ -371,10 +371,12 @@ def convert(model: nn.Module, *, backend: str | None = None, fuse_bn: bool = Tru
     model = visit(model)
     if not fuse_bn:
         return model
+    global_hooks = _global_hooks()
+    if not global_hooks:
+        return _fuse_bn(model)
     before = set(model.modules())  # the modules themselves: a freed one's id may come back
     model = _fuse_bn(model)
-    global_hooks = _global_hooks()
-    if global_hooks and any(_fused_pair(m) and m not in before for m in model.modules()):
+    if any(_fused_pair(m) and m not in before for m in model.modules()):
         warnings.warn(  # they now run on the fused modules instead of the pairs
             f"fusedact.convert: global module hooks are registered ({', '.join(global_hooks)}); after "
             "convert they run on each fused BatchNormAct2d (the activation's output) where they ran on "
