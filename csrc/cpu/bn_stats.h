@@ -1,9 +1,9 @@
 // batch_norm_act's statistics: per-channel sums of d = x - shift and of d^2, read only.
 // Two passes make a stable variance (the sums of x for the mean: kSquares false, then of
-// d and d^2 about it): each fixed
-// block of a channel's runs sums in opmath lanes, folded into double in lane order, and
-// the blocks' sums add up in double in a fixed order, so the result does not depend on
-// the thread count. Included by activations_cpu.cpp alone (run_chunk's target copies).
+// d and d^2 about it): each fixed block of a channel's runs sums in opmath lanes, folded
+// into double in lane order, and the blocks' sums add up in double in a fixed order, so
+// the result does not depend on the thread count. Included by activations_cpu.cpp alone
+// (run_chunk's target copies).
 #pragma once
 
 #include <cstdint>
@@ -26,7 +26,7 @@ constexpr int64_t kStatsSegment = 4096;
 // lane order, and out[0], out[1] += the two. On 7x7 maps a fold a run took more time than
 // the run's sums. kSquares false (the mean's pass): the sums of x alone (math::BnMean,
 // bitwise BnMoments' first with shift 0) into out[0], `shift` unused.
-template <typename scalar_t, bool kSquares = true>
+template <typename scalar_t, bool kSquares>
 struct MomentsLoop {
   using T = opmath_t<scalar_t>;
   static constexpr int kLanes = lanes_of<scalar_t>;

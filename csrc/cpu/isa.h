@@ -7,6 +7,7 @@
 #include <atomic>
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "cpu_isa.h"
@@ -121,7 +122,27 @@ template <typename Kernel, typename... Args>
 FUSEDACT_TARGET_AVX2 void run_avx2(Args... args) {
   Kernel::template run<32>(args...);
 }
+// A kernel's AVX2 copy with GCC's first instruction scheduler (off by default on x86),
+// register pressure minded: it interleaves the independent vectors of a long dependency
+// chain, which the core's scheduler then overlaps. Only for kernels that declare
+// kScheduled (loops.h): it slowed others. Measurements: benchmarks/NOTES.md, "The
+// backward's vectors interleaved".
+#if defined(__GNUC__) && !defined(__clang__)
+#define FUSEDACT_SCHEDULED __attribute__((optimize("schedule-insns", "sched-pressure")))
+#else
+#define FUSEDACT_SCHEDULED
 #endif
+template <typename Kernel, typename... Args>
+FUSEDACT_TARGET_AVX2 FUSEDACT_SCHEDULED void run_avx2_scheduled(Args... args) {
+  Kernel::template run<32>(args...);
+}
+#endif
+// Whether Kernel asks for run_avx2_scheduled: its kScheduled, false where it has none.
+template <class Kernel, class = void>
+struct Scheduled : std::false_type {};
+template <class Kernel>
+struct Scheduled<Kernel, std::void_t<decltype(Kernel::kScheduled)>> : std::bool_constant<Kernel::kScheduled> {};
+
 template <typename Kernel, typename... Args>
 void run_baseline(Args... args) {
   Kernel::template run<0>(args...);
@@ -131,7 +152,9 @@ void run_chunk(Args... args) {
 #ifdef FUSEDACT_X86_PATHS
   switch (cpu_isa()) {
     case CpuIsa::Avx512: return run_avx512<Kernel>(args...);
-    case CpuIsa::Avx2: return run_avx2<Kernel>(args...);
+    case CpuIsa::Avx2:
+      if constexpr (Scheduled<Kernel>::value) return run_avx2_scheduled<Kernel>(args...);
+      return run_avx2<Kernel>(args...);
     default: break;
   }
 #endif

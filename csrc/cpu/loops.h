@@ -30,6 +30,36 @@ FUSEDACT_ALWAYS_INLINE void for_each_param(F&& f) {
 using math::kSums;
 using math::kWrites;
 
+// Whether a backward loop over runs of Op on scalar_t data asks for run_avx2_scheduled
+// (isa.h): a BatchNorm + SiLU, Swish or hard-Swish pass (an op with that `act`, or a `bn`
+// with it) on bfloat16, measured faster so on AVX2; float32 (slower where it streams from
+// memory), float16, Mish, ACON-C, identity, rows of C (channels_last) and the plain
+// activations were level or slower. Measurements: benchmarks/NOTES.md, "The backward's
+// vectors interleaved".
+template <class Act>
+constexpr bool kInterleaves = false;
+template <typename T>
+constexpr bool kInterleaves<math::Silu<T>> = true;
+template <typename T>
+constexpr bool kInterleaves<math::Swish<T>> = true;
+template <typename T>
+constexpr bool kInterleaves<math::HardSwish<T>> = true;
+template <class Op, class = void>
+struct BnActivation {
+  using type = void;
+};
+template <class Op>
+struct BnActivation<Op, std::void_t<decltype(Op::act)>> {
+  using type = decltype(Op::act);
+};
+template <class Op>
+struct BnActivation<Op, std::void_t<decltype(Op::bn)>> {
+  using type = decltype(Op::bn.act);
+};
+template <class Op, typename scalar_t>
+constexpr bool kScheduledBackward =
+    std::is_same_v<scalar_t, c10::BFloat16> && kInterleaves<typename BnActivation<Op>::type>;
+
 // ---- chunk loops
 
 // With kVector, every element goes through the vector code (stores.h, store_all): fewer
@@ -155,6 +185,7 @@ FUSEDACT_ALWAYS_INLINE void add_lanes(T* to, const T* from) {
 template <class Op, typename scalar_t>
 struct ReduceBackwardLoop {
   static constexpr int NP = Op::kParams;
+  static constexpr bool kScheduled = kScheduledBackward<Op, scalar_t>;
   static constexpr int kLanes = lanes_of<scalar_t>;
   using T = opmath_t<scalar_t>;
 
@@ -346,6 +377,7 @@ struct RunsForwardLoop {
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct RunsBackwardLoop {
   using T = opmath_t<scalar_t>;
+  static constexpr bool kScheduled = kScheduledBackward<OpT<T>, scalar_t>;
   template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t inner, int64_t C,
                                          int64_t RC, int64_t g_gap, ParamView<P, NP> pv, int64_t begin, int64_t end,
@@ -391,6 +423,7 @@ struct RunBlocks {
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct BlocksBackwardLoop {
   using T = opmath_t<scalar_t>;
+  static constexpr bool kScheduled = kScheduledBackward<OpT<T>, scalar_t>;
   static constexpr int kLanes = lanes_of<scalar_t>;
   template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, ChannelGeometry geo,
@@ -663,6 +696,7 @@ struct ChannelsBackwardLoop {
 template <template <typename> class OpT, typename scalar_t, typename P, int NP>
 struct ChannelGradLoop {
   using T = opmath_t<scalar_t>;
+  static constexpr bool kScheduled = kScheduledBackward<OpT<T>, scalar_t>;
   static constexpr int kLanes = lanes_of<scalar_t>;
   template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, ChannelGeometry geo,
@@ -696,6 +730,20 @@ struct ChannelGradLoop {
     }
   }
 };
+
+// Which loops run_chunk compiles with the first scheduler (kScheduledBackward): the
+// BatchNorm + SiLU/Swish/hard-Swish backward over runs of bfloat16, nothing else.
+using Bf16 = c10::BFloat16;
+static_assert(Scheduled<RunsBackwardLoop<math::BnActSums<math::Silu>::template Op, Bf16, float, 3>>::value);
+static_assert(Scheduled<RunsBackwardLoop<math::BnActDx<math::HardSwish>::template Op, Bf16, float, 5>>::value);
+static_assert(Scheduled<ChannelGradLoop<math::BnAct<math::Swish>::template Op, Bf16, float, 4>>::value);
+static_assert(Scheduled<ReduceBackwardLoop<math::BnAct<math::Silu>::Op<float>, Bf16>>::value);
+static_assert(!Scheduled<RunsBackwardLoop<math::BnActSums<math::Silu>::template Op, float, float, 3>>::value);
+static_assert(!Scheduled<RunsBackwardLoop<math::BnActSums<math::Silu>::template Op, c10::Half, float, 3>>::value);
+static_assert(!Scheduled<RunsBackwardLoop<math::BnActSums<math::Mish>::template Op, Bf16, float, 3>>::value);
+static_assert(!Scheduled<ReduceBackwardLoop<math::BnDx<float>, Bf16>>::value);
+static_assert(!Scheduled<BackwardLoop<math::Silu<float>, Bf16>>::value);
+static_assert(!Scheduled<ChannelsBackwardLoop<math::BnActSums<math::Silu>::template Op, Bf16, float, 3>>::value);
 
 }  // namespace
 }  // namespace fusedact
