@@ -130,6 +130,33 @@ FUSEDACT_TARGET_AVX512 int64_t floats_to_halves_avx512(const float* src, c10::Ha
                         _mm512_cvtps_ph(_mm512_load_ps(src + k), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   return k + floats_to_halves_avx2(src + k, dst + k, n - k);
 }
+// bfloat16 at AVX2, n a multiple of 16, in the order two unpacks leave a 16: widened by
+// vpunpck{l,h}wd under a zero low half (elements 0-3 8-11, then 4-7 12-15), rounded back
+// as to_scalar rounds (nearest even, NaN 0x7FC0) and packed by vpackusdw, which restores
+// the order: no cross-lane shuffle either way. For elementwise loops only (an element's
+// place in dst is not its place in src).
+FUSEDACT_TARGET_AVX2 inline void bf16_to_floats_interleaved(const c10::BFloat16* src, float* dst, int64_t n) {
+  const __m256i zero = _mm256_setzero_si256();
+  for (int64_t k = 0; k < n; k += 16) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + k));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(dst + k), _mm256_unpacklo_epi16(zero, v));
+    _mm256_store_si256(reinterpret_cast<__m256i*>(dst + k + 8), _mm256_unpackhi_epi16(zero, v));
+  }
+}
+FUSEDACT_TARGET_AVX2 inline __m256i bf16_rounded_bits(__m256 v) {  // in the low 16 bits of each lane
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  const __m256i r = _mm256_add_epi32(_mm256_add_epi32(u, _mm256_set1_epi32(0x7FFF)), lsb);
+  const __m256 nan = _mm256_cmp_ps(v, v, _CMP_UNORD_Q);
+  const __m256 q = _mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(_mm256_set1_epi32(0x7FC00000)), nan);
+  return _mm256_srli_epi32(_mm256_castps_si256(q), 16);
+}
+FUSEDACT_TARGET_AVX2 inline void floats_to_bf16_interleaved(const float* src, c10::BFloat16* dst, int64_t n) {
+  for (int64_t k = 0; k < n; k += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + k),
+                        _mm256_packus_epi32(bf16_rounded_bits(_mm256_load_ps(src + k)),
+                                            bf16_rounded_bits(_mm256_load_ps(src + k + 8))));
+}
 inline void halves_to_floats(const c10::Half* src, float* dst, int64_t n) {
   int64_t k = cpu_isa() == CpuIsa::Avx512 ? halves_to_floats_avx512(src, dst, n) : halves_to_floats_avx2(src, dst, n);
   for (; k < n; ++k) dst[k] = load(src, k);

@@ -36,14 +36,15 @@ using math::kWrites;
 // memory), float16, Mish, ACON-C, identity, rows of C (channels_last) and the plain
 // activations were level or slower. Measurements: benchmarks/NOTES.md, "The backward's
 // vectors interleaved".
+template <class Act, template <typename> class Of>
+struct IsOf : std::false_type {};
+template <typename T, template <typename> class Of>
+struct IsOf<Of<T>, Of> : std::true_type {};
+// Whether Act is one of Acts<T>, whatever T.
+template <class Act, template <typename> class... Acts>
+constexpr bool kOneOf = (IsOf<Act, Acts>::value || ...);
 template <class Act>
-constexpr bool kInterleaves = false;
-template <typename T>
-constexpr bool kInterleaves<math::Silu<T>> = true;
-template <typename T>
-constexpr bool kInterleaves<math::Swish<T>> = true;
-template <typename T>
-constexpr bool kInterleaves<math::HardSwish<T>> = true;
+constexpr bool kInterleaves = kOneOf<Act, math::Silu, math::Swish, math::HardSwish>;
 template <class Op, class = void>
 struct BnActivation {
   using type = void;
@@ -87,6 +88,57 @@ FUSEDACT_ALWAYS_INLINE int64_t f16c_block(int64_t kB, int64_t b, int64_t n) {
   return left > 0 && left < kWhole<scalar_t> ? m - kWhole<scalar_t> : m;
 }
 
+// Activations whose BatchNorm forward ran slower through `unpacked` (below): their long
+// math in place on the opmath block (Mish 1.05x, ACON-C 1.03x the time).
+template <class Act>
+constexpr bool kLongMath = kOneOf<Act, math::Mish, math::AconC>;
+// A BatchNorm op's activation, or the op itself.
+template <class Op>
+using activation_of =
+    std::conditional_t<std::is_void_v<typename BnActivation<Op>::type>, Op, typename BnActivation<Op>::type>;
+
+#ifdef FUSEDACT_X86_PATHS
+// Whether an elementwise loop of Op takes bfloat16 through `unpacked`: at AVX2, but for
+// kLongMath's activations.
+template <int kVector, typename scalar_t, class Op>
+constexpr bool kUnpacks = kVector == 32 && std::is_same_v<scalar_t, c10::BFloat16> && !kLongMath<activation_of<Op>>;
+
+// out[i] = f(a[i], b[i]) for n >= 16 bfloat16 elements at AVX2, cached stores: blocks of
+// 16s widened and rounded in the unpacks' order (half_convert.h), f in place between,
+// then the last n % 16 as the 16 that end at n, in order (elements computed twice get
+// the same values). kTwo false: f's second argument is 0 and b is not read. An opmath
+// block and a staged rounding as store_all's, with two shuffles fewer a 16.
+// Measurements: benchmarks/NOTES.md, "bfloat16 widened by unpacks".
+template <bool kTwo, typename F>
+FUSEDACT_ALWAYS_INLINE void unpacked(const c10::BFloat16* a, const c10::BFloat16* b, c10::BFloat16* out, int64_t n,
+                                     F f) {
+  constexpr int64_t kB = kBlockBytes / sizeof(c10::BFloat16);
+  const int64_t n16 = n - n % 16;
+  alignas(64) float ab[kB], bb[kTwo ? kB : 1];
+  for (int64_t s = 0; s < n16; s += kB) {
+    const int64_t m = std::min(kB, n16 - s);
+    bf16_to_floats_interleaved(a + s, ab, m);
+    if constexpr (kTwo) {
+      bf16_to_floats_interleaved(b + s, bb, m);
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) ab[j] = f(ab[j], bb[j]);
+    } else {
+#pragma omp simd
+      for (int64_t j = 0; j < m; ++j) ab[j] = f(ab[j], 0.0f);
+    }
+    floats_to_bf16_interleaved(ab, out + s, m);
+  }
+  if (const int64_t t = n - 16; n16 < n)
+    store_all<true>(out + t, 16, false,
+                    [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return f(load(a + t, j), kTwo ? load(b + t, j) : 0.0f); });
+}
+#else
+template <int kVector, typename scalar_t, class Op>
+constexpr bool kUnpacks = false;
+template <bool kTwo, typename F>
+void unpacked(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, F) {}
+#endif
+
 template <class Op, typename scalar_t>
 struct ForwardLoop {
   template <int kVector>
@@ -104,6 +156,10 @@ struct ForwardLoop {
   template <int kVector>
   static FUSEDACT_ALWAYS_INLINE void whole(const scalar_t* x, scalar_t* y, int64_t n, Op op, bool stream) {
 #ifdef FUSEDACT_X86_PATHS
+    if constexpr (kUnpacks<kVector, scalar_t, Op>) {
+      if (!stream)
+        return unpacked<false>(x, x, y, n, [&](float v, float) FUSEDACT_LAMBDA_INLINE { return op.forward(v); });
+    }
     if constexpr (kF16c<(kVector > 0), scalar_t>) {  // x in blocks converted with F16C
       constexpr int64_t kB = kBlockBytes / sizeof(scalar_t);
       alignas(64) float xb[kB];
@@ -138,6 +194,11 @@ struct BackwardLoop {
   static FUSEDACT_ALWAYS_INLINE void whole(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op,
                                            bool stream) {
 #ifdef FUSEDACT_X86_PATHS
+    if constexpr (kUnpacks<kVector, scalar_t, Op>) {
+      if (!stream)
+        return unpacked<true>(g, x, dx, n,
+                              [&](float gv, float xv) FUSEDACT_LAMBDA_INLINE { return op.backward(gv, xv); });
+    }
     if constexpr (kF16c<(kVector > 0), scalar_t>) {  // g and x in blocks converted with F16C
       constexpr int64_t kB = kBlockBytes / sizeof(scalar_t);
       alignas(64) float gb[kB], xb[kB];
@@ -193,6 +254,13 @@ struct ReduceBackwardLoop {
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op,
                                          T* sums) {
     if constexpr (!kSums<Op>) {
+      if constexpr (kUnpacks<kVector, scalar_t, Op> && kWrites<Op>) {  // dx alone: elementwise
+        if (n >= 16)
+          return unpacked<true>(g, x, dx, n, [&](float gv, float xv) FUSEDACT_LAMBDA_INLINE {
+            T dp[NP];
+            return op.backward(gv, xv, dp);
+          });
+      }
       run_lanes<kVector>(g, x, dx, n, op, static_cast<T(*)[kLanes]>(nullptr));  // sums may be null
     } else {
       T lanes[NP][kLanes] = {};
@@ -744,6 +812,15 @@ static_assert(!Scheduled<RunsBackwardLoop<math::BnActSums<math::Mish>::template 
 static_assert(!Scheduled<ReduceBackwardLoop<math::BnDx<float>, Bf16>>::value);
 static_assert(!Scheduled<BackwardLoop<math::Silu<float>, Bf16>>::value);
 static_assert(!Scheduled<ChannelsBackwardLoop<math::BnActSums<math::Silu>::template Op, Bf16, float, 3>>::value);
+#ifdef FUSEDACT_X86_PATHS
+// Which elementwise loops take bfloat16 through `unpacked` (kUnpacks): AVX2, not Mish's
+// nor ACON-C's.
+static_assert(kUnpacks<32, Bf16, math::BnAct<math::HardSwish>::Op<float>>);
+static_assert(kUnpacks<32, Bf16, math::BnDx<float>> && kUnpacks<32, Bf16, math::Silu<float>>);
+static_assert(!kUnpacks<32, Bf16, math::BnAct<math::Mish>::Op<float>> && !kUnpacks<32, Bf16, math::Mish<float>>);
+static_assert(!kUnpacks<32, Bf16, math::AconC<float>> && !kUnpacks<64, Bf16, math::Silu<float>>);
+static_assert(!kUnpacks<32, float, math::Silu<float>> && !kUnpacks<32, c10::Half, math::Silu<float>>);
+#endif
 
 }  // namespace
 }  // namespace fusedact
