@@ -30,12 +30,6 @@ FUSEDACT_ALWAYS_INLINE void for_each_param(F&& f) {
 using math::kSums;
 using math::kWrites;
 
-// Whether a backward loop over runs of Op on scalar_t data asks for run_avx2_scheduled
-// (isa.h): a BatchNorm + SiLU, Swish or hard-Swish pass (an op with that `act`, or a `bn`
-// with it) on bfloat16, measured faster so on AVX2; float32 (slower where it streams from
-// memory), float16, Mish, ACON-C, identity, rows of C (channels_last) and the plain
-// activations were level or slower. Measurements: benchmarks/NOTES.md, "The backward's
-// vectors interleaved".
 template <class Act, template <typename> class Of>
 struct IsOf : std::false_type {};
 template <typename T, template <typename> class Of>
@@ -43,8 +37,7 @@ struct IsOf<Of<T>, Of> : std::true_type {};
 // Whether Act is one of Acts<T>, whatever T.
 template <class Act, template <typename> class... Acts>
 constexpr bool kOneOf = (IsOf<Act, Acts>::value || ...);
-template <class Act>
-constexpr bool kInterleaves = kOneOf<Act, math::Silu, math::Swish, math::HardSwish>;
+// A BatchNorm op's activation (an op with `act`, or one with `bn`), void for other ops.
 template <class Op, class = void>
 struct BnActivation {
   using type = void;
@@ -57,6 +50,14 @@ template <class Op>
 struct BnActivation<Op, std::void_t<decltype(Op::bn)>> {
   using type = decltype(Op::bn.act);
 };
+
+// Whether a backward loop over runs of Op on scalar_t data asks for run_avx2_scheduled
+// (isa.h): a BatchNorm + SiLU, Swish or hard-Swish pass on bfloat16, measured faster so
+// on AVX2; float32 (slower where it streams from memory), float16, Mish, ACON-C,
+// identity, rows of C (channels_last) and the plain activations were level or slower.
+// Measurements: benchmarks/NOTES.md, "The backward's vectors interleaved".
+template <class Act>
+constexpr bool kInterleaves = kOneOf<Act, math::Silu, math::Swish, math::HardSwish>;
 template <class Op, typename scalar_t>
 constexpr bool kScheduledBackward =
     std::is_same_v<scalar_t, c10::BFloat16> && kInterleaves<typename BnActivation<Op>::type>;
@@ -132,11 +133,6 @@ FUSEDACT_ALWAYS_INLINE void unpacked(const c10::BFloat16* a, const c10::BFloat16
     store_all<true>(out + t, 16, false,
                     [&](int64_t j) FUSEDACT_LAMBDA_INLINE { return f(load(a + t, j), kTwo ? load(b + t, j) : 0.0f); });
 }
-#else
-template <int kVector, typename scalar_t, class Op>
-constexpr bool kUnpacks = false;
-template <bool kTwo, typename F>
-void unpacked(const c10::BFloat16*, const c10::BFloat16*, c10::BFloat16*, int64_t, F) {}
 #endif
 
 template <class Op, typename scalar_t>
@@ -254,6 +250,7 @@ struct ReduceBackwardLoop {
   static FUSEDACT_ALWAYS_INLINE void run(const scalar_t* g, const scalar_t* x, scalar_t* dx, int64_t n, Op op,
                                          T* sums) {
     if constexpr (!kSums<Op>) {
+#ifdef FUSEDACT_X86_PATHS
       if constexpr (kUnpacks<kVector, scalar_t, Op> && kWrites<Op>) {  // dx alone: elementwise
         if (n >= 16)
           return unpacked<true>(g, x, dx, n, [&](float gv, float xv) FUSEDACT_LAMBDA_INLINE {
@@ -261,6 +258,7 @@ struct ReduceBackwardLoop {
             return op.backward(gv, xv, dp);
           });
       }
+#endif
       run_lanes<kVector>(g, x, dx, n, op, static_cast<T(*)[kLanes]>(nullptr));  // sums may be null
     } else {
       T lanes[NP][kLanes] = {};
